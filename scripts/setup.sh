@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent setup: a virtualenv in .venv with the CPU torch wheel and slotmesh itself.
+# torch is pinned to 2.13.0 explicitly (its wheel lies on this machine's disk); nothing
+# else may pull another torch, so it is installed first and the rest sees it satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.slotmesh-installed
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q torch==2.13.0
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

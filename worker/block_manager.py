@@ -1,0 +1,259 @@
+"""The unified paged KV cache's bookkeeping: block pools, block tables, prefix sharing.
+
+Plain Python, no torch (tested to import without it). The model runner owns the tensors;
+this module only decides which block ids a sequence uses.
+
+One pool per KV group: the full-attention layers share one group, the sliding-window
+layers another (each with its own window). A pool is shared by every slot. Full blocks
+are content-addressed by a chained hash of the token prefix and shared with reference
+counts; a block whose count drops to zero goes to the tail of an LRU free queue but keeps
+its hash, so an idle cached prefix is reused until the space is needed (it is the first
+thing given up under pressure). Sliding-window groups hand back blocks that have left
+the window while the sequence is still running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from worker.sequence import Sequence
+
+NULL_BLOCK = 0  # never allocated; padding and given-back table entries point here
+EMPTY = -1  # a block-table entry whose block has left the sliding window
+
+
+def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    """Hash of one full block given its parent's hash: stable across processes."""
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(slots=True)
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+
+
+class BlockPool:
+    """Blocks of one KV group. Ids 1..num_blocks-1 are allocatable; 0 is the null block."""
+
+    def __init__(self, num_blocks: int, block_size: int, window: int | None) -> None:
+        assert num_blocks >= 2, "a pool needs the null block and at least one more"
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.window = window
+        self.blocks = [_Block(i) for i in range(num_blocks)]
+        # LRU: least recently freed first; cached prefixes wait here until reused
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self.cached: dict[bytes, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def allocate(self) -> int:
+        """Pop the least recently freed block, evicting the cached prefix it held."""
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def touch(self, block_id: int) -> None:
+        """Take one more reference on a cached block (a prefix hit)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def free(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double free of block {block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+
+    def cache(self, block_id: int, block_hash: bytes) -> None:
+        block = self.blocks[block_id]
+        if block.block_hash is None and block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block_id
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self.cached.get(block_hash)
+
+    def first_needed_block(self, position: int) -> int:
+        """First block holding a key that the query at `position` attends to."""
+        if self.window is None:
+            return 0
+        return max(0, position - self.window + 1) // self.block_size
+
+
+class BlockManager:
+    """can_allocate / allocate / free over every KV group of one worker."""
+
+    def __init__(
+        self,
+        block_size: int,
+        pool_sizes: list[int],
+        windows: list[int | None],
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.block_size = block_size
+        self.pools = [
+            BlockPool(n, block_size, w) for n, w in zip(pool_sizes, windows, strict=True)
+        ]
+        self.enable_prefix_caching = enable_prefix_caching
+        self._hashes: dict[str, list[bytes]] = {}
+
+    # -- queries ---------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> list[int]:
+        return [pool.num_free_blocks for pool in self.pools]
+
+    @property
+    def num_total_blocks(self) -> list[int]:
+        return [pool.num_blocks - 1 for pool in self.pools]
+
+    def block_hashes(self, seq: Sequence) -> list[bytes]:
+        """Chained hashes of the sequence's full blocks, extended incrementally."""
+        hashes = self._hashes.setdefault(seq.seq_id, [])
+        num_full = seq.num_tokens // self.block_size
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else b""
+            hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def find_prefix_hit(self, seq: Sequence) -> int:
+        """Longest cached prefix in tokens (block-aligned, always < num_tokens).
+
+        Full-attention groups need every block of the prefix; sliding groups only the
+        blocks the first uncomputed query still sees.
+        """
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self.block_hashes(seq)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for num_blocks in range(min(max_blocks, len(hashes)), 0, -1):
+            if all(self._has_prefix(pool, hashes, num_blocks) for pool in self.pools):
+                return num_blocks * self.block_size
+        return 0
+
+    def _has_prefix(self, pool: BlockPool, hashes: list[bytes], num_blocks: int) -> bool:
+        first = pool.first_needed_block(num_blocks * self.block_size)
+        return all(pool.lookup(h) is not None for h in hashes[first:num_blocks])
+
+    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int,
+                          prefix_hit: int = 0) -> list[int]:
+        """Blocks each pool must hand out to cover num_new_tokens more tokens."""
+        start = max(seq.num_computed_tokens, prefix_hit)
+        end = start + num_new_tokens
+        needed = []
+        for g, pool in enumerate(self.pools):
+            table = seq.block_tables[g] if seq.block_tables else []
+            held_until = len(table)
+            if not table:
+                # prefix-hit blocks come from the cache; count those sitting in the free queue
+                held_until = start // self.block_size
+                needed.append(self._num_free_hit_blocks(pool, seq, prefix_hit))
+            else:
+                needed.append(0)
+            needed[-1] += max(0, cdiv(end, self.block_size) - held_until)
+        return needed
+
+    def _num_free_hit_blocks(self, pool: BlockPool, seq: Sequence, prefix_hit: int) -> int:
+        num_hit = prefix_hit // self.block_size
+        if num_hit == 0:
+            return 0
+        hashes = self.block_hashes(seq)
+        first = pool.first_needed_block(prefix_hit)
+        return sum(
+            1 for h in hashes[first:num_hit] if pool.blocks[pool.cached[h]].ref_count == 0
+        )
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix_hit: int = 0) -> bool:
+        needed = self.num_blocks_needed(seq, num_new_tokens, prefix_hit)
+        return all(n <= pool.num_free_blocks for n, pool in zip(needed, self.pools, strict=True))
+
+    # -- changes ---------------------------------------------------------------------
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix_hit: int = 0) -> None:
+        """Give the sequence blocks for num_new_tokens more tokens (after any prefix hit).
+
+        The caller checked can_allocate. A first allocation takes the prefix hit's cached
+        blocks and sets num_computed_tokens / num_cached_tokens accordingly.
+        """
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.pools]
+            self._take_prefix(seq, prefix_hit)
+        end = seq.num_computed_tokens + num_new_tokens
+        for g, pool in enumerate(self.pools):
+            table = seq.block_tables[g]
+            while len(table) < cdiv(end, self.block_size):
+                table.append(pool.allocate())
+
+    def _take_prefix(self, seq: Sequence, prefix_hit: int) -> None:
+        num_hit = prefix_hit // self.block_size
+        hashes = self.block_hashes(seq)
+        for g, pool in enumerate(self.pools):
+            first = pool.first_needed_block(prefix_hit)
+            table = seq.block_tables[g]
+            for i in range(num_hit):
+                if i < first:
+                    table.append(EMPTY)
+                    continue
+                block_id = pool.cached[hashes[i]]
+                pool.touch(block_id)
+                table.append(block_id)
+        seq.num_computed_tokens = prefix_hit
+        seq.num_cached_tokens = prefix_hit
+
+    def trim_window(self, seq: Sequence) -> None:
+        """Give back sliding-window blocks that the next query can no longer see."""
+        if not seq.block_tables:
+            return
+        for g, pool in enumerate(self.pools):
+            if pool.window is None:
+                continue
+            table = seq.block_tables[g]
+            first = min(pool.first_needed_block(seq.num_computed_tokens), len(table))
+            for i in range(first):
+                if table[i] != EMPTY:
+                    pool.free(table[i])
+                    table[i] = EMPTY
+
+    def commit(self, seq: Sequence) -> None:
+        """Publish the hashes of blocks that are now full and computed (after a step)."""
+        if not self.enable_prefix_caching or not seq.block_tables:
+            return
+        hashes = self.block_hashes(seq)
+        num_full = min(seq.num_computed_tokens // self.block_size, len(hashes))
+        for g, pool in enumerate(self.pools):
+            table = seq.block_tables[g]
+            for i in range(num_full):
+                if table[i] != EMPTY:
+                    pool.cache(table[i], hashes[i])
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's references, tail blocks first so they are evicted first."""
+        for g, pool in enumerate(self.pools):
+            if not seq.block_tables:
+                break
+            for block_id in reversed(seq.block_tables[g]):
+                if block_id != EMPTY:
+                    pool.free(block_id)
+        seq.block_tables = []
+        self._hashes.pop(seq.seq_id, None)

@@ -1,0 +1,231 @@
+"""The engine: requests in, token chunks out. One object owns every sequence and the KV.
+
+`LLMEngine.step()` is `schedule → execute → update → postprocess`. Nothing else mutates
+engine state; the async wrapper (worker/async_engine.py) applies adds and aborts between
+steps. A step that raises fails only the sequences it was running.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.block_manager import BlockManager
+from worker.config import EngineConfig
+from worker.errors import InvalidRequestError
+from worker.kv_cache import plan_kv_layout
+from worker.loaders import load_checkpoint
+from worker.loaders.checkpoint import Checkpoint
+from worker.model_runner import ModelRunner
+from worker.models.registry import build_model
+from worker.sampling_params import SamplingParams
+from worker.scheduler import Scheduler
+from worker.sequence import Sequence, SequenceStatus
+from worker.stops import StopStringMatcher
+from worker.tokenizer import IncrementalDetokenizer
+from worker.warmup import check_attention_backend, warmup
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """What one step produced for one request. finish_reason set on the last chunk."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Output:
+    """Per-request detokenisation and stop-string state."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    text: str = ""
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        self.config = config
+        ckpt = checkpoint or load_checkpoint(config.model.model, config.model.cache_dir)
+        self.model_name, self.fingerprint = ckpt.name, ckpt.fingerprint
+        self.tokenizer = ckpt.tokenizer
+        self.eos_token_ids = ckpt.eos_token_ids
+        self.device = torch.device(config.model.device)
+        self.dtype = _DTYPES[config.model.dtype]
+        self.model = build_model(ckpt.config, ckpt.tensors, self.dtype, self.device)
+        args = self.model.args
+        self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,
+                                 args.max_position_embeddings)
+        layout = plan_kv_layout(args, config.cache, config.scheduler, self.max_model_len,
+                                self.dtype)
+        self.block_manager = BlockManager(layout.block_size, layout.pool_sizes, layout.windows,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
+                                   self.eos_token_ids)
+        self.runner = ModelRunner(self.model, layout, self.block_manager.pools,
+                                  self.max_model_len, config.scheduler.max_num_seqs,
+                                  self.device, self.dtype)
+        self.attention_backend = check_attention_backend(args, self.device, self.dtype)
+        self._outputs: dict[str, _Output] = {}
+        self._arrivals = 0
+        if config.warmup:
+            warmup(self.runner, config.scheduler, self.max_model_len)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None,
+                      prompt_token_ids: list[int] | None = None) -> list[int]:
+        """Exactly one of text, chat messages or token ids → validated token ids."""
+        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("prompt", "give exactly one of prompt, messages, token ids")
+        if messages is not None:
+            if not messages:
+                raise InvalidRequestError("messages", "must not be empty")
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            # templates that write BOS themselves get no second one (llama.cpp does the same)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            bos = self.tokenizer.bos_token_id
+            if self.tokenizer.add_bos and bos is not None and ids[:1] != [bos]:
+                ids = [bos, *ids]
+        elif prompt is not None:
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt_token_ids)
+            vocab = self.model.args.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError("prompt_token_ids",
+                                          f"token id {bad[0]} out of vocabulary [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens; the context holds {self.max_model_len} "
+                          f"(prompt must be at most {self.max_model_len - 1})")
+        return ids
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> Sequence:
+        if request_id in self._outputs:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate(self.model.args.vocab_size)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(seq_id=request_id, token_ids=list(prompt_token_ids),
+                       num_prompt_tokens=len(prompt_token_ids), params=params, seed=seed,
+                       arrival=self._arrivals)
+        self.scheduler.add(seq)
+        self._arrivals += 1
+        self._outputs[request_id] = _Output(
+            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
+            StopStringMatcher(params.stop),
+        )
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self._outputs.pop(request_id, None)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the step ----------------------------------------------------------------------
+
+    def step(self) -> list[TokenChunk]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            results = self.runner.execute(out)
+        except Exception as e:
+            log.exception("engine step failed; failing its %d sequences", len(out.scheduled))
+            return self._fail(out, e)
+        events = self.scheduler.update(out, [r.token_id for r in results])
+        return [self._postprocess(ev.seq, ev.token_id, r) for ev, r in zip(events, results,
+                                                                            strict=True)]
+
+    def _fail(self, out, error: Exception) -> list[TokenChunk]:
+        chunks = []
+        for item in out.scheduled:
+            seq = item.seq
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            self._outputs.pop(seq.seq_id, None)
+            chunks.append(TokenChunk(seq.seq_id, [], "", "error",
+                                     error=f"{type(error).__name__}: {error}"))
+        return chunks
+
+    def _postprocess(self, seq: Sequence, token_id: int, result) -> TokenChunk:
+        state = self._outputs[seq.seq_id]
+        state.detok.push(token_id)
+        delta, stopped = state.stops.feed(state.detok.text)
+        if stopped and not seq.status.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        elif seq.status.is_finished:
+            delta += state.stops.flush(state.detok.text)
+        state.text += delta
+        if seq.status.is_finished:
+            self._outputs.pop(seq.seq_id, None)
+        want_lp = seq.params.logprobs > 0
+        return TokenChunk(
+            seq.seq_id, [token_id], delta, seq.status.finish_reason,
+            logprobs=[result.logprob] if want_lp else None,
+            top_logprobs=[result.top_logprobs] if want_lp else None,
+        )
+
+    # -- conveniences ----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[GenerationResult]:
+        """Run prompts to completion together (tests, CLI, benchmarks)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        results = {}
+        for i, (ids, p) in enumerate(zip(prompts, params_list, strict=True)):
+            rid = f"gen-{self._arrivals}-{i}"
+            self.add_request(rid, ids, p)
+            results[rid] = GenerationResult(rid, list(ids))
+        while self.has_unfinished:
+            for chunk in self.step():
+                r = results[chunk.request_id]
+                r.token_ids.extend(chunk.token_ids)
+                r.text += chunk.text
+                r.finish_reason = chunk.finish_reason or r.finish_reason
+        return list(results.values())
+
+    def info(self) -> dict:
+        bm = self.block_manager
+        return {
+            "model": self.model_name, "fingerprint": self.fingerprint,
+            "architecture": self.model.args.architecture, "dtype": self.config.model.dtype,
+            "device": str(self.device), "max_model_len": self.max_model_len,
+            "slots": self.config.scheduler.max_num_seqs, "block_size": bm.block_size,
+            "kv_blocks_total": bm.num_total_blocks, "kv_blocks_free": bm.num_free_blocks,
+            "attention_backend": self.attention_backend,
+        }

@@ -1,0 +1,150 @@
+"""The only part of the engine that builds tensors: inputs, attention metadata, forward,
+sampling. One device→host copy per step happens inside the sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kernels.paged_attention import PagedAttentionMetadata
+from kernels.rotary import rope_cache
+from worker.block_manager import EMPTY, NULL_BLOCK, BlockPool, cdiv
+from worker.kv_cache import KVLayout, allocate_kv_caches
+from worker.models.decoder import DecoderModel, StepContext
+from worker.sampler import Sampler, SampleResult, SamplingRow
+from worker.scheduler import ScheduledSeq, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Host-side view of one step, before it becomes tensors."""
+
+    starts: list[int]  # first new position per sequence
+    lengths: list[int]  # new tokens per sequence
+    token_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, layout: KVLayout, pools: list[BlockPool],
+                 max_model_len: int, max_num_seqs: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.args = model.args
+        self.layout = layout
+        self.pools = pools
+        self.device = device
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.kv_caches = allocate_kv_caches(self.args, layout, dtype, device)
+        self.rope = {
+            t: rope_cache(self.args.head_dim, max_model_len, r.theta, r.scaling, device)
+            for t, r in self.args.rope.items()
+        }
+        self.sampler = Sampler(self.args.vocab_size, max_num_seqs, device)
+
+    # -- the step ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[SampleResult]:
+        """Run one step; returns one SampleResult per sampling entry, in order."""
+        for seq in out.admitted:
+            self.sampler.reset_slot(seq.slot, seq.prompt_token_ids, seq.output_token_ids)
+        input_ids, ctx, logits_index = self.prepare_inputs(out.scheduled)
+        hidden = self.model(input_ids, ctx)  # [T, hidden]
+        sampling = [item for item in out.scheduled if item.is_sampling]
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[logits_index])  # [num_sampling, vocab]
+        rows = [
+            SamplingRow(params=item.seq.params, slot=item.seq.slot,
+                        position=item.seq.num_tokens, seed=item.seq.seed)
+            for item in sampling
+        ]
+        return self.sampler.sample(logits, rows)
+
+    def prepare_inputs(self, scheduled: list[ScheduledSeq]
+                       ) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
+        batch = self._host_batch(scheduled)
+        dev = self.device
+        input_ids = torch.tensor(batch.token_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=dev)
+        cos_sin = {t: cache[positions] for t, cache in self.rope.items()}
+        attn = [self._group_metadata(g, scheduled, batch) for g in range(len(self.pools))]
+        ends, last = 0, []
+        for item, n in zip(scheduled, batch.lengths, strict=True):
+            ends += n
+            if item.is_sampling:
+                last.append(ends - 1)
+        logits_index = torch.tensor(last, dtype=torch.long, device=dev)
+        return input_ids, StepContext(cos_sin, attn, self.kv_caches), logits_index
+
+    @staticmethod
+    def _host_batch(scheduled: list[ScheduledSeq]) -> _Batch:
+        starts, lengths, token_ids, positions = [], [], [], []
+        for item in scheduled:
+            s, n = item.start, item.num_new_tokens
+            starts.append(s)
+            lengths.append(n)
+            token_ids.extend(item.seq.token_ids[s : s + n])
+            positions.extend(range(s, s + n))
+        return _Batch(starts, lengths, token_ids, positions)
+
+    def _group_metadata(self, g: int, scheduled: list[ScheduledSeq],
+                        batch: _Batch) -> PagedAttentionMetadata:
+        pool, bs = self.pools[g], self.layout.block_size
+        slots, tables, first_blocks = [], [], []
+        for item, s, n in zip(scheduled, batch.starts, batch.lengths, strict=True):
+            table = item.seq.block_tables[g]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+            first = pool.first_needed_block(s)
+            visible = table[first : cdiv(s + n, bs)]
+            tables.append([NULL_BLOCK if b == EMPTY else b for b in visible])
+            first_blocks.append(first)
+        width = max(len(t) for t in tables)
+        padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
+        dev = self.device
+        block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+        mask = self._mask(batch, first_blocks, width * bs, pool.window)
+        pad_index, unpad_index = self._pad_indices(batch.lengths)
+        return PagedAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=block_tables, mask=mask, max_q=max(batch.lengths),
+            pad_index=pad_index, unpad_index=unpad_index,
+        )
+
+    def _mask(self, batch: _Batch, first_blocks: list[int], num_keys: int,
+              window: int | None) -> torch.Tensor:
+        """[B, 1, max_q, S] bool: causal, within the window, real queries only."""
+        dev, bs = self.device, self.layout.block_size
+        starts = torch.tensor(batch.starts, device=dev)[:, None, None]  # [B, 1, 1]
+        lengths = torch.tensor(batch.lengths, device=dev)[:, None, None]
+        key0 = torch.tensor(first_blocks, device=dev)[:, None, None] * bs
+        q_idx = torch.arange(max(batch.lengths), device=dev)[None, :, None]  # [1, max_q, 1]
+        k_pos = key0 + torch.arange(num_keys, device=dev)[None, None, :]  # [B, 1, S]
+        q_pos = starts + q_idx  # [B, max_q, 1]
+        mask = (k_pos <= q_pos) & (q_idx < lengths)
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        # padding query rows see key 0 so SDPA never softmaxes an all-masked row into NaN
+        mask[:, :, 0] |= (q_idx < lengths).logical_not()[:, :, 0]
+        return mask[:, None]
+
+    def _pad_indices(self, lengths: list[int]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        max_q = max(lengths)
+        if max_q == 1:
+            return None, None
+        pad, unpad, offset = [], [], 0
+        for b, n in enumerate(lengths):
+            pad.extend(offset + min(i, n - 1) for i in range(max_q))
+            unpad.extend(b * max_q + i for i in range(n))
+            offset += n
+        dev = self.device
+        return (torch.tensor(pad, dtype=torch.long, device=dev),
+                torch.tensor(unpad, dtype=torch.long, device=dev))

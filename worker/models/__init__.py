@@ -1,0 +1,1 @@
+"""Model implementations and the registry keyed by Hugging Face architecture name."""

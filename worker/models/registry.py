@@ -1,0 +1,214 @@
+"""Model registry keyed by Hugging Face architecture name.
+
+Each entry turns an HF config dict into ModelArgs; every architecture builds the same
+DecoderModel. `build_model` also loads HF-named tensors into the fused layout
+(q/k/v → qkv_proj, gate/up → gate_up_proj, per-expert w1/w3/w2 → stacked experts).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from worker.errors import ModelLoadError
+from worker.models.args import FULL, SLIDING, ModelArgs, rope_from_config
+from worker.models.decoder import DecoderModel
+
+ArgsBuilder = Callable[[dict], ModelArgs]
+_REGISTRY: dict[str, ArgsBuilder] = {}
+
+
+def register(*architectures: str) -> Callable[[ArgsBuilder], ArgsBuilder]:
+    def wrap(fn: ArgsBuilder) -> ArgsBuilder:
+        for name in architectures:
+            _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_args(config: dict) -> ModelArgs:
+    arch = (config.get("architectures") or ["?"])[0]
+    builder = _REGISTRY.get(arch)
+    if builder is None:
+        raise ModelLoadError(
+            f"architecture {arch!r} is not supported; "
+            f"supported: {', '.join(supported_architectures())}"
+        )
+    try:
+        return builder(config)
+    except KeyError as e:
+        raise ModelLoadError(f"config.json of {arch} lacks {e}") from None
+
+
+def _common(cfg: dict, arch: str, **overrides) -> dict:
+    heads = cfg["num_attention_heads"]
+    layers = cfg["num_hidden_layers"]
+    return dict(
+        architecture=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        hidden_act=cfg.get("hidden_act", "silu"),
+        layer_types=(FULL,) * layers,
+        rope=rope_from_config(cfg, (FULL,), 10000.0),
+    ) | overrides
+
+
+@register("LlamaForCausalLM")
+def _llama(cfg: dict) -> ModelArgs:
+    bias = cfg.get("attention_bias", False)
+    return ModelArgs(**_common(cfg, "LlamaForCausalLM", attention_bias=bias))
+
+
+@register("Qwen2ForCausalLM")
+def _qwen2(cfg: dict) -> ModelArgs:
+    # Qwen2 configs carry use_sliding_window=false by default; the window is then unused
+    return ModelArgs(**_common(cfg, "Qwen2ForCausalLM", attention_bias=True))
+
+
+@register("MistralForCausalLM")
+def _mistral(cfg: dict) -> ModelArgs:
+    window = cfg.get("sliding_window")
+    layers = cfg["num_hidden_layers"]
+    kind = SLIDING if window else FULL
+    return ModelArgs(**_common(
+        cfg, "MistralForCausalLM", sliding_window=window, layer_types=(kind,) * layers,
+        rope=rope_from_config(cfg, (kind,), 10000.0),
+    ))
+
+
+@register("MixtralForCausalLM")
+def _mixtral(cfg: dict) -> ModelArgs:
+    window = cfg.get("sliding_window")
+    layers = cfg["num_hidden_layers"]
+    kind = SLIDING if window else FULL
+    return ModelArgs(**_common(
+        cfg, "MixtralForCausalLM", sliding_window=window, layer_types=(kind,) * layers,
+        rope=rope_from_config(cfg, (kind,), 1e6),
+        num_experts=cfg["num_local_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+    ))
+
+
+@register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+def _gemma3(cfg: dict) -> ModelArgs:
+    cfg = cfg.get("text_config", cfg)
+    layers = cfg["num_hidden_layers"]
+    pattern = cfg.get("sliding_window_pattern", 6)
+    layer_types = tuple(cfg.get("layer_types") or (
+        SLIDING if (i + 1) % pattern else FULL for i in range(layers)
+    ))
+    return ModelArgs(**_common(
+        cfg, "Gemma3ForCausalLM",
+        hidden_act=cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh")),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        layer_types=layer_types,
+        rope=rope_from_config(cfg, layer_types, 1e6, local_theta=10000.0),
+        sliding_window=cfg.get("sliding_window", 4096),
+        attention_bias=cfg.get("attention_bias", False),
+        norm_weight_offset=1.0,
+        embed_scale=cfg["hidden_size"] ** 0.5,
+        sandwich_norms=True,
+        qk_norm=True,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+    ))
+
+
+# -- weights -----------------------------------------------------------------------------
+
+_QKV = re.compile(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+_GATE_UP = re.compile(r"layers\.(\d+)\.mlp\.(gate|up)_proj\.weight$")
+_MOE = r"layers\.(\d+)\.(?:block_sparse_moe|mlp)"
+_EXPERT = re.compile(_MOE + r"\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_ROUTER = re.compile(_MOE + r"\.gate\.weight$")
+_STACKED = re.compile(_MOE + r"\.experts\.(gate_up_proj|down_proj)$")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in ("model.language_model.", "language_model.model.", "model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def load_weights(model: DecoderModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy HF-named tensors into the fused parameters; every parameter must be set."""
+    params = dict(model.named_parameters())
+    loaded: dict[str, int] = {}  # parameter -> elements written
+    with torch.no_grad():
+        for hf_name, tensor in tensors.items():
+            name = _strip_prefix(hf_name)
+            if _IGNORED.search(name):
+                continue
+            target, rows = _target(model, name)
+            if target not in params:
+                if name == "lm_head.weight" and model.lm_head is None:
+                    continue  # tied: some exports still write the copy
+                raise ModelLoadError(f"unexpected tensor {hf_name!r} for {model.args.architecture}")
+            dst = params[target].data if rows is None else params[target].data[rows]
+            if dst.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            loaded[target] = loaded.get(target, 0) + dst.numel()
+    _check_complete(model, params, loaded)
+
+
+def _target(model: DecoderModel, name: str) -> tuple[str, object]:
+    """HF name → (our parameter name, index into it or None)."""
+    args = model.args
+    if m := _QKV.search(name):
+        layer, which, kind = int(m[1]), m[2], m[3]
+        q = args.num_heads * args.head_dim
+        kv = args.num_kv_heads * args.head_dim
+        start = {"q": 0, "k": q, "v": q + kv}[which]
+        size = q if which == "q" else kv
+        return f"layers.{layer}.self_attn.qkv_proj.{kind}", slice(start, start + size)
+    if m := _GATE_UP.search(name):
+        i = args.intermediate_size
+        rows = slice(0, i) if m[2] == "gate" else slice(i, 2 * i)
+        return f"layers.{m[1]}.mlp.gate_up_proj.weight", rows
+    if m := _EXPERT.search(name):
+        layer, e, w = int(m[1]), int(m[2]), m[3]
+        i = args.intermediate_size
+        if w == "w2":
+            return f"layers.{layer}.mlp.down_proj", e
+        half = slice(0, i) if w == "w1" else slice(i, 2 * i)
+        return f"layers.{layer}.mlp.gate_up_proj", (e, half)
+    if m := _ROUTER.search(name):
+        return f"layers.{m[1]}.mlp.gate.weight", None
+    if m := _STACKED.search(name):
+        return f"layers.{m[1]}.mlp.{m[2]}", None
+    return name, None
+
+
+def _check_complete(model: DecoderModel, params: dict, loaded: dict[str, int]) -> None:
+    missing = [name for name, p in params.items() if loaded.get(name, 0) != p.numel()]
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def build_model(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> DecoderModel:
+    args = model_args(config)
+    with torch.device("meta"):
+        model = DecoderModel(args)
+    model = model.to_empty(device="cpu").float()
+    load_weights(model, tensors)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,383 @@
+"""The on-device sampler: one step's logits in, one token (and optional logprobs) per row out.
+
+Owns the per-slot penalty state on the device (output token counts and a prompt-token mask,
+both [max_num_seqs, V]) and the sampling chain, per row and in this order: logit bias,
+repetition/presence/frequency penalties, temperature (0 = greedy), top-k, top-p, min-p,
+typical-p, then a Gumbel-max draw whose noise is a pure function of (seed, position, token
+id) (`kernels.gumbel_noise`), so a row draws the same token in any batch, on any device.
+
+The model runner calls `reset_slot` when a sequence takes a slot and `sample` once per step.
+`sample` syncs with the host exactly once, in `_to_host`; rows with `num_candidates > 0`
+(hybrid mode) get their filtered top-N candidates in that same copy and a `HostSampler`
+draws their token. Stages run only when some row in the batch uses them (decided on the
+Python side); inside a stage, rows with the filter off hold a neutral value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.gumbel_noise import (
+    gumbel_from_uniform_numpy,
+    gumbel_noise,
+    uniform_from_hash_numpy,
+)
+from worker.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+_MAX_EXACT_FLOAT32_ID = 2**24  # token ids travel as float32 in the packed copy
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    params: SamplingParams
+    slot: int  # row of the persistent per-sequence state (0 <= slot < max_num_seqs)
+    position: int  # absolute position of the token being sampled (= number of tokens before it)
+    seed: int  # resolved seed (the engine fills in a random one when params.seed is None)
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_id: int
+    logprob: float | None  # of the sampled token under the raw distribution; None if not asked
+    top_logprobs: list[tuple[int, float]]  # top-n (id, logprob) of the raw distribution
+
+
+class HostSampler(Protocol):
+    def sample(self, candidate_ids: np.ndarray, candidate_logits: np.ndarray, seed: int,
+               position: int) -> int:
+        """Pick one of `candidate_ids`.
+
+        candidate_ids: [N] int64, best first. candidate_logits: [N] float32, temperature-scaled
+        and filtered (steps 1-7); -inf marks a candidate the filters removed.
+        """
+        ...
+
+
+class GumbelHostSampler:
+    """The device draw redone in numpy: same hash, same noise, same argmax."""
+
+    def sample(self, candidate_ids: np.ndarray, candidate_logits: np.ndarray, seed: int,
+               position: int) -> int:
+        noise = gumbel_from_uniform_numpy(uniform_from_hash_numpy(seed, position, candidate_ids))
+        return int(candidate_ids[np.argmax(candidate_logits + noise)])  # [N] -> one id
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Columns of the packed float32 host copy; all int32 ids when nothing is packed."""
+
+    num_logprobs: int  # L = max n over rows
+    num_candidates: int  # N = max num_candidates over hybrid rows, at most V
+    has_candidate_logprobs: bool  # a hybrid row wants logprobs: ship raw logprobs of candidates
+
+    @property
+    def is_packed(self) -> bool:
+        return self.num_logprobs > 0 or self.num_candidates > 0
+
+    @property
+    def candidates_at(self) -> int:
+        # col 0: token id; then [sampled logprob, L top ids, L top logprobs] when L > 0
+        return 1 + (1 + 2 * self.num_logprobs if self.num_logprobs else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Per-row parameters on the device, [B] each, and Python-side flags that pick stages."""
+
+    is_greedy: torch.Tensor  # [B] bool
+    temperatures: torch.Tensor  # [B] float32, 1 for greedy rows
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, inf = off
+    min_p: torch.Tensor  # [B] float32, 0 = off
+    typical_p: torch.Tensor  # [B] float32, inf = off
+    repetition: torch.Tensor  # [B] float32, 1 = off
+    presence: torch.Tensor  # [B] float32, 0 = off
+    frequency: torch.Tensor  # [B] float32, 0 = off
+    seeds: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    slots: torch.Tensor  # [B] int64
+    bias: tuple[torch.Tensor, torch.Tensor] | None  # flat ids row * V + id [K], values [K]
+    is_hybrid: tuple[bool, ...]  # per row, Python side
+    num_greedy: int
+    max_top_k: int  # 0 = no row uses top-k
+    has_top_p: bool
+    has_min_p: bool
+    has_typical_p: bool
+    has_penalties: bool
+    layout: _Layout
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, max_num_seqs: int, device: torch.device,
+                 host_sampler: HostSampler | None = None) -> None:
+        assert vocab_size < _MAX_EXACT_FLOAT32_ID, "token ids must be exact in float32"
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.host_sampler = host_sampler if host_sampler is not None else GumbelHostSampler()
+        # [max_num_seqs, V]: how often each token was sampled; which tokens the prompt holds
+        self.output_counts = torch.zeros(max_num_seqs, vocab_size, dtype=torch.int32,
+                                         device=self.device)
+        self.prompt_mask = torch.zeros(max_num_seqs, vocab_size, dtype=torch.bool,
+                                       device=self.device)
+
+    def reset_slot(self, slot: int, prompt_token_ids: list[int],
+                   output_token_ids: list[int]) -> None:
+        """Set the penalty state of `slot` for the sequence taking it (admit, resume, import)."""
+        prompt = self._to_device(torch.tensor(prompt_token_ids, dtype=torch.int64))  # [P]
+        output = self._to_device(torch.tensor(output_token_ids, dtype=torch.int64))  # [O]
+        self.prompt_mask[slot].zero_().index_fill_(0, prompt, True)
+        ones = torch.ones_like(output, dtype=torch.int32)
+        self.output_counts[slot].zero_().scatter_add_(0, output, ones)
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
+        """logits: [B, V] on the device, any float dtype. One device->host copy in all."""
+        assert logits.shape == (len(rows), self.vocab_size), "logits: [len(rows), vocab_size]"
+        batch = self._prepare(rows)
+        raw = logits.float()  # [B, V]; only out-of-place ops below, raw may alias the input
+        penalised = self._apply_bias_and_penalties(raw, batch)  # [B, V]
+        filtered = _apply_filters(penalised / batch.temperatures[:, None], batch)  # [B, V]
+        token_ids = self._draw(penalised, filtered, batch)  # [B] int64
+        host = self._to_host(_pack(raw, filtered, token_ids, batch.layout))
+        results = self._unpack(host, rows, batch)
+        self._update_counts(token_ids, results, batch)
+        return results
+
+    def _to_host(self, packed: torch.Tensor) -> np.ndarray:
+        """The step's one device->host copy, and so its one sync."""
+        return packed.cpu().numpy()
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Host->device without a sync: pinned staging and a non-blocking copy."""
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _prepare(self, rows: list[SamplingRow]) -> _Batch:
+        vocab_size = self.vocab_size
+        params = [row.params for row in rows]
+        floats = torch.tensor([_float_params(p) for p in params], dtype=torch.float32)  # [B, 8]
+        int_rows = [_int_params(r, vocab_size) for r in rows]
+        ints = torch.tensor(int_rows, dtype=torch.int64)  # [B, 4]
+        f = self._to_device(floats.T.contiguous())  # [8, B]
+        i = self._to_device(ints.T.contiguous())  # [4, B]
+        is_hybrid = tuple(p.num_candidates > 0 and not p.is_greedy for p in params)
+        return _Batch(
+            is_greedy=f[0] > 0.5, temperatures=f[1], top_p=f[2], min_p=f[3], typical_p=f[4],
+            repetition=f[5], presence=f[6], frequency=f[7],
+            seeds=i[0], positions=i[1], top_k=i[2], slots=i[3],
+            bias=self._prepare_bias(params),
+            is_hybrid=is_hybrid,
+            num_greedy=sum(p.is_greedy for p in params),
+            max_top_k=max((top_k for _, _, top_k, _ in int_rows), default=0),
+            has_top_p=any(p.top_p < 1.0 for p in params),
+            has_min_p=any(p.min_p > 0.0 for p in params),
+            has_typical_p=any(p.typical_p < 1.0 for p in params),
+            has_penalties=any(_has_penalties(p) for p in params),
+            layout=_make_layout(params, is_hybrid, vocab_size),
+        )
+
+    def _prepare_bias(self, params: list[SamplingParams]) -> tuple[torch.Tensor, ...] | None:
+        flat_ids = [b * self.vocab_size + t for b, p in enumerate(params) for t, _ in p.logit_bias]
+        if not flat_ids:
+            return None
+        values = [v for p in params for _, v in p.logit_bias]
+        return (self._to_device(torch.tensor(flat_ids, dtype=torch.int64)),
+                self._to_device(torch.tensor(values, dtype=torch.float32)))
+
+    def _apply_bias_and_penalties(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        if batch.bias is not None:
+            flat_ids, values = batch.bias
+            x = x.reshape(-1).scatter_add(0, flat_ids, values).view(x.shape)  # [B, V]
+        if batch.has_penalties:
+            counts = self.output_counts.index_select(0, batch.slots)  # [B, V]
+            in_prompt = self.prompt_mask.index_select(0, batch.slots)  # [B, V]
+            x = _apply_penalties(x, counts, in_prompt, batch)
+        return x
+
+    def _draw(self, penalised: torch.Tensor, filtered: torch.Tensor,
+              batch: _Batch) -> torch.Tensor:
+        """[B] int64: argmax of the penalised logits for greedy rows, Gumbel-max for the rest."""
+        greedy_ids = penalised.argmax(-1)  # [B]
+        if batch.num_greedy == len(batch.is_hybrid):
+            return greedy_ids  # no noise at all: greedy rows never depend on it
+        noise = gumbel_noise(batch.seeds, batch.positions, self.vocab_size)  # [B, V]
+        sampled_ids = (filtered + noise).argmax(-1)  # [B]
+        if batch.num_greedy == 0:
+            return sampled_ids
+        return torch.where(batch.is_greedy, greedy_ids, sampled_ids)
+
+    def _unpack(self, host: np.ndarray, rows: list[SamplingRow],
+                batch: _Batch) -> list[SampleResult]:
+        layout = batch.layout
+        if not layout.is_packed:
+            return [SampleResult(int(t), None, []) for t in host.tolist()]  # host: [B] int32
+        return [self._unpack_row(host[b], row, batch.is_hybrid[b], layout)  # host: [B, W]
+                for b, row in enumerate(rows)]
+
+    def _unpack_row(self, packed: np.ndarray, row: SamplingRow, is_hybrid: bool,
+                    layout: _Layout) -> SampleResult:
+        n = row.params.logprobs
+        token_id, logprob = int(packed[0]), (float(packed[1]) if n else None)
+        if is_hybrid:
+            token_id, logprob = self._draw_on_host(packed, row, layout)
+        top = packed[2:2 + n].astype(np.int64).tolist()
+        top_logprobs = packed[2 + layout.num_logprobs:2 + layout.num_logprobs + n].tolist()
+        return SampleResult(token_id, logprob, list(zip(top, top_logprobs, strict=True)))
+
+    def _draw_on_host(self, packed: np.ndarray, row: SamplingRow,
+                      layout: _Layout) -> tuple[int, float | None]:
+        """Hybrid row: the HostSampler picks among the top-N candidates. -> (id, logprob)."""
+        start, width, n = layout.candidates_at, layout.num_candidates, row.params.num_candidates
+        candidate_ids = packed[start:start + n].astype(np.int64)  # [n]
+        candidate_logits = packed[start + width:start + width + n]  # [n] float32
+        token_id = self.host_sampler.sample(candidate_ids, candidate_logits, row.seed,
+                                            row.position)
+        if not row.params.logprobs:
+            return token_id, None
+        (hits,) = np.nonzero(candidate_ids == token_id)
+        assert hits.size, "HostSampler must return one of the candidate ids"
+        return token_id, float(packed[start + 2 * width + hits[0]])
+
+    def _update_counts(self, token_ids: torch.Tensor, results: list[SampleResult],
+                       batch: _Batch) -> None:
+        """Add this step's tokens to the per-slot counts, on the device, without a sync."""
+        if any(batch.is_hybrid):  # some ids were drawn on the host: send the final ids back
+            ids = torch.tensor([r.token_id for r in results], dtype=torch.int64)
+            token_ids = self._to_device(ids)  # [B]
+        flat_ids = batch.slots * self.vocab_size + token_ids  # [B]
+        ones = torch.ones_like(flat_ids, dtype=torch.int32)
+        self.output_counts.view(-1).scatter_add_(0, flat_ids, ones)
+
+
+def _float_params(p: SamplingParams) -> tuple[float, ...]:
+    """One row of the float parameter table; a filter that is off gets its neutral value."""
+    return (
+        float(p.is_greedy),
+        1.0 if p.is_greedy else p.temperature,
+        p.top_p if p.top_p < 1.0 else float("inf"),
+        p.min_p,
+        p.typical_p if p.typical_p < 1.0 else float("inf"),
+        p.repetition_penalty,
+        p.presence_penalty,
+        p.frequency_penalty,
+    )
+
+
+def _int_params(row: SamplingRow, vocab_size: int) -> tuple[int, int, int, int]:
+    top_k = row.params.top_k if row.params.top_k < vocab_size else 0  # k >= V keeps all
+    return (row.seed, row.position, top_k, row.slot)
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _make_layout(params: list[SamplingParams], is_hybrid: tuple[bool, ...],
+                 vocab_size: int) -> _Layout:
+    hybrid = [p for p, h in zip(params, is_hybrid, strict=True) if h]
+    return _Layout(
+        num_logprobs=max((p.logprobs for p in params), default=0),
+        num_candidates=min(vocab_size, max((p.num_candidates for p in hybrid), default=0)),
+        has_candidate_logprobs=any(p.logprobs > 0 for p in hybrid),
+    )
+
+
+def _apply_penalties(x: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor,
+                     batch: _Batch) -> torch.Tensor:
+    """x, counts, in_prompt: [B, V]. Repetition (HF/vLLM), then presence and frequency."""
+    counts = counts.float()  # [B, V]
+    in_output = counts > 0  # [B, V]
+    repetition = batch.repetition[:, None]  # [B, 1]
+    penalised = torch.where(x > 0, x / repetition, x * repetition)  # [B, V]
+    x = torch.where(in_prompt | in_output, penalised, x)
+    return x - batch.presence[:, None] * in_output - batch.frequency[:, None] * counts
+
+
+def _apply_filters(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """x: [B, V] temperature-scaled logits -> [B, V] with removed tokens at -inf.
+
+    Each filter sees the distribution renormalised over what the previous ones kept (as HF's
+    chained warpers do) and always keeps the top token.
+    """
+    if batch.max_top_k:
+        x = _apply_top_k(x, batch.top_k, batch.max_top_k)
+    if batch.has_top_p:
+        x = _apply_top_p(x, batch.top_p)
+    if batch.has_min_p:
+        x = _apply_min_p(x, batch.min_p)
+    if batch.has_typical_p:
+        x = _apply_typical_p(x, batch.typical_p)
+    return x
+
+
+def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep logits >= the k-th largest (ties at the boundary stay). top_k: [B], 0 = off."""
+    kth_index = (top_k.clamp(min=1) - 1)[:, None]  # [B, 1]
+    kth = x.topk(max_top_k, dim=-1).values.gather(1, kth_index)  # [B, 1]
+    threshold = torch.where(top_k[:, None] > 0, kth, _NEG_INF)  # [B, 1]
+    return x.masked_fill(x < threshold, _NEG_INF)
+
+
+def _apply_top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Smallest prefix (by probability) with mass >= top_p. top_p: [B], inf = off."""
+    sorted_probs, order = x.softmax(-1).sort(-1, descending=True)  # [B, V] each
+    keep = _exclusive_cumsum(sorted_probs) < top_p[:, None]  # [B, V] in sorted order
+    return _remove_unsorted(x, order, keep)
+
+
+def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep p >= min_p * p_max. min_p: [B], 0 = off (every p >= 0)."""
+    probs = x.softmax(-1)  # [B, V]
+    threshold = min_p[:, None] * probs.amax(-1, keepdim=True)  # [B, 1]
+    return x.masked_fill(probs < threshold, _NEG_INF)
+
+
+def _apply_typical_p(x: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (HF TypicalLogitsWarper). typical_p: [B], inf = off.
+
+    Order tokens by |-log p - H| ascending and keep the smallest prefix with mass >= typical_p.
+    """
+    logp = x.log_softmax(-1)  # [B, V]
+    probs = logp.exp()  # [B, V]
+    entropy = -torch.where(probs > 0, probs * logp, 0.0).sum(-1, keepdim=True)  # [B, 1]
+    surprise_gap = (-logp - entropy).abs()  # [B, V]; removed tokens: +inf, sorted last
+    _, order = surprise_gap.sort(-1)  # [B, V]
+    keep = _exclusive_cumsum(probs.gather(1, order)) < typical_p[:, None]  # [B, V] sorted
+    return _remove_unsorted(x, order, keep)
+
+
+def _exclusive_cumsum(p: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B, V]: mass strictly before each position (0 for the first)."""
+    return F.pad(p.cumsum(-1)[:, :-1], (1, 0))
+
+
+def _remove_unsorted(x: torch.Tensor, order: torch.Tensor,
+                     keep_sorted: torch.Tensor) -> torch.Tensor:
+    """Map a keep-mask in sorted order back to vocab order and mask the rest to -inf."""
+    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # [B, V]
+    return x.masked_fill(~keep, _NEG_INF)
+
+
+def _pack(raw: torch.Tensor, filtered: torch.Tensor, token_ids: torch.Tensor,
+          layout: _Layout) -> torch.Tensor:
+    """[B] int32 ids, or [B, W] float32: ids | logprobs section | candidates section."""
+    if not layout.is_packed:
+        return token_ids.to(torch.int32)
+    columns = [token_ids[:, None].float()]  # [B, 1]
+    needs_logprobs = layout.num_logprobs > 0 or layout.has_candidate_logprobs
+    logprobs = raw.log_softmax(-1) if needs_logprobs else None  # [B, V]
+    if layout.num_logprobs:
+        top = logprobs.topk(layout.num_logprobs, dim=-1)  # [B, L] each
+        columns += [logprobs.gather(1, token_ids[:, None]), top.indices.float(), top.values]
+    if layout.num_candidates:
+        candidates = filtered.topk(layout.num_candidates, dim=-1)  # [B, N] each, best first
+        columns += [candidates.indices.float(), candidates.values]
+        if layout.has_candidate_logprobs:
+            columns.append(logprobs.gather(1, candidates.indices))  # [B, N]
+    return torch.cat(columns, dim=1)  # [B, W]

@@ -1,0 +1,70 @@
+"""Per-request sampling and stop parameters, validated once where a request enters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.errors import InvalidRequestError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """What to sample and when to stop. Defaults follow llama.cpp's server where it has one.
+
+    temperature 0 means greedy. top_k 0, top_p 1, min_p 0 and typical_p 1 switch a filter
+    off. `seed` None draws a fresh seed per request (the engine fills it in, so the draw
+    stays a pure function of (seed, position) and replays identically).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    logprobs: int = 0  # top-n logprobs per sampled token; 0 = off
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    num_candidates: int = 0  # hybrid mode: >0 hands this many filtered candidates to the host
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidRequestError naming the first field out of range."""
+        _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
+        _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check(0.0 < self.typical_p <= 1.0, "typical_p", f"must be in (0, 1], got {self.typical_p}")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty",
+               f"must be > 0, got {self.repetition_penalty}")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+               f"must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+               f"must be in [-2, 2], got {self.frequency_penalty}")
+        _check(0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
+        _check(0 <= self.num_candidates <= 1024, "num_candidates",
+               f"must be in [0, 1024], got {self.num_candidates}")
+        if self.seed is not None:
+            _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2^63), got {self.seed}")
+        for token_id, _bias in self.logit_bias:
+            _check(0 <= token_id < vocab_size, "logit_bias",
+                   f"token id {token_id} out of vocabulary [0, {vocab_size})")
+        for token_id in self.stop_token_ids:
+            _check(0 <= token_id < vocab_size, "stop_token_ids",
+                   f"token id {token_id} out of vocabulary [0, {vocab_size})")
+        _check(all(self.stop), "stop", "stop strings must be non-empty")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(name, message)

@@ -1,0 +1,83 @@
+"""Startup work so the first real request is not the slow one.
+
+`warmup` runs the step shapes the scheduler will use (a full prefill chunk, a decode
+batch of every slot, a mixed step) through the model and the sampler; the dense MoE path
+runs every expert on every step, so one pass touches them all. Its KV writes land in the
+null block, which no sequence reads unmasked. `check_attention_backend` tries the fast
+SDPA kernels for this head size and dtype and reports which one attention will use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from worker.config import SchedulerConfig
+from worker.model_runner import ModelRunner
+from worker.models.args import ModelArgs
+from worker.sampling_params import SamplingParams
+from worker.scheduler import ScheduledSeq, SchedulerOutput
+from worker.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_WARMUP_PARAMS = (
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                   repetition_penalty=1.1, logprobs=2),
+)
+
+
+def warmup(runner: ModelRunner, sched: SchedulerConfig, max_model_len: int) -> float:
+    """Returns the seconds it took."""
+    t0 = time.perf_counter()
+    prefill = min(sched.max_num_batched_tokens, max_model_len - 1)
+    shapes = [[prefill], [1] * sched.max_num_seqs]
+    if sched.max_num_seqs > 1 and prefill > sched.max_num_seqs:
+        shapes.append([prefill - sched.max_num_seqs + 1] + [1] * (sched.max_num_seqs - 1))
+    for lengths in shapes:
+        runner.execute(_fake_step(runner, lengths))
+    for cache in runner.kv_caches:
+        cache[:, :, 0].zero_()  # the null block back to zeros
+    seconds = time.perf_counter() - t0
+    log.info("warmup: %d step shapes in %.2fs", len(shapes), seconds)
+    return seconds
+
+
+def _fake_step(runner: ModelRunner, lengths: list[int]) -> SchedulerOutput:
+    """Sequences whose every block is the null block, one per requested length."""
+    bs = runner.layout.block_size
+    out = SchedulerOutput()
+    for i, n in enumerate(lengths):
+        params = _WARMUP_PARAMS[i % len(_WARMUP_PARAMS)]
+        seq = Sequence(seq_id=f"warmup-{i}", token_ids=[0] * n, num_prompt_tokens=n,
+                       params=params, seed=i, slot=i)
+        seq.block_tables = [[0] * (-(-n // bs)) for _ in runner.pools]
+        out.scheduled.append(ScheduledSeq(seq, n, 0))
+        out.admitted.append(seq)
+    return out
+
+
+def check_attention_backend(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> str:
+    """Name of the SDPA kernel attention will use here, with the reason for a fallback."""
+    if device.type != "cuda":
+        reason = "flash / memory-efficient SDPA kernels need CUDA"
+        log.info("attention backend: sdpa-math (paged gather, %s)", reason)
+        return f"sdpa-cpu (paged gather; {reason})"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, args.num_heads, 4, args.head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, args.num_heads, 8, args.head_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, 1, 4, 8, dtype=torch.bool, device=device)
+    for backend, name in ((SDPBackend.EFFICIENT_ATTENTION, "sdpa-memory-efficient"),):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+            log.info("attention backend: %s (head_dim %d, %s)", name, args.head_dim, dtype)
+            return name
+        except RuntimeError as e:
+            log.warning("attention backend %s unavailable: %s; falling back", name, e)
+    return "sdpa-math (fast kernels rejected this head size / dtype; see log)"

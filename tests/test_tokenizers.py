@@ -3,11 +3,14 @@ streaming detokenisation. Fetches the models once into the shared test cache."""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
+from functools import cache
 from pathlib import Path
 
 import pytest
 
+from tests.paths import model_cache_dir
 from worker.errors import InvalidRequestError
 from worker.loaders.gguf import read_gguf_header
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
@@ -54,31 +57,43 @@ TRICKY = [
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SLOTMESH_TEST_CACHE") or REPO / ".cache" / "models")
+    return model_cache_dir()
+
+
+@cache
+def our_tokenizer(name: str):
+    path = fetch_model(name, cache_dir())
+    return build_gguf_tokenizer(path, read_gguf_header(path).metadata)
+
+
+def reference_ids(name: str) -> dict[str, list[int]]:
+    """transformers' ids for TRICKY, memoised beside the model (building transformers'
+    tokenizer from a GGUF takes 10-55 s); the key covers texts, file and version."""
+    transformers = pytest.importorskip("transformers")
+    path = fetch_model(name, cache_dir())
+    key = hashlib.sha256(json.dumps([TRICKY, transformers.__version__,
+                                     path.stat().st_size]).encode()).hexdigest()
+    memo = path.with_name(f"{path.name}.hf-ids-{key[:16]}.json")
+    if memo.exists():
+        return json.loads(memo.read_text())
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # BOS: llama.cpp adds BOS only if tokenizer.ggml.add_bos_token says so (gemma3: yes,
+    # smollm2 / qwen2.5: no), so ids are compared without specials; BOS checked below.
+    ids = {text: theirs.encode(text, add_special_tokens=False) for text in TRICKY}
+    memo.write_text(json.dumps(ids))
+    return ids
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def pair(request):
-    """(our Tokenizer, transformers' tokenizer) for one model; transformers' takes ~5-30 s."""
-    transformers = pytest.importorskip("transformers")
-    path = fetch_model(request.param, cache_dir())
-    ours = build_gguf_tokenizer(path, read_gguf_header(path).metadata)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return request.param, ours, theirs
-
-
-def _reference_ids(name: str, theirs, text: str) -> list[int]:
-    ids = theirs.encode(text, add_special_tokens=False)
-    # BOS: llama.cpp adds BOS only if tokenizer.ggml.add_bos_token says so (gemma3: yes,
-    # smollm2 / qwen2.5: no); compare the text part and check BOS separately below.
-    return ids
+    """(name, our Tokenizer, transformers' ids for TRICKY) for one model."""
+    return request.param, our_tokenizer(request.param), reference_ids(request.param)
 
 
 @pytest.mark.parametrize("text", TRICKY)
 def test_encode_matches_transformers(pair, text):
-    name, ours, theirs = pair
-    got = ours.encode(text, add_special_tokens=False)
-    assert got == _reference_ids(name, theirs, text), (name, text)
+    name, ours, reference = pair
+    assert ours.encode(text, add_special_tokens=False) == reference[text], (name, text)
 
 
 def test_bos_policy_follows_gguf(pair):
@@ -128,8 +143,7 @@ def test_incremental_detokenizer(pair, text):
 
 def test_byte_fallback_tokens_stream_whole_characters():
     """gemma3 spells rare characters as <0xNN> byte tokens; no partial char may leak."""
-    path = fetch_model("gemma3-270m", cache_dir())
-    ours = build_gguf_tokenizer(path, read_gguf_header(path).metadata)
+    ours = our_tokenizer("gemma3-270m")
     byte_ids = [ours.backend.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
     detok = IncrementalDetokenizer(ours, [])
     assert [detok.push(t) for t in byte_ids] == ["", "", "", "😀"]
@@ -140,8 +154,7 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-0.5b"])
 def test_chatml_template_renders(name):
-    path = fetch_model(name, cache_dir())
-    tokenizer = build_gguf_tokenizer(path, read_gguf_header(path).metadata)
+    tokenizer = our_tokenizer(name)
     text = tokenizer.apply_chat_template(CHAT)
     assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n" in text
     assert text.endswith("<|im_start|>assistant\n")
@@ -150,8 +163,7 @@ def test_chatml_template_renders(name):
 
 
 def test_no_template_is_invalid_request():
-    path = fetch_model("gemma3-270m", cache_dir())
-    tokenizer = build_gguf_tokenizer(path, read_gguf_header(path).metadata)
+    tokenizer = our_tokenizer("gemma3-270m")
     with pytest.raises(InvalidRequestError):
         tokenizer.apply_chat_template(CHAT)
 

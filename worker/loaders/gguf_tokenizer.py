@@ -127,10 +127,10 @@ def _sentencepiece_bpe(md: dict) -> Backend:
     # Prepend runs per text fragment between added tokens, as llama.cpp's SPM session
     # prefixes a space to every raw-text fragment that follows a token.
     prefix = [normalizers.Prepend(SPACE)] if add_prefix else []
-    backend.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", SPACE)])
+    backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", SPACE)])
     strip = [decoders.Strip(" ", 1, 0)] if add_prefix else []
     backend.decoder = decoders.Sequence(
-        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     return backend
 
 
@@ -171,9 +171,9 @@ def _add_special_tokens(backend: Backend, md: dict) -> None:
     tokens = md["tokenizer.ggml.tokens"]
     types = md.get("tokenizer.ggml.token_type") or []
     control = [AddedToken(t, special=True, normalized=False)
-               for t, kind in zip(tokens, types) if kind == CONTROL]
+               for t, kind in zip(tokens, types, strict=False) if kind == CONTROL]
     user = [AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(tokens, types) if kind == USER_DEFINED]
+            for t, kind in zip(tokens, types, strict=False) if kind == USER_DEFINED]
     backend.add_special_tokens(control)
     backend.add_tokens(user)
 
@@ -192,8 +192,8 @@ def _post_processor(md: dict) -> TemplateProcessing | None:
     tail = [tokens[eos_id]] if add_eos else []
     specials = ([(tokens[bos_id], bos_id)] if add_bos else []) + (
         [(tokens[eos_id], eos_id)] if add_eos else [])
-    return TemplateProcessing(single=" ".join(head + ["$A"] + tail),
-                              pair=" ".join(head + ["$A"] + tail + head + ["$B"] + tail),
+    return TemplateProcessing(single=" ".join([*head, "$A", *tail]),
+                              pair=" ".join([*head, "$A", *tail, *head, "$B", *tail]),
                               special_tokens=list(dict.fromkeys(specials)))
 
 

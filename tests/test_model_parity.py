@@ -44,3 +44,19 @@ def test_logits_match_transformers(family: str, tmp_path) -> None:
         for pos, logits in got.items():
             diff = (logits - ref[pos - 1]).abs().max().item()
             assert diff <= TOLERANCE, f"{family}: position {pos} differs by {diff}"
+
+
+def test_sharded_safetensors_load_the_same(tiny_model_dir, tmp_path) -> None:
+    import transformers as tf
+
+    src = tiny_model_dir("qwen2")
+    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (sharded / f).write_bytes((src / f).read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists()
+    one, many = load_hf_dir(src), load_hf_dir(sharded)
+    assert one.tensors.keys() == many.tensors.keys()
+    assert all(torch.equal(one.tensors[k], many.tensors[k]) for k in one.tensors)
+    assert many.eos_token_ids == (1,)

@@ -29,7 +29,8 @@ _TEXT = (
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    tokens_per_s: float  # generated tokens / wall time of the whole run
+    tokens_per_s: float  # generated tokens / wall time of the whole run (prefill included)
+    decode_tokens_per_s: float  # tokens after each first one / time after the last first one
     ttft_s: float  # mean time to first token
 
 
@@ -94,7 +95,9 @@ def _bench_engine(engine, prompt: list[int], concurrency: int, new_tokens: int) 
             generated += len(chunk.token_ids)
     elapsed = time.perf_counter() - t0
     engine.block_manager.enable_prefix_caching = engine.config.cache.enable_prefix_caching
-    return RunResult(generated / elapsed, sum(first.values()) / len(first))
+    decode_time = elapsed - max(first.values())
+    return RunResult(generated / elapsed, (generated - concurrency) / decode_time,
+                     sum(first.values()) / len(first))
 
 
 def _transformers_model(ckpt, dtype: torch.dtype):
@@ -126,7 +129,7 @@ def _bench_transformers(model, prompt: list[int], concurrency: int,
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         elapsed = time.perf_counter() - t0
     generated = (out.shape[1] - ids.shape[1]) * concurrency
-    return RunResult(generated / elapsed, ttft)
+    return RunResult(generated / elapsed, (generated - concurrency) / (elapsed - ttft), ttft)
 
 
 def _report(args, engine, levels, ours, theirs) -> dict:
@@ -144,6 +147,10 @@ def _report(args, engine, levels, ours, theirs) -> dict:
         report["vs_transformers"] = {
             str(c): round(ours[c].tokens_per_s / theirs[c].tokens_per_s, 3) for c in levels
         }
+        report["decode_vs_transformers"] = {
+            str(c): round(ours[c].decode_tokens_per_s / theirs[c].decode_tokens_per_s, 3)
+            for c in levels
+        }
         report["ttft_vs_transformers"] = {
             str(c): round(theirs[c].ttft_s / ours[c].ttft_s, 3) for c in levels
         }
@@ -151,4 +158,5 @@ def _report(args, engine, levels, ours, theirs) -> dict:
 
 
 def _as_dict(r: RunResult) -> dict:
-    return {"tokens_per_s": round(r.tokens_per_s, 2), "ttft_s": round(r.ttft_s, 4)}
+    return {"tokens_per_s": round(r.tokens_per_s, 2),
+            "decode_tokens_per_s": round(r.decode_tokens_per_s, 2), "ttft_s": round(r.ttft_s, 4)}

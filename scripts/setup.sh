@@ -11,8 +11,15 @@ fi
 stamp=.venv/.slotmesh-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "setup: installing torch 2.13.0 (CPU) and slotmesh[dev] into .venv (log: .venv/setup.log)"
+  if ! {
+    .venv/bin/python -m pip install --upgrade pip &&
+    .venv/bin/python -m pip install torch==2.13.0 &&
+    .venv/bin/python -m pip install -e ".[dev]"
+  } > .venv/setup.log 2>&1; then
+    tail -n 30 .venv/setup.log >&2
+    echo "setup: failed; full log in .venv/setup.log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.linear import linear
 from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
 from kernels.rms_norm import rms_norm
 from kernels.rotary import apply_rotary
@@ -38,6 +39,10 @@ class StepContext:
     cos_sin: dict[str, torch.Tensor]
     attn: list[PagedAttentionMetadata]
     kv_caches: list[torch.Tensor]
+
+
+def _project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, layer.weight, layer.bias)
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +79,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = _project(self.qkv_proj, x).split(self.split, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -87,7 +92,7 @@ class Attention(nn.Module):
         meta = ctx.attn[self.group]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return _project(self.o_proj, out.reshape(num_tokens, -1))
 
 
 class MLP(nn.Module):
@@ -98,8 +103,8 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        gate, up = _project(self.gate_up_proj, x).chunk(2, dim=-1)
+        return _project(self.down_proj, self.act(gate) * up)
 
 
 class SparseMoE(nn.Module):
@@ -122,7 +127,7 @@ class SparseMoE(nn.Module):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] weight of each expert for each token, zero for the unchosen."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        probs = torch.softmax(_project(self.gate, x).float(), dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return torch.zeros_like(probs).scatter_(1, top_i, top_w).to(x.dtype)
@@ -131,8 +136,8 @@ class SparseMoE(nn.Module):
         weights = self.routing_weights(x)  # [T, E]
         out = torch.zeros_like(x)
         for e in range(self.gate_up_proj.shape[0]):
-            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[e])
+            gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(self.act(gate) * up, self.down_proj[e])
             out += weights[:, e : e + 1] * y
         return out
 
@@ -182,7 +187,7 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] → fp32 logits [N, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()
+        logits = linear(hidden, weight).float()
         cap = self.args.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -1,0 +1,54 @@
+"""The `slotmesh` command line on a tiny model: JSON output, errors, help."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.cli import main
+
+
+def test_generate_json(tiny_model_dir, capsys) -> None:
+    path = str(tiny_model_dir("llama"))
+    rc = main(["generate", "The quick brown fox", "--model", path, "--json",
+               "--temperature", "0", "--max-tokens", "5"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "finish_reason"}
+    assert len(out["token_ids"]) == 5 and out["finish_reason"] == "length"
+    rc = main(["generate", "The quick brown fox", "--model", path, "--json",
+               "--temperature", "0", "--max-tokens", "5"])
+    assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
+
+
+def test_generate_chat_streams_text(tiny_model_dir, capsys) -> None:
+    rc = main(["generate", "hi", "--model", str(tiny_model_dir("llama")), "--chat",
+               "--seed", "3", "--max-tokens", "4"])
+    assert rc == 0 and capsys.readouterr().out.endswith("\n")
+
+
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--top-p", "2"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--min-p", "1.5"], "min_p"),
+])
+def test_bad_flags_exit_2_naming_the_field(tiny_model_dir, capsys, flags, field) -> None:
+    rc = main(["generate", "x", "--model", str(tiny_model_dir("llama")), *flags])
+    assert rc == 2
+    assert field in capsys.readouterr().err
+
+
+def test_unknown_model_exit_2(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SLOTMESH_CACHE", str(tmp_path))
+    assert main(["generate", "x", "--model", "nope-7b"]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "bench" in out

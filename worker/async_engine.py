@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from worker.engine import LLMEngine, TokenChunk
 from worker.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
@@ -43,7 +46,7 @@ class AsyncEngine:
         def add() -> None:
             try:
                 self.engine.add_request(request_id, prompt_token_ids, params)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - handed to the caller
                 added.set_exception(e)
                 return
             self._streams[request_id] = queue
@@ -88,7 +91,21 @@ class AsyncEngine:
                 if not self._control:
                     await self._wakeup.wait()
                 continue
-            for chunk in await asyncio.to_thread(self.engine.step):
+            try:
+                chunks = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # a bug outside the model step
+                log.exception("engine step raised outside the model; failing open streams")
+                chunks = self._fail_all(e)
+            for chunk in chunks:
                 queue = self._streams.get(chunk.request_id)
                 if queue is not None:
                     queue.put_nowait(chunk)
+
+    def _fail_all(self, error: Exception) -> list[TokenChunk]:
+        """Abort every request so no stream waits forever; the loop keeps serving."""
+        chunks = []
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            chunks.append(TokenChunk(request_id, [], "", "error",
+                                     error=f"{type(error).__name__}: {error}"))
+        return chunks

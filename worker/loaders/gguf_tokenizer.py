@@ -206,7 +206,7 @@ def _load_cache(cache: Path, key: dict) -> Tokenizer | None:
         if blob.get("key") != key:
             return None
         return Tokenizer.from_json(blob["tokenizer"])
-    except Exception:  # missing, stale or corrupt cache: rebuild
+    except Exception:  # noqa: BLE001 - missing, stale or corrupt cache: rebuild
         return None
 
 

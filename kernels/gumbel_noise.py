@@ -13,13 +13,17 @@ float32 logs differ by an ulp between numpy, torch CPU and CUDA for about a thir
 u, while float64 results rounded to float32 agree except at a rounding boundary (none in
 4M samples), so host and device add the same noise to the same logits.
 
-`gumbel_noise` is the entry point; today it is the plain-torch `gumbel_noise_reference`
-(about 30 elementwise int64 passes over [B, V]). A fused Triton/compiled variant would slot in
-behind `gumbel_noise` only where it can run.
+`gumbel_noise` ([B, V]) and `gumbel_noise_at` ([B, K] for given ids) are the entry points;
+`gumbel_noise_reference` is the plain formula they must match bit for bit. The fast path
+precomputes the per-token part once per (vocab, device) (rotl is linear over xor, so the token
+word enters as one xor), runs the rest in place (no [B, V] allocation per op: on CPU a fresh
+33 MB int64 tensor costs more page faults than the op itself), and on CPU works in
+cache-sized column chunks. A fused Triton/compiled variant would slot in behind the same seam.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
@@ -110,9 +114,65 @@ def gumbel_noise_reference(seeds: torch.Tensor, positions: torch.Tensor,
     return (-torch.log(-torch.log(u))).float()
 
 
+_CPU_CHUNK_ELEMS = 1 << 18  # 2 MiB of int64 lanes: stays in cache, few per-op launches
+
+
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Import seam for a fused variant; the plain-torch reference is the only path today."""
-    return gumbel_noise_reference(seeds, positions, vocab_size)
+    """seeds, positions: [B] int64 -> [B, vocab_size] float32; bit-identical to the reference."""
+    _check_lanes(seeds, positions, seeds[:0])
+    tokens = _rotated_token_words(vocab_size, seeds.device)  # [V]
+    rows = _rotl32(_row_state(seeds, positions), 13)[:, None]  # [B, 1]
+    out = torch.empty(len(seeds), vocab_size, dtype=torch.float32, device=seeds.device)
+    if seeds.device.type != "cpu" or len(seeds) * vocab_size <= _CPU_CHUNK_ELEMS:
+        return out.copy_(_noise_from_rotated_(rows ^ tokens))
+    width = max(1, _CPU_CHUNK_ELEMS // max(1, len(seeds)))  # columns per chunk
+    for start in range(0, vocab_size, width):
+        chunk = rows ^ tokens[start:start + width]  # [B, width]
+        out[:, start:start + width] = _noise_from_rotated_(chunk)
+    return out
+
+
+def gumbel_noise_at(seeds: torch.Tensor, positions: torch.Tensor,
+                    token_ids: torch.Tensor) -> torch.Tensor:
+    """Noise at given ids only: seeds, positions [B]; token_ids [B, K] int64 -> [B, K] float32.
+
+    Equals `gumbel_noise(...)[b, token_ids[b]]` bit for bit (noise depends only on the id),
+    for K << V when a row's candidate set is bounded.
+    """
+    assert token_ids.dim() == 2 and len(token_ids) == len(seeds), "token_ids: [B, K]"
+    _check_lanes(seeds, positions, token_ids.reshape(-1))
+    rows = _rotl32(_row_state(seeds, positions), 13)[:, None]  # [B, 1]
+    return _noise_from_rotated_(rows ^ _rotl32(_scramble(token_ids), 13)).float()
+
+
+@lru_cache(maxsize=8)
+def _rotated_token_words(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[V] int64 rotl13(scramble(v)): the seed/position-free part, computed once per vocab."""
+    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
+    return _rotl32(_scramble(token_ids), 13)
+
+
+def _noise_from_rotated_(h: torch.Tensor) -> torch.Tensor:
+    """h = rotl13(row state ^ token word), any shape, overwritten -> float64 Gumbel noise.
+
+    The in-place spelling of `_absorb`'s tail, `_finish` and the uniform/log transform.
+    Multiplies by the fmix constants (top bit set) as x * (c - 2^31) ^ (x << 31), masked: the
+    product stays below 2^63 and adding x * 2^31 mod 2^32 is a flip of bit 31.
+    """
+    h.mul_(5).add_(0xE6546B64).bitwise_and_(_MASK32).bitwise_xor_(_NUM_BYTES)
+    h.bitwise_xor_(h >> 16)
+    _mul32_top_bit_(h, _F1)
+    h.bitwise_xor_(h >> 13)
+    _mul32_top_bit_(h, _F2)
+    h.bitwise_xor_(h >> 16)
+    u = h.bitwise_right_shift_(8).bitwise_or_(1).double().mul_(2.0**-24)  # (2m + 1) / 2^24
+    return u.log_().neg_().log_().neg_()
+
+
+def _mul32_top_bit_(x: torch.Tensor, c: int) -> torch.Tensor:
+    assert c >> 31 == 1
+    high = x << 31
+    return x.mul_(c - (1 << 31)).bitwise_xor_(high).bitwise_and_(_MASK32)
 
 
 def _check_lanes(seeds: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> None:

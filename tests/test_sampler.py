@@ -17,6 +17,8 @@ import torch
 from kernels.gumbel_noise import (
     gumbel_from_uniform_numpy,
     gumbel_noise,
+    gumbel_noise_at,
+    gumbel_noise_reference,
     uniform_from_hash,
     uniform_from_hash_numpy,
 )
@@ -467,3 +469,72 @@ def test_penalties_follow_the_state_between_steps() -> None:
     tokens = [sampler.sample(scaled, [SamplingRow(params, 0, i, 0)])[0].token_id
               for i in range(VOCAB_SIZE - 1)]
     assert len(set(tokens)) == VOCAB_SIZE - 1 and 0 not in tokens
+
+
+# ---- fast paths give the reference result -----------------------------------------------
+
+def test_fast_noise_matches_reference_bit_for_bit() -> None:
+    seeds = torch.tensor([0, 2**31, 2**63 - 1], dtype=torch.int64)
+    positions = torch.tensor([7, 2**40 + 3, 0], dtype=torch.int64)
+    vocab_size = 200_003  # 3 x V > 2^18: the CPU path works in column chunks
+    expected = gumbel_noise_reference(seeds, positions, vocab_size)  # [3, V]
+    assert torch.equal(gumbel_noise(seeds, positions, vocab_size), expected)
+    ids = torch.randint(vocab_size, (3, 50), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gumbel_noise_at(seeds, positions, ids), expected.gather(1, ids))
+
+
+SLICE_CASES = [
+    SamplingParams(top_k=5),
+    SamplingParams(top_k=12, temperature=1.3, top_p=0.9, min_p=0.05, typical_p=0.9),
+    SamplingParams(top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.2, logprobs=2),
+    SamplingParams(top_k=3, num_candidates=8),
+]
+
+
+@pytest.mark.parametrize("params", SLICE_CASES)
+def test_top_k_slice_draws_what_the_full_vocab_chain_draws(params: SamplingParams) -> None:
+    """A batch of top-k rows runs on a [B, W] slice; one row without top-k forces [B, V]."""
+    vocab_size = 300
+    logits = torch.stack([make_logits(seed=s, vocab_size=vocab_size) for s in range(64)])
+    logits = logits.to(torch.bfloat16).float()  # bf16 logits: ties at the k-th value happen
+    logits[0, :50] = logits[0].max() + 1.0  # a tie run longer than any k at the cut
+    rows = [SamplingRow(params, 0, position, 11) for position in range(64)]
+    tokens = {}
+    for extra in ([], [SamplingRow(SamplingParams(), 0, 0, 0)]):
+        sampler = Sampler(vocab_size, max_num_seqs=1, device=CPU)
+        sampler.reset_slot(0, [1, 2, 3], [4, 4])
+        batch_logits = torch.cat([logits, make_logits(seed=99, vocab_size=vocab_size)[None]])
+        results = sampler.sample(batch_logits[:len(rows) + len(extra)], rows + extra)
+        tokens[len(extra)] = [(r.token_id, r.logprob, r.top_logprobs) for r in results[:64]]
+    assert tokens[0] == tokens[1]
+
+
+def test_top_p_radix_select_equals_sort() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = (torch.randn(5, 3000, generator=generator) * 3).to(torch.bfloat16).float()  # ties
+        x[0, :100] = float("-inf")
+        x[1, :50] = 7.0
+        x[2, :20], x[2, 20:40] = 0.0, -0.0
+        top_p = torch.tensor([0.5, 0.9, 0.99, float("inf"), 0.01])
+        key = sampler_module._order_key(x)
+        weight = (x - x.amax(-1, keepdim=True)).exp().mul(sampler_module._MASS_SCALE).long()
+        total = weight.sum(-1, keepdim=True)
+        need = torch.where(top_p[:, None] <= 1, torch.ceil(top_p[:, None].double() * total).long(),
+                           total + 1)
+        by_sort = sampler_module._top_mass_key_by_sort(key, weight, need)
+        by_radix = sampler_module._top_mass_key_by_radix(key, weight, need)
+        assert torch.equal(key >= by_sort, key >= by_radix)
+        assert torch.equal(sampler_module._float_of_key(key).view(torch.int32),
+                           x.view(torch.int32))
+
+
+def test_wide_top_p_keeps_the_float64_nucleus() -> None:
+    """Rows wider than the sort limit take the radix path; the cut is the float64 one."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 20_000, generator=generator) * 2.5  # [8, V], V > sort limit
+    top_p = torch.rand(8, generator=generator) * 0.98 + 0.01
+    kept = sampler_module._apply_top_p(x, top_p).isfinite().sum(-1)
+    probs = torch.sort(x.double(), descending=True).values.softmax(-1)  # [8, V]
+    before = probs.cumsum(-1) - probs
+    assert kept.tolist() == (before < top_p[:, None].double()).sum(-1).tolist()

@@ -11,6 +11,14 @@ The model runner calls `reset_slot` when a sequence takes a slot and `sample` on
 (hybrid mode) get their filtered top-N candidates in that same copy and a `HostSampler`
 draws their token. Stages run only when some row in the batch uses them (decided on the
 Python side); inside a stage, rows with the filter off hold a neutral value.
+
+When every row that draws has a top-k, the whole filter chain and the noise run on a
+[B, W] slice of the top W = max top-k (+ a margin for ties at the k-th value) logits instead
+of [B, V]: the kept set lies inside the slice, and noise depends only on the token id, so the
+draw is the same. Only when a row's tie run at the k-th value overflows the margin does the
+slice keep fewer tied tokens than the full chain would. Top-p finds its cut with exact
+fixed-point masses (a radix select on wide rows, no [B, V] sort), so it cuts at the same
+token on the slice and on [B, V].
 """
 
 from __future__ import annotations
@@ -25,12 +33,18 @@ import torch.nn.functional as F
 from kernels.gumbel_noise import (
     gumbel_from_uniform_numpy,
     gumbel_noise,
+    gumbel_noise_at,
     uniform_from_hash_numpy,
 )
 from worker.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 _MAX_EXACT_FLOAT32_ID = 2**24  # token ids travel as float32 in the packed copy
+_TOP_K_TIE_MARGIN = 64  # extra slice columns so ties at the k-th logit stay kept
+_MASS_SCALE = 2.0**40  # top-p weights: exp(x - x_max) in fixed point, summed exactly in int64
+_MAX_SORTED_TOP_P_WIDTH = 4096  # wider rows find the top-p cut by radix select, not a sort
+_CPU_CHUNK_ELEMS = 1 << 18
+_RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the 32-bit order key
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +120,13 @@ class _Batch:
     noise_rows: torch.Tensor | None  # [D] int64 rows drawn on the device; None = all rows
     num_noise_rows: int  # D; greedy and hybrid rows need no device noise
     max_top_k: int  # 0 = no row uses top-k
+    is_top_k_bounded: bool  # every non-greedy row has a top-k: filter and draw on a slice
     has_top_p: bool
     has_min_p: bool
     has_typical_p: bool
     has_penalties: bool
+    has_repetition: bool
+    has_additive_penalties: bool  # presence or frequency
     layout: _Layout
 
 
@@ -147,8 +164,7 @@ class Sampler:
         batch = self._prepare(rows)
         raw = logits.float()  # [B, V]; only out-of-place ops below, raw may alias the input
         penalised = self._apply_bias_and_penalties(raw, batch)  # [B, V]
-        filtered = _apply_filters(penalised / batch.temperatures[:, None], batch)  # [B, V]
-        token_ids = self._draw(penalised, filtered, batch)  # [B] int64
+        token_ids, filtered = self._filter_and_draw(penalised, batch)  # [B] int64, [B, V]
         host = self._to_host(_pack(raw, filtered, token_ids, batch.layout))
         results = self._unpack(host, rows, batch)
         self._update_counts(token_ids, results, batch)
@@ -185,10 +201,15 @@ class Sampler:
             noise_rows=noise_rows if len(noise_row_list) < len(rows) else None,
             num_noise_rows=len(noise_row_list),
             max_top_k=max((top_k for _, _, top_k, _ in int_rows), default=0),
+            is_top_k_bounded=all(p.is_greedy or top_k > 0
+                                 for p, (_, _, top_k, _) in zip(params, int_rows, strict=True)),
             has_top_p=any(p.top_p < 1.0 for p in params),
             has_min_p=any(p.min_p > 0.0 for p in params),
             has_typical_p=any(p.typical_p < 1.0 for p in params),
             has_penalties=any(_has_penalties(p) for p in params),
+            has_repetition=any(p.repetition_penalty != 1.0 for p in params),
+            has_additive_penalties=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                                       for p in params),
             layout=_make_layout(params, is_hybrid, vocab_size),
         )
 
@@ -212,6 +233,19 @@ class Sampler:
             x = _apply_penalties(x, counts, in_prompt, batch)
         return x
 
+    def _filter_and_draw(self, penalised: torch.Tensor,
+                         batch: _Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> token ids [B] int64 and the filtered logits [B, V] (None when nothing packs them)."""
+        if batch.num_noise_rows == 0 and not any(batch.is_hybrid):
+            return penalised.argmax(-1), None  # all greedy: the filters cannot matter
+        scaled = penalised / batch.temperatures[:, None]  # [B, V]
+        if not batch.is_top_k_bounded:
+            filtered = _apply_filters(scaled, batch)  # [B, V]
+            return self._draw(penalised, filtered, batch), filtered
+        values, ids = _filter_top_k_slice(scaled, batch)  # [B, W] each, W << V
+        token_ids = self._draw_from_slice(penalised, values, ids, batch)  # [B]
+        return token_ids, (_unslice(values, ids, scaled) if batch.layout.num_candidates else None)
+
     def _draw(self, penalised: torch.Tensor, filtered: torch.Tensor,
               batch: _Batch) -> torch.Tensor:
         """[B] int64: Gumbel-max for rows drawn on the device, argmax of penalised for the rest.
@@ -228,6 +262,24 @@ class Sampler:
         seeds, positions = batch.seeds.index_select(0, rows), batch.positions.index_select(0, rows)
         noise = gumbel_noise(seeds, positions, self.vocab_size)  # [D, V]
         drawn = (filtered.index_select(0, rows) + noise).argmax(-1)  # [D]
+        return penalised.argmax(-1).index_copy(0, rows, drawn)  # [B]
+
+    def _draw_from_slice(self, penalised: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+                         batch: _Batch) -> torch.Tensor:
+        """`_draw` on the top-k slice: values, ids [B, W]; noise only at the W ids of D rows."""
+        if batch.num_noise_rows == 0:
+            return penalised.argmax(-1)  # [B]
+        rows = batch.noise_rows
+        if rows is not None:
+            values, ids = values.index_select(0, rows), ids.index_select(0, rows)  # [D, W]
+        seeds = batch.seeds if rows is None else batch.seeds.index_select(0, rows)
+        positions = batch.positions if rows is None else batch.positions.index_select(0, rows)
+        scores = values + gumbel_noise_at(seeds, positions, ids)  # [D, W]
+        # argmax over V picks the lowest id among equal scores; do the same on the slice
+        is_best = scores == scores.amax(-1, keepdim=True)  # [D, W]
+        drawn = torch.where(is_best, ids, self.vocab_size).amin(-1)  # [D]
+        if rows is None:
+            return drawn
         return penalised.argmax(-1).index_copy(0, rows, drawn)  # [B]
 
     def _unpack(self, host: np.ndarray, rows: list[SamplingRow],
@@ -309,12 +361,16 @@ def _make_layout(params: list[SamplingParams], is_hybrid: tuple[bool, ...],
 def _apply_penalties(x: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor,
                      batch: _Batch) -> torch.Tensor:
     """x, counts, in_prompt: [B, V]. Repetition (HF/vLLM), then presence and frequency."""
-    counts = counts.float()  # [B, V]
     in_output = counts > 0  # [B, V]
-    repetition = batch.repetition[:, None]  # [B, 1]
-    penalised = torch.where(x > 0, x / repetition, x * repetition)  # [B, V]
-    x = torch.where(in_prompt | in_output, penalised, x)
-    return x - batch.presence[:, None] * in_output - batch.frequency[:, None] * counts
+    if batch.has_repetition:
+        # x / r where x > 0, else x * r: clamps instead of a compare and a where, in place on
+        # fresh temporaries (on CPU each new [B, V] tensor costs page faults)
+        repetition = batch.repetition[:, None]  # [B, 1]
+        penalised = x.clamp(min=0.0).div_(repetition).add_(x.clamp(max=0.0).mul_(repetition))
+        x = torch.where(in_prompt.logical_or_(in_output), penalised, x)  # [B, V]
+    if batch.has_additive_penalties:
+        x = x - batch.presence[:, None] * in_output - batch.frequency[:, None] * counts
+    return x
 
 
 def _apply_filters(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
@@ -334,6 +390,30 @@ def _apply_filters(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
     return x
 
 
+def _filter_top_k_slice(x: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [B, V] scaled logits -> the chain on the top-W slice: values [B, W] (best first,
+    removed at -inf) and their ids [B, W]. Exact when every drawn row has top_k > 0: the
+    later filters renormalise over what top-k kept, and that all lies in the slice.
+    """
+    width = min(x.shape[-1], batch.max_top_k + _TOP_K_TIE_MARGIN)
+    values, ids = x.topk(width, dim=-1)  # [B, W] each, sorted descending
+    kth = values.gather(1, (batch.top_k.clamp(min=1) - 1)[:, None])  # [B, 1]
+    threshold = torch.where(batch.top_k[:, None] > 0, kth, _NEG_INF)  # [B, 1]
+    values = values.masked_fill(values < threshold, _NEG_INF)
+    if batch.has_top_p:
+        values = _apply_top_p(values, batch.top_p)
+    if batch.has_min_p:
+        values = _apply_min_p(values, batch.min_p)
+    if batch.has_typical_p:
+        values = _apply_typical_p(values, batch.typical_p)
+    return values, ids
+
+
+def _unslice(values: torch.Tensor, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Slice values [B, W] at ids [B, W] -> [B, V], -inf elsewhere (hybrid candidates)."""
+    return torch.full_like(like, _NEG_INF).scatter_(1, ids, values)
+
+
 def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
     """Keep logits >= the k-th largest (ties at the boundary stay). top_k: [B], 0 = off."""
     kth_index = (top_k.clamp(min=1) - 1)[:, None]  # [B, 1]
@@ -343,17 +423,85 @@ def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.
 
 
 def _apply_top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Smallest prefix (by probability) with mass >= top_p. top_p: [B], inf = off."""
-    sorted_probs, order = x.softmax(-1).sort(-1, descending=True)  # [B, V] each
-    keep = _exclusive_cumsum(sorted_probs) < top_p[:, None]  # [B, V] in sorted order
-    return _remove_unsorted(x, order, keep)
+    """Smallest prefix (by probability) with mass >= top_p. top_p: [B], inf = off.
+
+    Keeps x >= the logit of the first token at which the mass strictly above reaches top_p
+    (ties at the cut stay together). Masses are exp(x - x_max) in 2^-40 fixed point, summed
+    in int64: exact and order-free, so the cut is the same on a [B, W] top-k slice as on
+    [B, V], and the same whether found by a sort (narrow rows) or a radix select (wide rows,
+    where a full sort costs ~100 ns per element on CPU). On CPU the cut is found in row chunks
+    of <= 2^18 elements, so the int64 temporaries stay in cache instead of costing fresh page
+    faults per op.
+    """
+    num_rows = len(x) if x.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMS // x.shape[-1])
+    cut_keys = torch.cat([_top_p_cut_key(x[i:i + num_rows], top_p[i:i + num_rows])
+                          for i in range(0, len(x), num_rows)])  # [B, 1]
+    return x.masked_fill(x < _float_of_key(cut_keys), _NEG_INF)
+
+
+def _top_p_cut_key(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """x: [b, W], top_p: [b] -> [b, 1] int64: keep the tokens with order key >= it."""
+    key = _order_key(x)  # [b, W] int64 in [0, 2^32), monotone in x
+    weight = (x - x.amax(-1, keepdim=True)).exp_().mul_(_MASS_SCALE).long()  # [b, W]
+    total = weight.sum(-1, keepdim=True)  # [b, 1]
+    cut_mass = torch.ceil(top_p[:, None].double() * total.double()).long()  # [b, 1]
+    need = torch.where(top_p[:, None] <= 1.0, cut_mass, total + 1)  # off: keep everything
+    if x.shape[-1] <= _MAX_SORTED_TOP_P_WIDTH:
+        return _top_mass_key_by_sort(key, weight, need)
+    return _top_mass_key_by_radix(key, weight, need)
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """float32 [B, W] -> int64 [B, W] in [0, 2^32) with the same order (-inf lowest)."""
+    bits = x.contiguous().view(torch.int32).long()  # sign-extended
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31
+
+
+def _float_of_key(key: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_order_key` (the flip of negative values is an involution)."""
+    bits = key - 2**31
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).int().view(torch.float32)
+
+
+def _top_mass_key_by_sort(key: torch.Tensor, weight: torch.Tensor,
+                          need: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: the smallest key whose strictly-greater mass is < need (keep key >= it)."""
+    sorted_key, order = key.sort(-1, descending=True)  # [B, W]
+    before = _exclusive_cumsum(weight.gather(1, order))  # [B, W] int64, exact
+    num_eligible = (before < need).sum(-1, keepdim=True)  # >= 1: the top token always is
+    return sorted_key.gather(1, num_eligible - 1)  # [B, 1]
+
+
+def _top_mass_key_by_radix(key: torch.Tensor, weight: torch.Tensor,
+                           need: torch.Tensor) -> torch.Tensor:
+    """Same result as `_top_mass_key_by_sort`, digit by digit (11 + 11 + 10 bits), no sort.
+
+    With R(d) the mass above digit d among keys that share the prefix found so far (plus the
+    mass above that prefix), R is non-increasing, and the cut digit is the number of d with
+    R(d) >= need. Keys outside the prefix land in two spill bins (below, above) of a
+    [B, 2^bits + 2] histogram, so each digit costs three [B, W] passes and a scatter.
+    """
+    prefix = torch.zeros_like(need)  # [B, 1]: the cut key's digits so far
+    above = torch.zeros_like(need)  # [B, 1]: mass of keys above the current prefix
+    for shift, bits in _RADIX_DIGITS:
+        # bin 0: below the prefix, 1 + d: digit d inside it, 2^bits + 1: above it
+        bins = ((key >> shift) - ((prefix << bits) - 1)).clamp_(0, (1 << bits) + 1)  # [B, W]
+        hist = weight.new_zeros(len(weight), (1 << bits) + 2).scatter_add_(1, bins, weight)
+        inclusive = hist[:, 1:-1].cumsum(-1)  # [B, 2^bits]
+        mass_above = above + (inclusive[:, -1:] - inclusive)  # [B, 2^bits], non-increasing
+        cut = (mass_above >= need).sum(-1, keepdim=True)  # [B, 1]
+        above = mass_above.gather(1, cut)
+        prefix = (prefix << bits) | cut
+    return prefix  # [B, 1]
 
 
 def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Keep p >= min_p * p_max. min_p: [B], 0 = off (every p >= 0)."""
-    probs = x.softmax(-1)  # [B, V]
-    threshold = min_p[:, None] * probs.amax(-1, keepdim=True)  # [B, 1]
-    return x.masked_fill(probs < threshold, _NEG_INF)
+    """Keep p >= min_p * p_max, i.e. x - x_max >= log(min_p): no softmax over V needed.
+
+    min_p: [B], 0 = off (log 0 = -inf keeps everything).
+    """
+    threshold = x.amax(-1, keepdim=True) + min_p[:, None].log()  # [B, 1]
+    return x.masked_fill(x < threshold, _NEG_INF)
 
 
 def _apply_typical_p(x: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
@@ -382,7 +530,7 @@ def _remove_unsorted(x: torch.Tensor, order: torch.Tensor,
     return x.masked_fill(~keep, _NEG_INF)
 
 
-def _pack(raw: torch.Tensor, filtered: torch.Tensor, token_ids: torch.Tensor,
+def _pack(raw: torch.Tensor, filtered: torch.Tensor | None, token_ids: torch.Tensor,
           layout: _Layout) -> torch.Tensor:
     """[B] int32 ids, or [B, W] float32: ids | logprobs section | candidates section."""
     if not layout.is_packed:

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# enable_gqa arrived in torch 2.5; older releases get the repeat_interleave path
-_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
 
 @dataclass(slots=True)
 class PagedAttentionMetadata:
@@ -25,7 +22,9 @@ class PagedAttentionMetadata:
     slot_mapping: [T] int64 flat cache slot (block * block_size + offset) per new token.
     block_tables: [B, num_blocks] int64 blocks to gather, from each sequence's first
         visible block; padding entries point at the null block.
-    mask: [B, 1, max_q, S] bool, True where query i of sequence b may see key slot j.
+    mask: [B, 1, max_q, S] additive, 0 where query i of sequence b may see key slot j and
+        -inf elsewhere, in the query dtype (SDPA's CPU kernels run ~2x faster on an
+        additive mask than on a boolean one).
     pad_index: [B * max_q] int64 index into the T new tokens (pad rows repeat token 0),
         or None when every sequence has exactly one query (pure decode: no padding).
     unpad_index: [T] int64 index into the flattened [B * max_q] rows, or None likewise.
@@ -37,6 +36,7 @@ class PagedAttentionMetadata:
     max_q: int
     pad_index: torch.Tensor | None
     unpad_index: torch.Tensor | None
+    grouped_mask: torch.Tensor | None = None  # mask repeated per query head, made lazily
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,27 +49,40 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: PagedAttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim] → [T, heads, head_dim]. KV for this step already written."""
+    """q: [T, heads, head_dim] → [T, heads, head_dim]. KV for this step already written.
+
+    The query heads that share a KV head are folded into the query-length axis
+    ([B, kv_heads, max_q * group, D]), so SDPA sees plain multi-head attention with no
+    GQA expansion: measured ~1.3x faster on CPU than `enable_gqa` for decode batches.
+    """
     num_heads, head_dim = q.shape[1:]
     batch = meta.block_tables.shape[0]
     kv_heads = k_cache.shape[2]
-    k = k_cache[meta.block_tables].view(batch, -1, kv_heads, head_dim)  # [B, S, kvh, D]
-    v = v_cache[meta.block_tables].view(batch, -1, kv_heads, head_dim)
+    group = num_heads // kv_heads
+    # index_select on the flat table is several times faster than advanced indexing on CPU
+    flat = meta.block_tables.view(-1)
+    k = k_cache.index_select(0, flat).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     if meta.pad_index is not None:
         q = q[meta.pad_index]
-    q = q.view(batch, meta.max_q, num_heads, head_dim).transpose(1, 2)  # [B, H, max_q, D]
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kvh, S, D]
-    if _SDPA_HAS_GQA:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, scale=scale,
-                                             enable_gqa=num_heads != kv_heads)
-    else:
-        group = num_heads // kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, scale=scale)
-    out = out.transpose(1, 2).reshape(batch * meta.max_q, num_heads, head_dim)
+    q = q.view(batch, meta.max_q, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
+    q = q.reshape(batch, kv_heads, meta.max_q * group, head_dim)  # rows: (position, head)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_grouped_mask(meta, group),
+                                         scale=scale)  # [B, kvh, max_q * group, D]
+    out = out.view(batch, kv_heads, meta.max_q, group, head_dim).permute(0, 2, 1, 3, 4)
+    out = out.reshape(batch * meta.max_q, num_heads, head_dim)
     if meta.unpad_index is not None:
         out = out[meta.unpad_index]
     return out
+
+
+def _grouped_mask(meta: PagedAttentionMetadata, group: int) -> torch.Tensor:
+    """The mask with each query row repeated per head of its group; built once per step."""
+    if group == 1:
+        return meta.mask
+    if meta.grouped_mask is None or meta.grouped_mask.shape[2] != meta.max_q * group:
+        meta.grouped_mask = meta.mask.repeat_interleave(group, dim=2)
+    return meta.grouped_mask
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

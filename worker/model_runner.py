@@ -120,7 +120,7 @@ class ModelRunner:
 
     def _mask(self, batch: _Batch, first_blocks: list[int], num_keys: int,
               window: int | None) -> torch.Tensor:
-        """[B, 1, max_q, S] bool: causal, within the window, real queries only."""
+        """[B, 1, max_q, S] additive mask: causal, within the window, real queries only."""
         dev, bs = self.device, self.layout.block_size
         starts = torch.tensor(batch.starts, device=dev)[:, None, None]  # [B, 1, 1]
         lengths = torch.tensor(batch.lengths, device=dev)[:, None, None]
@@ -133,7 +133,8 @@ class ModelRunner:
             mask &= k_pos > q_pos - window
         # padding query rows see key 0 so SDPA never softmaxes an all-masked row into NaN
         mask[:, :, 0] |= (q_idx < lengths).logical_not()[:, :, 0]
-        return mask[:, None]
+        additive = torch.zeros(mask.shape, dtype=self.dtype, device=dev)
+        return additive.masked_fill_(mask.logical_not(), float("-inf"))[:, None]
 
     def _pad_indices(self, lengths: list[int]
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

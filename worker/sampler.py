@@ -381,6 +381,11 @@ def _apply_filters(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
     """
     if batch.max_top_k:
         x = _apply_top_k(x, batch.top_k, batch.max_top_k)
+    return _apply_mass_filters(x, batch)
+
+
+def _apply_mass_filters(x: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """top-p, min-p, typical-p in that order, each only when some row uses it."""
     if batch.has_top_p:
         x = _apply_top_p(x, batch.top_p)
     if batch.has_min_p:
@@ -400,13 +405,7 @@ def _filter_top_k_slice(x: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, t
     kth = values.gather(1, (batch.top_k.clamp(min=1) - 1)[:, None])  # [B, 1]
     threshold = torch.where(batch.top_k[:, None] > 0, kth, _NEG_INF)  # [B, 1]
     values = values.masked_fill(values < threshold, _NEG_INF)
-    if batch.has_top_p:
-        values = _apply_top_p(values, batch.top_p)
-    if batch.has_min_p:
-        values = _apply_min_p(values, batch.min_p)
-    if batch.has_typical_p:
-        values = _apply_typical_p(values, batch.typical_p)
-    return values, ids
+    return _apply_mass_filters(values, batch), ids
 
 
 def _unslice(values: torch.Tensor, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

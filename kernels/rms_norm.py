@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -23,4 +24,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              weight_offset: float = 0.0) -> torch.Tensor:
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: last dim {x.shape[-1]} != weight {weight.shape[-1]}")
+    if x.dtype == torch.float32 and not weight_offset:
+        # one fused op instead of five; identical maths in fp32
+        return F.rms_norm(x, weight.shape, weight, eps)
     return rms_norm_reference(x, weight, eps, weight_offset)

@@ -63,8 +63,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
         self.head_dim = args.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(args.hidden_size, sum(self.split), bias=args.attention_bias)
+        self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=False)
         self.q_norm = self.k_norm = None
         if args.qk_norm:
@@ -78,15 +77,16 @@ class Attention(nn.Module):
         self.scale = args.attn_scale
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = _project(self.qkv_proj, x).split(self.split, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        num_tokens, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = _project(self.qkv_proj, x).view(num_tokens, h + 2 * kvh, self.head_dim)
+        q, k, v = qkv.split([h, kvh, kvh], dim=1)  # [T, H, D], [T, KVH, D], [T, KVH, D]
         cos_sin = ctx.cos_sin[self.layer_type]
-        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
+        if self.q_norm is None:  # q and k are adjacent heads: one rotary pass for both
+            qk = apply_rotary(qkv[:, : h + kvh], cos_sin)
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = apply_rotary(self.q_norm(q), cos_sin)
+            k = apply_rotary(self.k_norm(k), cos_sin)
         cache = ctx.kv_caches[self.group]
         k_cache, v_cache = cache[0, self.index_in_group], cache[1, self.index_in_group]
         meta = ctx.attn[self.group]

@@ -52,3 +52,14 @@ def test_help_lists_commands(capsys) -> None:
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "generate" in out and "bench" in out
+
+
+def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
+    """Smoke test of the benchmark's plumbing on a tiny model (no timing asserted)."""
+    rc = main(["bench", "engine", "--model", str(tiny_model_dir("llama")), "--concurrency",
+               "1,2", "--prompt-tokens", "8", "--new-tokens", "4", "--repeat", "1", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["vs_transformers"]) == {"1", "2"}
+    assert report["dtype"] == "float32"
+    assert report["device_to_host_bytes_per_step"]["2"]["device_sampling"] == 8

@@ -16,7 +16,9 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SLOTMESH_CACHE") or Path.home() / ".cache" / "slotmesh")
+    from worker.loaders.hub import default_cache_dir
+
+    return default_cache_dir(os.environ)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

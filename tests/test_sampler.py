@@ -23,6 +23,7 @@ from kernels.gumbel_noise import (
     uniform_from_hash_numpy,
 )
 from worker import sampler as sampler_module
+from worker import sampling_filters as filters_module
 from worker.sampler import GumbelHostSampler, Sampler, SampleResult, SamplingRow
 from worker.sampling_params import SamplingParams
 
@@ -517,15 +518,15 @@ def test_top_p_radix_select_equals_sort() -> None:
         x[1, :50] = 7.0
         x[2, :20], x[2, 20:40] = 0.0, -0.0
         top_p = torch.tensor([0.5, 0.9, 0.99, float("inf"), 0.01])
-        key = sampler_module._order_key(x)
-        weight = (x - x.amax(-1, keepdim=True)).exp().mul(sampler_module._MASS_SCALE).long()
+        key = filters_module._order_key(x)
+        weight = (x - x.amax(-1, keepdim=True)).exp().mul(filters_module._MASS_SCALE).long()
         total = weight.sum(-1, keepdim=True)
         need = torch.where(top_p[:, None] <= 1, torch.ceil(top_p[:, None].double() * total).long(),
                            total + 1)
-        by_sort = sampler_module._top_mass_key_by_sort(key, weight, need)
-        by_radix = sampler_module._top_mass_key_by_radix(key, weight, need)
+        by_sort = filters_module._top_mass_key_by_sort(key, weight, need)
+        by_radix = filters_module._top_mass_key_by_radix(key, weight, need)
         assert torch.equal(key >= by_sort, key >= by_radix)
-        assert torch.equal(sampler_module._float_of_key(key).view(torch.int32),
+        assert torch.equal(filters_module._float_of_key(key).view(torch.int32),
                            x.view(torch.int32))
 
 
@@ -534,7 +535,7 @@ def test_wide_top_p_keeps_the_float64_nucleus() -> None:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(8, 20_000, generator=generator) * 2.5  # [8, V], V > sort limit
     top_p = torch.rand(8, generator=generator) * 0.98 + 0.01
-    kept = sampler_module._apply_top_p(x, top_p).isfinite().sum(-1)
+    kept = filters_module.apply_top_p(x, top_p).isfinite().sum(-1)
     probs = torch.sort(x.double(), descending=True).values.softmax(-1)  # [8, V]
     before = probs.cumsum(-1) - probs
     assert kept.tolist() == (before < top_p[:, None].double()).sum(-1).tolist()

@@ -111,24 +111,21 @@ def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def apply_typical_p(x: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
     """Locally typical sampling (HF TypicalLogitsWarper). typical_p: [B], inf = off.
 
-    Order tokens by |-log p - H| ascending and keep the smallest prefix with mass >= typical_p.
+    Order tokens by |-log p - H| ascending and keep the smallest prefix with mass >= typical_p,
+    plus every token tied with the last one kept (so the result does not depend on how a sort
+    orders ties). The sums run in fp64, so whether this runs on [B, V] or on a top-k slice
+    changes a decision only at a 1e-16 near-tie: the draw stays batch-independent.
     """
-    logp = x.log_softmax(-1)  # [B, V]
+    logp = x.double().log_softmax(-1)  # [B, V]
     probs = logp.exp()  # [B, V]
     entropy = -torch.where(probs > 0, probs * logp, 0.0).sum(-1, keepdim=True)  # [B, 1]
     surprise_gap = (-logp - entropy).abs()  # [B, V]; removed tokens: +inf, sorted last
-    _, order = surprise_gap.sort(-1)  # [B, V]
+    sorted_gap, order = surprise_gap.sort(-1)  # [B, V]
     keep = _exclusive_cumsum(probs.gather(1, order)) < typical_p[:, None]  # [B, V] sorted
-    return _remove_unsorted(x, order, keep)
+    cut = sorted_gap.masked_fill(keep.logical_not(), -float("inf")).amax(-1, keepdim=True)
+    return x.masked_fill(surprise_gap > cut, _NEG_INF)  # [B, V]
 
 
 def _exclusive_cumsum(p: torch.Tensor) -> torch.Tensor:
     """[B, V] -> [B, V]: mass strictly before each position (0 for the first)."""
     return F.pad(p.cumsum(-1)[:, :-1], (1, 0))
-
-
-def _remove_unsorted(x: torch.Tensor, order: torch.Tensor,
-                     keep_sorted: torch.Tensor) -> torch.Tensor:
-    """Map a keep-mask in sorted order back to vocab order and mask the rest to -inf."""
-    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # [B, V]
-    return x.masked_fill(~keep, _NEG_INF)

@@ -21,7 +21,7 @@ def _cache_dir() -> Path:
     return default_cache_dir(os.environ)
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="known name (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), "
                         "a GGUF file or a Hugging Face directory (default: %(default)s)")
@@ -30,7 +30,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where model files are fetched to (default: $SLOTMESH_CACHE or "
                         "~/.cache/slotmesh)")
-    p.add_argument("--slots", type=int, default=4, help="concurrent sequences (default: 4)")
+    if slots:
+        p.add_argument("--slots", type=int, default=4,
+                       help="concurrent sequences (default: 4)")
     p.add_argument("--ctx", type=int, default=None,
                    help="max context length (default: the model's own, capped at 8192)")
 
@@ -42,7 +44,7 @@ def engine_config(args: argparse.Namespace):
         model=ModelConfig(model=args.model, dtype=args.dtype,
                           cache_dir=args.cache_dir or _cache_dir(),
                           max_model_len=args.ctx or 8192),
-        scheduler=SchedulerConfig(max_num_seqs=args.slots),
+        scheduler=SchedulerConfig(max_num_seqs=getattr(args, "slots", 4)),
     )
 
 
@@ -53,7 +55,8 @@ def _generate_parser(sub) -> None:
                                    "model asks for it).")
     p.add_argument("prompt")
     add_model_flags(p)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="most tokens to generate (default: 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 = off (default: 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: 0.95)")

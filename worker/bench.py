@@ -40,7 +40,7 @@ def add_bench_parser(sub, add_model_flags) -> None:
     bench_sub = p.add_subparsers(dest="bench", required=True)
     e = bench_sub.add_parser("engine", help="engine vs transformers generate(), same run",
                              description=__doc__)
-    add_model_flags(e)
+    add_model_flags(e, slots=False)  # the engine gets one slot per concurrent sequence
     e.add_argument("--concurrency", default="1,4,16",
                    help="comma-separated concurrent sequence counts (default: %(default)s)")
     e.add_argument("--prompt-tokens", type=int, default=128)

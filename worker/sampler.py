@@ -251,12 +251,10 @@ class Sampler:
         """
         if batch.num_noise_rows == 0:
             return penalised.argmax(-1)  # [B]
-        if batch.noise_rows is None:
-            noise = gumbel_noise(batch.seeds, batch.positions, self.vocab_size)  # [B, V]
+        rows = batch.noise_rows  # [D] or None for all
+        noise = gumbel_noise(*_noise_lanes(batch), self.vocab_size)  # [D, V]
+        if rows is None:
             return (filtered + noise).argmax(-1)  # [B]
-        rows = batch.noise_rows  # [D]
-        seeds, positions = batch.seeds.index_select(0, rows), batch.positions.index_select(0, rows)
-        noise = gumbel_noise(seeds, positions, self.vocab_size)  # [D, V]
         drawn = (filtered.index_select(0, rows) + noise).argmax(-1)  # [D]
         return penalised.argmax(-1).index_copy(0, rows, drawn)  # [B]
 
@@ -268,9 +266,7 @@ class Sampler:
         rows = batch.noise_rows
         if rows is not None:
             values, ids = values.index_select(0, rows), ids.index_select(0, rows)  # [D, W]
-        seeds = batch.seeds if rows is None else batch.seeds.index_select(0, rows)
-        positions = batch.positions if rows is None else batch.positions.index_select(0, rows)
-        scores = values + gumbel_noise_at(seeds, positions, ids)  # [D, W]
+        scores = values + gumbel_noise_at(*_noise_lanes(batch), ids)  # [D, W]
         # argmax over V picks the lowest id among equal scores; do the same on the slice
         is_best = scores == scores.amax(-1, keepdim=True)  # [D, W]
         drawn = torch.where(is_best, ids, self.vocab_size).amin(-1)  # [D]
@@ -320,6 +316,14 @@ class Sampler:
         flat_ids = batch.slots * self.vocab_size + token_ids  # [B]
         ones = torch.ones_like(flat_ids, dtype=torch.int32)
         self.output_counts.view(-1).scatter_add_(0, flat_ids, ones)
+
+
+def _noise_lanes(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seeds, positions) [D] of the rows drawn on the device."""
+    if batch.noise_rows is None:
+        return batch.seeds, batch.positions
+    rows = batch.noise_rows
+    return batch.seeds.index_select(0, rows), batch.positions.index_select(0, rows)
 
 
 def _float_params(p: SamplingParams) -> tuple[float, ...]:
@@ -398,9 +402,7 @@ def _filter_top_k_slice(x: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, t
     """
     width = min(x.shape[-1], batch.max_top_k + _TOP_K_TIE_MARGIN)
     values, ids = x.topk(width, dim=-1)  # [B, W] each, sorted descending
-    kth = values.gather(1, (batch.top_k.clamp(min=1) - 1)[:, None])  # [B, 1]
-    threshold = torch.where(batch.top_k[:, None] > 0, kth, _NEG_INF)  # [B, 1]
-    values = values.masked_fill(values < threshold, _NEG_INF)
+    values = filters.mask_below_kth(values, values, batch.top_k)
     return _apply_mass_filters(values, batch), ids
 
 

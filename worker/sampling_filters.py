@@ -20,8 +20,13 @@ _CPU_CHUNK_ELEMS = 1 << 18
 
 def apply_top_k(x: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
     """Keep logits >= the k-th largest (ties at the boundary stay). top_k: [B], 0 = off."""
-    kth_index = (top_k.clamp(min=1) - 1)[:, None]  # [B, 1]
-    kth = x.topk(max_top_k, dim=-1).values.gather(1, kth_index)  # [B, 1]
+    return mask_below_kth(x, x.topk(max_top_k, dim=-1).values, top_k)
+
+
+def mask_below_kth(x: torch.Tensor, top_values: torch.Tensor,
+                   top_k: torch.Tensor) -> torch.Tensor:
+    """x: [B, N]; top_values: [B, W >= max top_k], descending. -inf where x < the k-th."""
+    kth = top_values.gather(1, (top_k.clamp(min=1) - 1)[:, None])  # [B, 1]
     threshold = torch.where(top_k[:, None] > 0, kth, _NEG_INF)  # [B, 1]
     return x.masked_fill(x < threshold, _NEG_INF)
 

@@ -37,15 +37,18 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
                    help="max context length (default: the model's own, capped at 8192)")
 
 
-def engine_config(args: argparse.Namespace):
-    from worker.config import EngineConfig, ModelConfig, SchedulerConfig
+def model_config(args: argparse.Namespace):
+    from worker.config import ModelConfig
 
-    return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype,
-                          cache_dir=args.cache_dir or _cache_dir(),
-                          max_model_len=args.ctx or 8192),
-        scheduler=SchedulerConfig(max_num_seqs=getattr(args, "slots", 4)),
-    )
+    return ModelConfig(model=args.model, dtype=args.dtype, cache_dir=args.cache_dir or _cache_dir(),
+                       max_model_len=args.ctx or 8192)
+
+
+def engine_config(args: argparse.Namespace):
+    from worker.config import EngineConfig, SchedulerConfig
+
+    return EngineConfig(model=model_config(args),
+                        scheduler=SchedulerConfig(max_num_seqs=args.slots))
 
 
 def _generate_parser(sub) -> None:

@@ -54,16 +54,16 @@ def add_bench_parser(sub, add_model_flags) -> None:
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:
-    from services.cli import engine_config
+    from services.cli import model_config
     from worker.config import EngineConfig, SchedulerConfig
     from worker.engine import LLMEngine
     from worker.loaders import load_checkpoint
 
     levels = [int(x) for x in args.concurrency.split(",")]
-    base = engine_config(args)
-    ckpt = load_checkpoint(base.model.model, base.model.cache_dir)
+    model = model_config(args)
+    ckpt = load_checkpoint(model.model, model.cache_dir)
     budget = max(512, args.prompt_tokens)
-    config = EngineConfig(model=base.model, cache=base.cache, scheduler=SchedulerConfig(
+    config = EngineConfig(model=model, scheduler=SchedulerConfig(
         max_num_seqs=max(levels), max_num_batched_tokens=budget))
     engine = LLMEngine(config, checkpoint=ckpt)
     prompt = _prompt_ids(engine, args.prompt_tokens)

@@ -1,5 +1,12 @@
 """The `slotmesh` command: every subcommand builds its config here, once, from flags and
-the environment, and passes it down."""
+the environment, and passes it down.
+
+    slotmesh generate   in-process, or through a router with --router HOST:PORT
+    slotmesh worker     one worker process (gRPC + Redis registration)
+    slotmesh router     the client-facing router
+    slotmesh up         Redis + router + N workers on this machine
+    slotmesh bench      engine / cluster benchmarks
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from pathlib import Path
 from worker.errors import SlotmeshError
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def _cache_dir() -> Path:
@@ -33,6 +41,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
     if slots:
         p.add_argument("--slots", type=int, default=4,
                        help="concurrent sequences (default: 4)")
+        p.add_argument("--kv-cache-mb", type=int, default=512,
+                       help="memory for the full-attention KV pool in MiB (default: 512)")
     p.add_argument("--ctx", type=int, default=None,
                    help="max context length (default: the model's own, capped at 8192)")
 
@@ -45,18 +55,25 @@ def model_config(args: argparse.Namespace):
 
 
 def engine_config(args: argparse.Namespace):
-    from worker.config import EngineConfig, SchedulerConfig
+    from worker.config import CacheConfig, EngineConfig, SchedulerConfig
 
     return EngineConfig(model=model_config(args),
+                        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024),
                         scheduler=SchedulerConfig(max_num_seqs=args.slots))
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt in-process",
-                       description="Load a model and generate from PROMPT. The prompt is "
+    p = sub.add_parser("generate", help="generate text from a prompt (in-process or via a router)",
+                       description="Generate from PROMPT: in-process (load the model here), "
+                                   "or through a running cluster with --router. The prompt is "
                                    "tokenized as llama.cpp does for that model (BOS where the "
                                    "model asks for it).")
     p.add_argument("prompt")
+    p.add_argument("--router", metavar="HOST:PORT", default=None,
+                   help="send the request to this router instead of loading the model; "
+                        "the model flags are then ignored")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="with --router: deadline of the request in seconds")
     add_model_flags(p)
     p.add_argument("--max-tokens", type=int, default=64,
                    help="most tokens to generate (default: 64)")
@@ -73,15 +90,20 @@ def _generate_parser(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
+            "stop": tuple(args.stop)}
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.router:
+        return _generate_via_router(args)
     from worker.engine import LLMEngine
     from worker.sampling_params import SamplingParams
 
     engine = LLMEngine(engine_config(args))
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-    )
+    params = SamplingParams(**_sampling(args))
     if args.chat:
         ids = engine.encode_prompt(messages=[{"role": "user", "content": args.prompt}])
     else:
@@ -103,6 +125,121 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_via_router(args: argparse.Namespace) -> int:
+    from services.client import Client, Completion, RpcError
+
+    prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
+              else {"text": args.prompt})
+    result = Completion()
+    try:
+        with Client(args.router, timeout=args.timeout) as client:
+            for chunk in client.stream(**prompt, **_sampling(args)):
+                result.add(chunk)
+                if not args.json:
+                    print(chunk.text, end="", flush=True)
+    except RpcError as e:
+        print(f"\nslotmesh: error: {e}", file=sys.stderr)
+        return 2 if e.code.name == "INVALID_ARGUMENT" else 1
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.num_prompt_tokens,
+                          "worker_id": result.worker_id, "request_id": result.request_id}))
+    else:
+        print()
+    return 0 if result.finish_reason != "error" else 1
+
+
+def _redis_url_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("SLOTMESH_REDIS_URL",
+                                                         DEFAULT_REDIS_URL),
+                   help="Redis holding the registry (default: $SLOTMESH_REDIS_URL or "
+                        f"{DEFAULT_REDIS_URL})")
+
+
+def _server_flags(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=port,
+                   help=f"gRPC port; 0 = any free port (default: {port})")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port; 0 = any free port "
+                        "(default: off)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds running streams get to finish on SIGTERM (default: 10)")
+    _redis_url_flag(p)
+
+
+def _worker_parser(sub) -> None:
+    p = sub.add_parser("worker", help="run one worker: the engine behind gRPC, registered "
+                                      "in Redis",
+                       description="Load the model, serve slotmesh.v1.Worker (plus health and "
+                                   "reflection), register in Redis with an expiring heartbeat "
+                                   "key and deregister on SIGTERM/SIGINT. Prints "
+                                   "'SLOTMESH_READY address=… metrics=…' on stdout when "
+                                   "serving; logs go to stderr.")
+    add_model_flags(p)
+    _server_flags(p, 50061)
+    p.add_argument("--worker-id", default=None,
+                   help="id in the registry (default: HOSTNAME-PORT)")
+    p.add_argument("--advertise-address", default=None,
+                   help="HOST:PORT the router dials (default: --host and the bound port)")
+    p.add_argument("--heartbeat-ttl", type=float, default=6.0,
+                   help="registry key expiry in seconds, renewed every third of it "
+                        "(default: 6)")
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker.config import ServerConfig
+    from worker.server import serve
+
+    config = ServerConfig(
+        host=args.host, port=args.port, advertise_address=args.advertise_address,
+        worker_id=args.worker_id, redis_url=args.redis_url,
+        heartbeat_ttl_s=args.heartbeat_ttl, metrics_port=args.metrics_port,
+        shutdown_grace_s=args.shutdown_grace)
+    return asyncio.run(serve(engine_config(args), config))
+
+
+def _router_parser(sub) -> None:
+    p = sub.add_parser("router", help="run the client-facing router",
+                       description="Serve slotmesh.v1.Router (plus health and reflection): "
+                                   "route each request to a worker from the Redis registry "
+                                   "(prefix affinity, then least loaded) and relay its "
+                                   "stream. Redis must be reachable at start.")
+    _server_flags(p, 50051)
+    p.add_argument("--router-id", default=None,
+                   help="id written into slot metadata (default: router-HOSTNAME-PORT)")
+    p.add_argument("--registry-poll", type=float, default=1.0,
+                   help="seconds between registry refreshes from Redis (default: 1)")
+    p.add_argument("--max-load-imbalance", type=float, default=1.0,
+                   help="prefix affinity yields to least-loaded when the prefix's worker "
+                        "has this many more sequences per slot (default: 1.0)")
+    p.set_defaults(func=_cmd_router)
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.router.config import RouterConfig
+    from services.router.server import serve
+
+    config = RouterConfig(
+        host=args.host, port=args.port, router_id=args.router_id, redis_url=args.redis_url,
+        registry_poll_s=args.registry_poll, max_load_imbalance=args.max_load_imbalance,
+        metrics_port=args.metrics_port, shutdown_grace_s=args.shutdown_grace)
+    return asyncio.run(serve(config))
+
+
+def _up_parser(sub) -> None:
+    from services.cluster import add_up_parser
+
+    add_up_parser(sub, add_model_flags)
+
+
 def _bench_parser(sub) -> None:
     from worker.bench import add_bench_parser
 
@@ -111,10 +248,13 @@ def _bench_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slotmesh", description="slotmesh: an LLM serving "
-                                     "cluster; this build has the worker engine.")
+                                     "cluster (gRPC router, workers, Redis).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _worker_parser(sub)
+    _router_parser(sub)
+    _up_parser(sub)
     _bench_parser(sub)
     return parser
 

@@ -53,3 +53,22 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     warmup: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """The worker's gRPC server and its entry in the Redis registry.
+
+    port 0 binds any free port. advertise_address is what the router and peers dial
+    (default host:bound port). The heartbeat renews the registry key every ttl/3; a
+    worker that stops renewing disappears from routing when the key expires.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50061
+    advertise_address: str | None = None
+    worker_id: str | None = None  # default: "{hostname}-{bound port}"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    heartbeat_ttl_s: float = 6.0
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    shutdown_grace_s: float = 10.0

@@ -55,6 +55,18 @@ class _Output:
     text: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineLoad:
+    """What a worker reports with its heartbeat; KV blocks summed over the KV groups."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    num_prefix_query_tokens: int
+    num_prefix_hit_tokens: int
+
+
 @dataclass(slots=True)
 class GenerationResult:
     request_id: str
@@ -222,6 +234,16 @@ class LLMEngine:
                 r.text += chunk.text
                 r.finish_reason = chunk.finish_reason or r.finish_reason
         return list(results.values())
+
+    def load(self) -> EngineLoad:
+        """Safe to call from another thread while a step runs: it only reads counters."""
+        sched, bm = self.scheduler, self.block_manager
+        return EngineLoad(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            kv_blocks_free=sum(bm.num_free_blocks), kv_blocks_total=sum(bm.num_total_blocks),
+            num_prefix_query_tokens=sched.num_prefix_query_tokens,
+            num_prefix_hit_tokens=sched.num_prefix_hit_tokens,
+        )
 
     def info(self) -> dict:
         bm = self.block_manager

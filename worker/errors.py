@@ -1,4 +1,5 @@
-"""Domain errors. The gRPC edge (later) maps each class to one status code."""
+"""Domain errors. One interceptor at the gRPC edge (services/rpc.py) maps each class to
+one status code; nothing inside raises gRPC errors."""
 
 
 class SlotmeshError(Exception):
@@ -32,3 +33,11 @@ class CapacityError(SlotmeshError):
 
 class StepError(SlotmeshError):
     """An engine step failed; only the sequences of that step are failed with it."""
+
+
+class NotFoundError(SlotmeshError):
+    """No running request (or worker) has the given id."""
+
+
+class UnavailableError(SlotmeshError):
+    """No worker can take the request, a worker went away, or a required store is down."""

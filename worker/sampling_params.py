@@ -37,8 +37,10 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int) -> None:
-        """Raise InvalidRequestError naming the first field out of range."""
+    def validate(self, vocab_size: int | None) -> None:
+        """Raise InvalidRequestError naming the first field out of range.
+
+        vocab_size None skips the vocabulary checks (the router knows no model)."""
         _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
         _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
@@ -56,13 +58,16 @@ class SamplingParams:
                f"must be in [0, 1024], got {self.num_candidates}")
         if self.seed is not None:
             _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2^63), got {self.seed}")
-        for token_id, _bias in self.logit_bias:
-            _check(0 <= token_id < vocab_size, "logit_bias",
-                   f"token id {token_id} out of vocabulary [0, {vocab_size})")
-        for token_id in self.stop_token_ids:
-            _check(0 <= token_id < vocab_size, "stop_token_ids",
-                   f"token id {token_id} out of vocabulary [0, {vocab_size})")
+        _check_token_ids((t for t, _bias in self.logit_bias), vocab_size, "logit_bias")
+        _check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
         _check(all(self.stop), "stop", "stop strings must be non-empty")
+
+
+def _check_token_ids(token_ids, vocab_size: int | None, name: str) -> None:
+    upper = vocab_size if vocab_size is not None else 2**31
+    for token_id in token_ids:
+        _check(0 <= token_id < upper, name, f"token id {token_id} out of vocabulary "
+                                            f"[0, {vocab_size or 'vocab size'})")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -72,6 +72,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preemptions = 0
+        # prefix-cache effectiveness, counted once per admission (vLLM counts tokens too)
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
 
     # -- intake ----------------------------------------------------------------------
 
@@ -139,6 +142,8 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, num_new, hit):
                 return
             self.waiting.popleft()
+            self.num_prefix_query_tokens += seq.num_tokens
+            self.num_prefix_hit_tokens += hit
             self.block_manager.allocate(seq, num_new, hit)
             seq.slot = self.free_slots.pop()
             seq.status = SequenceStatus.RUNNING

@@ -1,0 +1,1 @@
+"""The gRPC contract (slotmesh.v1) and its generated, committed Python code."""

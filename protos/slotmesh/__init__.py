@@ -1,0 +1,1 @@
+"""Generated code lives in slotmesh/v1; see protos/generate.py."""

@@ -1,0 +1,248 @@
+"""Python clients of the router (sync and async), over the generated stubs.
+
+    with Client("127.0.0.1:50051") as c:
+        for chunk in c.stream(text="Once upon a time", max_tokens=32, temperature=0):
+            print(chunk.text, end="")
+        result = c.generate(messages=[{"role": "user", "content": "Hi"}], seed=7)
+
+Sampling keywords are SamplingParams' fields (max_tokens, temperature, top_k, top_p,
+min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias
+as {token_id: bias}, seed, logprobs, stop, stop_token_ids, ignore_eos, num_candidates).
+Failures raise `RpcError` with the gRPC status code and the server's message. The same
+clients talk to a worker directly with `service="worker"` (Generate and Abort only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos.slotmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+from services.convert import (
+    Chunk,
+    GenerationRequest,
+    Prompt,
+    chunk_from_pb,
+    params_from_pb,
+    request_to_pb,
+)
+from services.rpc import CHANNEL_OPTIONS
+from worker.sampling_params import SamplingParams
+
+_STATUS_NAMES = {v: k.removeprefix("SEQUENCE_STATUS_").lower()
+                 for k, v in router_pb2.SequenceStatus.items()}
+
+
+class RpcError(Exception):
+    """A call failed: `code` is the grpc.StatusCode, `message` the server's details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def wrap(cls, error: grpc.RpcError) -> RpcError:
+        return cls(error.code(), error.details() or "")
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished generation, assembled from its chunks."""
+
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    error: str = ""
+    num_prompt_tokens: int = 0
+    worker_id: str = ""
+
+    def add(self, chunk: Chunk) -> None:
+        self.request_id = self.request_id or chunk.request_id
+        self.text += chunk.text
+        self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.error = chunk.error or self.error
+        self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
+        self.worker_id = chunk.worker_id or self.worker_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SequenceInfo:
+    request_id: str
+    worker_id: str
+    status: str  # "waiting" | "running" | "migrating" | "unspecified"
+    num_tokens_emitted: int
+    prompt_hash: str
+    router_id: str
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSummary:
+    worker_id: str
+    address: str
+    model: str
+    fingerprint: str
+    slots: int
+    num_running: int
+    num_waiting: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    attention_backend: str
+    version: str
+
+
+def build_request(*, text: str | None = None, messages: list[dict] | None = None,
+                  token_ids: list[int] | None = None, request_id: str = "",
+                  **sampling) -> common_pb2.GenerateRequest:
+    """The GenerateRequest for one prompt (exactly one of text, messages, token_ids)."""
+    if "logit_bias" in sampling and isinstance(sampling["logit_bias"], dict):
+        sampling["logit_bias"] = tuple(sampling["logit_bias"].items())
+    for key in ("stop", "stop_token_ids"):
+        if key in sampling:
+            sampling[key] = tuple(sampling[key])
+    prompt = Prompt(
+        text=text, token_ids=tuple(token_ids) if token_ids is not None else None,
+        messages=tuple((m["role"], m["content"]) for m in messages)
+        if messages is not None else None)
+    return request_to_pb(GenerationRequest(request_id=request_id, prompt=prompt,
+                                           params=SamplingParams(**sampling)))
+
+
+def _sequence_info(msg: router_pb2.SequenceInfo) -> SequenceInfo:
+    return SequenceInfo(
+        request_id=msg.request_id, worker_id=msg.worker_id,
+        status=_STATUS_NAMES.get(msg.status, "unspecified"),
+        num_tokens_emitted=msg.num_tokens_emitted, prompt_hash=msg.prompt_hash,
+        router_id=msg.router_id, params=params_from_pb(msg.params))
+
+
+def _worker_summary(w: common_pb2.WorkerInfo) -> WorkerSummary:
+    return WorkerSummary(
+        worker_id=w.worker_id, address=w.address, model=w.model, fingerprint=w.fingerprint,
+        slots=w.slots, num_running=w.load.num_running, num_waiting=w.load.num_waiting,
+        kv_blocks_free=w.load.kv_blocks_free, kv_blocks_total=w.load.kv_blocks_total,
+        attention_backend=w.attention_backend, version=w.version)
+
+
+def _stub(channel, service: str):
+    if service == "router":
+        return router_pb2_grpc.RouterStub(channel)
+    if service == "worker":
+        return worker_pb2_grpc.WorkerStub(channel)
+    raise ValueError(f"service must be 'router' or 'worker', got {service!r}")
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is each call's deadline; None = no deadline."""
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 service: str = "router") -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = _stub(self._channel, service)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(self, **request) -> Iterator[Chunk]:
+        """Yield chunks as they arrive. Breaking out of the loop cancels the request."""
+        call = self._stub.Generate(build_request(**request), timeout=self.timeout)
+        try:
+            for msg in call:
+                yield chunk_from_pb(msg)
+        except grpc.RpcError as e:
+            raise RpcError.wrap(e) from e
+        finally:
+            call.cancel()
+
+    def generate(self, **request) -> Completion:
+        result = Completion()
+        for chunk in self.stream(**request):
+            result.add(chunk)
+        return result
+
+    def _unary(self, method: str, msg):
+        try:
+            return getattr(self._stub, method)(msg, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise RpcError.wrap(e) from e
+
+    def abort(self, request_id: str) -> bool:
+        return self._unary("Abort", common_pb2.AbortRequest(request_id=request_id)).found
+
+    def get_sequence(self, request_id: str) -> SequenceInfo:
+        return _sequence_info(self._unary(
+            "GetSequence", router_pb2.GetSequenceRequest(request_id=request_id)))
+
+    def list_workers(self) -> list[WorkerSummary]:
+        resp = self._unary("ListWorkers", router_pb2.ListWorkersRequest())
+        return [_worker_summary(w) for w in resp.workers]
+
+
+class AsyncClient:
+    """The asyncio client; same methods as Client, awaitable."""
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 service: str = "router") -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = _stub(self._channel, service)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(self, **request) -> AsyncIterator[Chunk]:
+        call = self._stub.Generate(build_request(**request), timeout=self.timeout)
+        try:
+            async for msg in call:
+                yield chunk_from_pb(msg)
+        except grpc.RpcError as e:
+            raise RpcError.wrap(e) from e
+        finally:
+            call.cancel()
+
+    async def generate(self, **request) -> Completion:
+        result = Completion()
+        async for chunk in self.stream(**request):
+            result.add(chunk)
+        return result
+
+    async def _unary(self, method: str, msg):
+        try:
+            return await getattr(self._stub, method)(msg, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise RpcError.wrap(e) from e
+
+    async def abort(self, request_id: str) -> bool:
+        resp = await self._unary("Abort", common_pb2.AbortRequest(request_id=request_id))
+        return resp.found
+
+    async def get_sequence(self, request_id: str) -> SequenceInfo:
+        return _sequence_info(await self._unary(
+            "GetSequence", router_pb2.GetSequenceRequest(request_id=request_id)))
+
+    async def list_workers(self) -> list[WorkerSummary]:
+        resp = await self._unary("ListWorkers", router_pb2.ListWorkersRequest())
+        return [_worker_summary(w) for w in resp.workers]
+

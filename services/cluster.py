@@ -1,0 +1,203 @@
+"""`slotmesh up`: a whole local cluster from one command — a real redis-server (unless
+--redis-url points at one), a router and N workers, each its own process.
+
+LocalCluster is also what the cluster benchmark and the integration tests start, so they
+exercise exactly the processes a user runs. Children run in their own sessions: Ctrl-C
+reaches only this supervisor, which then stops workers (they deregister), the router,
+and Redis last, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from services.process import ServiceProcess, child_env, spawn_service, spawn_services
+from services.redis_server import RedisServer
+from worker.errors import SlotmeshError
+
+
+class LocalCluster:
+    """Redis + router + workers as child processes.
+
+    worker_args: flags for every `slotmesh worker` (model, dtype, slots, ...).
+    """
+
+    def __init__(self, *, worker_args: list[str], num_workers: int = 2,
+                 router_port: int = 0, redis_url: str | None = None,
+                 install_redis: bool = True, heartbeat_ttl_s: float = 6.0,
+                 registry_poll_s: float = 1.0, metrics: bool = False,
+                 log_dir: Path | None = None, router_args: list[str] | None = None) -> None:
+        self.worker_args = worker_args
+        self.num_workers = num_workers
+        self.router_port = router_port
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.registry_poll_s = registry_poll_s
+        self.metrics = metrics
+        self.log_dir = log_dir
+        self.router_args = router_args or []
+        self.redis = None if redis_url else RedisServer(install=install_redis)
+        self.redis_url = redis_url or self.redis.url
+        self.router: ServiceProcess | None = None
+        self.workers: list[ServiceProcess] = []
+        self._logs: list[IO] = []
+        self._next_worker = 0
+
+    @property
+    def router_address(self) -> str:
+        assert self.router is not None, "cluster not started"
+        return self.router.address
+
+    def _log(self, name: str) -> IO | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.log_dir / f"{name}.log", "a")  # noqa: SIM115 - closed in stop()
+        self._logs.append(f)
+        return f
+
+    def _metrics_flag(self) -> list[str]:
+        return ["--metrics-port", "0"] if self.metrics else []
+
+    def start(self) -> LocalCluster:
+        try:
+            if self.redis is not None:
+                self.redis.start()
+            router = ("router", [
+                "router", "--port", str(self.router_port), "--redis-url", self.redis_url,
+                "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
+                *self.router_args], self._log("router"))
+            workers = [self._worker_spec() for _ in range(self.num_workers)]
+            self.router, *self.workers = spawn_services([router, *workers], env=child_env())
+            self.wait_for_workers(len(self.workers))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _worker_spec(self, extra_args: list[str] | None = None) -> tuple:
+        name = f"worker-{self._next_worker}"
+        self._next_worker += 1
+        return (name, [
+            "worker", "--port", "0", "--worker-id", name, "--redis-url", self.redis_url,
+            "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
+            *self.worker_args, *(extra_args or [])], self._log(name))
+
+    def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:
+        name, argv, log = self._worker_spec(extra_args)
+        proc = spawn_service(name, argv, stderr=log, env=child_env())
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:
+        """Until the router lists exactly `count` workers (its registry poll catches up)."""
+        from services.client import Client
+
+        deadline = time.monotonic() + timeout_s
+        with Client(self.router_address, timeout=5.0) as client:
+            while len(client.list_workers()) != count:
+                if time.monotonic() > deadline:
+                    raise SlotmeshError(f"router does not list {count} workers after "
+                                        f"{timeout_s:.0f} s")
+                time.sleep(self.registry_poll_s / 4)
+
+    def stop(self) -> dict[str, int]:
+        """Workers first (they deregister), then the router, then Redis; exit codes."""
+        codes = {}
+        for w in self.workers:
+            codes[w.name] = w.terminate()
+        if self.router is not None:
+            codes["router"] = self.router.terminate()
+        if self.redis is not None:
+            self.redis.close()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        return codes
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def add_up_parser(sub, add_model_flags) -> None:
+    p = sub.add_parser(
+        "up", help="start a local cluster: Redis, a router and N workers",
+        description="Start redis-server on a free loopback port (unless --redis-url is "
+                    "given; installed with apt-get when missing, if run as root), a router "
+                    "and N workers as processes. Prints the router's address; Ctrl-C or "
+                    "SIGTERM stops them all cleanly.")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    add_model_flags(p)
+    p.add_argument("--port", type=int, default=50051,
+                   help="router port on 127.0.0.1; 0 = any free port (default: 50051)")
+    p.add_argument("--redis-url", default=None,
+                   help="use this Redis (redis://host:port/db) instead of starting one")
+    p.add_argument("--no-install-redis", action="store_true",
+                   help="fail instead of installing redis-server when it is missing")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve Prometheus /metrics from every process on free ports")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="write each process's log to DIR/NAME.log (default: this terminal)")
+    p.set_defaults(func=cmd_up)
+
+
+def model_worker_args(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--dtype", args.dtype, "--slots", str(args.slots)]
+    if args.cache_dir is not None:
+        out += ["--cache-dir", str(args.cache_dir)]
+    if args.ctx is not None:
+        out += ["--ctx", str(args.ctx)]
+    return out
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise SlotmeshError("--workers: must be >= 1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(worker_args=model_worker_args(args), num_workers=args.workers,
+                           router_port=args.port, redis_url=args.redis_url,
+                           install_redis=not args.no_install_redis, metrics=args.metrics,
+                           log_dir=args.log_dir)
+    print(f"slotmesh up: starting {args.workers} worker(s) on {args.model}…", flush=True)
+    cluster.start()
+    try:
+        _print_cluster(cluster)
+        return _supervise(cluster, stop)
+    finally:
+        codes = cluster.stop()
+        print(f"slotmesh up: stopped ({', '.join(f'{k}={v}' for k, v in codes.items())})",
+              flush=True)
+
+
+def _print_cluster(cluster: LocalCluster) -> None:
+    print(f"router   {cluster.router_address}"
+          + (f"  metrics http://{cluster.router.metrics_address}/metrics"
+             if cluster.router.metrics_address else ""))
+    for w in cluster.workers:
+        print(f"{w.name} {w.address}"
+              + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
+    print(f"redis    {cluster.redis_url}")
+    print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
+          "\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
+
+
+def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:
+    """Until a signal (exit 0) or a child dies on its own (exit 1)."""
+    procs = [cluster.router, *cluster.workers]
+    while not stop.wait(0.5):
+        for p in procs:
+            if p.proc.poll() is not None:
+                print(f"slotmesh up: {p.name} exited with code {p.proc.returncode}; "
+                      "stopping the cluster", file=sys.stderr, flush=True)
+                return 1
+    return 0

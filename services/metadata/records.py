@@ -1,0 +1,78 @@
+"""Typed values stored in Redis. JSON on the wire; every field's type is checked on read,
+so a malformed or hostile value is rejected, never trusted (and never unpickled)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from worker.errors import SlotmeshError
+
+_TYPES = {"int": int, "str": str, "dict": dict, "float": float}
+T = TypeVar("T")
+
+
+class CorruptRecordError(SlotmeshError):
+    """A value in Redis is not a valid record."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRecord:
+    """A worker's identity and load, renewed with every heartbeat."""
+
+    worker_id: str
+    address: str
+    model: str
+    fingerprint: str
+    architecture: str
+    dtype: str
+    device: str
+    max_model_len: int
+    slots: int
+    block_size: int
+    attention_backend: str
+    version: str
+    num_running: int
+    num_waiting: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    heartbeat_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SequenceRecord:
+    """Slot metadata of one running sequence, written by the router that relays it."""
+
+    request_id: str
+    worker_id: str
+    router_id: str
+    status: str  # "waiting" | "running" | "migrating"
+    prompt_hash: str
+    num_tokens_emitted: int
+    params: dict  # SamplingParams fields
+    updated_ms: int
+
+
+def encode(record: Any) -> str:
+    return json.dumps(dataclasses.asdict(record), separators=(",", ":"), sort_keys=True)
+
+
+def decode(cls: type[T], raw: bytes | str) -> T:
+    """Parse and type-check one record; raise CorruptRecordError on any mismatch."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptRecordError(f"{cls.__name__}: not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CorruptRecordError(f"{cls.__name__}: not a JSON object")
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = data.get(f.name)
+        want = _TYPES[f.type]
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise CorruptRecordError(f"{cls.__name__}.{f.name}: expected {f.type}, "
+                                     f"got {type(value).__name__}")
+        values[f.name] = value
+    return cls(**values)

@@ -1,0 +1,30 @@
+"""Router configuration, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouterConfig:
+    """The router's server, registry polling and routing knobs.
+
+    registry_poll_s: how often the cached registry is refreshed from Redis.
+    max_load_imbalance: prefix affinity gives way to least-loaded when the prefix's owner
+        carries this many more sequences per slot than the least loaded worker (SGLang's
+        cache-aware router has the same kind of balance threshold).
+    sequence_ttl_s / prefix_ttl_s: expiry of slot metadata and prefix-owner keys, so a
+        crashed router leaks nothing for long.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    router_id: str | None = None  # default: "router-{hostname}-{port}"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    registry_poll_s: float = 1.0
+    max_load_imbalance: float = 1.0
+    sequence_ttl_s: float = 3600.0
+    prefix_ttl_s: float = 600.0
+    unreachable_backoff_s: float = 5.0  # skip a worker that refused a connection this long
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    shutdown_grace_s: float = 10.0

@@ -1,0 +1,162 @@
+"""gRPC plumbing shared by the router and the worker servers.
+
+The one error interceptor lives here: handlers raise domain errors (worker/errors.py) or
+let an upstream call's status through (`UpstreamError`), and the interceptor turns them
+into statuses at the edge. Every server also serves grpc.health.v1 and reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from worker.errors import (
+    CapacityError,
+    InvalidRequestError,
+    NotFoundError,
+    SlotmeshError,
+    UnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+# Generous but bounded: a prompt of 128k token ids is ~0.7 MB on the wire.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+SERVER_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+# Most specific class first: the first isinstance match wins.
+_STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+class UpstreamError(SlotmeshError):
+    """A call to another slotmesh server failed with a status that is relayed as is."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, error: grpc.aio.AioRpcError, prefix: str = "") -> UpstreamError:
+        return cls(error.code(), prefix + (error.details() or ""))
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a domain error is answered with."""
+    if isinstance(error, UpstreamError):
+        return error.code, error.details
+    for cls, code in _STATUS_OF:
+        if isinstance(error, cls):
+            return code, str(error)
+    if isinstance(error, SlotmeshError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see server log"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by any handler to a status; nothing else does."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    code, message = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=error)
+    else:
+        log.info("%s: %s %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
+    async def wrapper(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every handler error is mapped here
+            await _abort(context, method, e)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    async def wrapper(request, context) -> AsyncIterator:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every handler error is mapped here
+            await _abort(context, method, e)
+
+    return wrapper
+
+
+def make_server() -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Listen on host:port (0 = any free port); return the port actually bound."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise UnavailableError(f"cannot listen on {host}:{port} (in use or not permitted)")
+    return bound
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]
+                              ) -> health.aio.HealthServicer:
+    """Serve grpc.health.v1 (NOT_SERVING until `set_serving`) and server reflection."""
+    names = list(service_names)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME], server)
+    return servicer
+
+
+async def set_serving(servicer: health.aio.HealthServicer, service_names: Iterable[str],
+                      serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ["", *service_names]:
+        await servicer.set(name, status)
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

@@ -1,0 +1,71 @@
+"""Helpers for tests that run real router and worker processes over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from services.client import AsyncClient, Client
+from services.cluster import LocalCluster
+
+
+def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers: int = 2,
+                 heartbeat_ttl_s: float = 6.0, registry_poll_s: float = 0.25,
+                 slots: int = 4) -> LocalCluster:
+    """Router + workers on a tiny model, against an already running Redis."""
+    return LocalCluster(
+        worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16"],
+        num_workers=num_workers, redis_url=redis_url, heartbeat_ttl_s=heartbeat_ttl_s,
+        registry_poll_s=registry_poll_s, metrics=True, log_dir=log_dir)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
+               interval_s: float = 0.05) -> float:
+    """Poll a condition with a deadline (a state change in another process); return the
+    seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+    return time.monotonic() - start
+
+
+def worker_info(address: str):
+    """The Worker.Info of one worker (kv blocks, load)."""
+    from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
+    from services.rpc import channel
+
+    async def call():
+        async with channel(address) as ch:
+            return await worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(),
+                                                             timeout=5)
+
+    return asyncio.run(call())
+
+
+def is_idle(address: str) -> bool:
+    info = worker_info(address)
+    return (info.load.num_running == 0 and info.load.num_waiting == 0
+            and info.load.kv_blocks_free == info.load.kv_blocks_total)
+
+
+def scrape(metrics_address: str) -> str:
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    """Sum of a metric's samples named exactly `name` (any labels)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+__all__ = ["AsyncClient", "Client", "is_idle", "metric_value", "scrape", "tiny_cluster",
+           "wait_until", "worker_info"]

@@ -1,0 +1,118 @@
+"""Faults over loopback with real processes: Redis missing at start, workers stopped
+cleanly or killed, Redis stopped and restarted under load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+
+from services.client import Client
+from services.metadata import keys
+from services.redis_server import RedisServer, free_port
+from tests.cluster_harness import tiny_cluster, wait_until
+
+TTL_S = 2.0  # heartbeat expiry of the workers in these tests
+POLL_S = 0.25  # the router's registry poll
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.mark.parametrize("service", ["router", "worker"])
+def test_redis_unreachable_at_start_is_a_clear_error(service, model_dir) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    argv = [sys.executable, "-m", "services.cli", service, "--port", "0", "--redis-url", url]
+    if service == "worker":
+        argv += ["--model", str(model_dir)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert f"Redis at {url} unavailable" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def worker_ids(client: Client) -> list[str]:
+    return [w.worker_id for w in client.list_workers()]
+
+
+def test_stopped_and_killed_workers_leave_routing(model_dir, tmp_path) -> None:
+    with RedisServer() as redis_server, tiny_cluster(
+            model_dir, redis_server.url, tmp_path, num_workers=3, heartbeat_ttl_s=TTL_S,
+            registry_poll_s=POLL_S) as cluster, Client(cluster.router_address,
+                                                       timeout=30) as client:
+        assert worker_ids(client) == ["worker-0", "worker-1", "worker-2"]
+        # a clean stop deregisters at once: gone well before the heartbeat would expire
+        stopped = cluster.workers[2]
+        assert stopped.terminate() == 0
+        took = wait_until(lambda: worker_ids(client) == ["worker-0", "worker-1"], TTL_S,
+                          "cleanly stopped worker to leave")
+        assert took < TTL_S
+        # a killed worker is gone within the heartbeat expiry (+ one registry poll)
+        killed = cluster.workers[1]
+        killed.kill()
+        t0 = time.monotonic()
+        results = []
+        while "worker-1" in worker_ids(client):
+            # requests routed meanwhile still succeed: the dead worker is skipped
+            results.append(client.generate(text="still there?", max_tokens=4,
+                                           temperature=0, ignore_eos=True))
+        gone_after = time.monotonic() - t0
+        assert gone_after <= TTL_S + 2 * POLL_S + 0.5, gone_after
+        results += [client.generate(text=f"after {i}", max_tokens=4, temperature=0,
+                                    ignore_eos=True) for i in range(4)]
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 4 for r in results)
+        assert {r.worker_id for r in results[-4:]} == {"worker-0"}
+
+
+def test_redis_outage_under_load(model_dir, tmp_path) -> None:
+    with RedisServer() as redis_server, tiny_cluster(
+            model_dir, redis_server.url, tmp_path, heartbeat_ttl_s=TTL_S,
+            registry_poll_s=POLL_S) as cluster, Client(cluster.router_address,
+                                                       timeout=60) as client:
+        outcomes: list = []
+
+        def stream(i: int) -> None:
+            outcomes.append(client.generate(text=f"in flight {i}", max_tokens=300,
+                                            temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(w.num_running for w in client.list_workers()) >= 1, 10,
+                   "streams running")
+        redis_server.stop()
+        for t in threads:
+            t.join(60)
+        # in-flight requests finished
+        assert len(outcomes) == 4
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 300 for r in outcomes)
+        # new requests are still routed to the workers the router knew, for longer than a
+        # heartbeat expiry
+        time.sleep(TTL_S)  # the outage itself is the test: let heartbeats lapse
+        during = [client.generate(text=f"during {i}", max_tokens=4, temperature=0)
+                  for i in range(4)]
+        assert all(r.token_ids for r in during)
+        assert worker_ids(client) == ["worker-0", "worker-1"]
+        router_log = (tmp_path / "router.log").read_text()
+        assert "Redis unreachable" in router_log
+        # Redis comes back empty: heartbeats re-register, the registry resumes
+        redis_server.start()
+        extra = cluster.add_worker()
+        wait_until(lambda: worker_ids(client) == ["worker-0", "worker-1", extra.name], 10,
+                   "registry to resume with the new worker")
+        wait_until(lambda: "registry resumed" in (tmp_path / "router.log").read_text(), 5,
+                   "router to log the recovery")
+        rdb = redis.Redis.from_url(redis_server.url)
+        stream = client.stream(text="metadata again", request_id="after-outage",
+                               max_tokens=300, temperature=0, ignore_eos=True)
+        next(stream)
+        wait_until(lambda: rdb.get(keys.sequence("after-outage")) is not None, 5,
+                   "slot metadata written to Redis again")
+        stream.close()
+        rdb.close()

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Idempotent setup: a virtualenv in .venv with the CPU torch wheel and slotmesh itself.
+# Idempotent setup: redis-server from the OS packages when missing, and a virtualenv in
+# .venv with the CPU torch wheel and slotmesh itself.
 # torch is pinned to 2.13.0 explicitly (its wheel lies on this machine's disk); nothing
 # else may pull another torch, so it is installed first and the rest sees it satisfied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/ensure-redis.sh
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -241,9 +241,11 @@ def _up_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
+    from services.bench_cluster import add_cluster_bench_parser
     from worker.bench import add_bench_parser
 
-    add_bench_parser(sub, add_model_flags)
+    bench_sub = add_bench_parser(sub, add_model_flags)
+    add_cluster_bench_parser(bench_sub, add_model_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,31 +94,44 @@ def _wait_ready(proc: subprocess.Popen, name: str, timeout_s: float) -> dict[str
     return dict(part.split("=", 1) for part in line.split()[1:])
 
 
+class LineReader:
+    """Reads a child's text stream in a thread, so the child never blocks on a full pipe
+    and the parent can wait for a line with a deadline."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []  # lines consumed by wait_for that did not match
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_for(self, predicate, timeout_s: float) -> str | None:
+        """The first line that matches; None at EOF or when the deadline passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                return None
+            if line is None:
+                self._lines.put(None)  # EOF stays visible to later calls
+                return None
+            if predicate(line):
+                return line
+            self.seen.append(line)
+
+
 def wait_for_line(stream: IO[str], predicate, timeout_s: float,
                   seen: list[str] | None = None) -> str | None:
-    """Read `stream` in a thread until a line matches (returned) or EOF/timeout (None).
-    The thread keeps draining the stream afterwards, so the child never blocks on a full
-    pipe. Lines read before the match are appended to `seen`."""
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for ln in stream:
-            lines.put(ln)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ln = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
-        except queue.Empty:
-            return None
-        if ln is None:
-            return None
-        if predicate(ln):
-            return ln.rstrip("\n")
-        if seen is not None:
-            seen.append(ln.rstrip())
+    """One-shot LineReader.wait_for; lines before the match go to `seen`."""
+    reader = LineReader(stream)
+    line = reader.wait_for(predicate, timeout_s)
+    if seen is not None:
+        seen.extend(reader.seen)
+    return line
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -116,3 +116,30 @@ def test_redis_outage_under_load(model_dir, tmp_path) -> None:
                    "slot metadata written to Redis again")
         stream.close()
         rdb.close()
+
+
+def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> None:
+    from services.cli import main
+    from services.process import LineReader
+
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--workers", "2", "--port", "0",
+         "--model", str(model_dir), "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    out = LineReader(up.stdout)
+    try:
+        ready = out.wait_for(lambda ln: "slotmesh up: ready" in ln, 120)
+        assert ready, out.seen
+        router = next(ln.split()[1] for ln in out.seen if ln.startswith("router"))
+        redis_url = next(ln.split()[1] for ln in out.seen if ln.startswith("redis"))
+        assert main(["generate", "--router", router, "hello", "--temperature", "0",
+                     "--max-tokens", "3"]) == 0
+        up.send_signal(subprocess.signal.SIGINT)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert out.wait_for(lambda ln: "stopped" in ln, 5).endswith(
+        "stopped (worker-0=0, worker-1=0, router=0)")
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class RouterStub:
-    """Missing associated documentation comment in .proto file."""
+    """The client-facing API of a slotmesh cluster.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,7 +59,8 @@ class RouterStub:
 
 
 class RouterServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The client-facing API of a slotmesh cluster.
+    """
 
     def Generate(self, request, context):
         """Generate on some worker and stream the output. Cancelling the call or its deadline
@@ -123,7 +125,8 @@ def add_RouterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Router:
-    """Missing associated documentation comment in .proto file."""
+    """The client-facing API of a slotmesh cluster.
+    """
 
     @staticmethod
     def Generate(request,

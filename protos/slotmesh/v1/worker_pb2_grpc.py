@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class WorkerStub:
-    """Missing associated documentation comment in .proto file."""
+    """One worker process: called by routers (and by peer workers for snapshots).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """One worker process: called by routers (and by peer workers for snapshots).
+    """
 
     def Generate(self, request, context):
         """Run one request and stream its output. Cancelling the call aborts the request and
@@ -105,7 +107,8 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Missing associated documentation comment in .proto file."""
+    """One worker process: called by routers (and by peer workers for snapshots).
+    """
 
     @staticmethod
     def Generate(request,

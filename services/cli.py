@@ -43,6 +43,9 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
                        help="concurrent sequences (default: 4)")
         p.add_argument("--kv-cache-mb", type=int, default=512,
                        help="memory for the full-attention KV pool in MiB (default: 512)")
+        p.add_argument("--max-waiting", type=int, default=1024,
+                       help="requests queued beyond the slots before new ones are refused "
+                            "with RESOURCE_EXHAUSTED (default: 1024)")
     p.add_argument("--ctx", type=int, default=None,
                    help="max context length (default: the model's own, capped at 8192)")
 
@@ -59,7 +62,8 @@ def engine_config(args: argparse.Namespace):
 
     return EngineConfig(model=model_config(args),
                         cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024),
-                        scheduler=SchedulerConfig(max_num_seqs=args.slots))
+                        scheduler=SchedulerConfig(max_num_seqs=args.slots,
+                                                  max_waiting=args.max_waiting))
 
 
 def _generate_parser(sub) -> None:

@@ -14,10 +14,11 @@ from services.cluster import LocalCluster
 
 def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers: int = 2,
                  heartbeat_ttl_s: float = 6.0, registry_poll_s: float = 0.25,
-                 slots: int = 4) -> LocalCluster:
+                 slots: int = 4, worker_args: tuple[str, ...] = ()) -> LocalCluster:
     """Router + workers on a tiny model, against an already running Redis."""
     return LocalCluster(
-        worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16"],
+        worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16",
+                     *worker_args],
         num_workers=num_workers, redis_url=redis_url, heartbeat_ttl_s=heartbeat_ttl_s,
         registry_poll_s=registry_poll_s, metrics=True, log_dir=log_dir)
 

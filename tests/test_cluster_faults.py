@@ -8,10 +8,11 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 import redis
 
-from services.client import Client
+from services.client import Client, RpcError
 from services.metadata import keys
 from services.redis_server import RedisServer, free_port
 from tests.cluster_harness import tiny_cluster, wait_until
@@ -143,3 +144,24 @@ def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> 
         "stopped (worker-0=0, worker-1=0, router=0)")
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+
+
+def test_full_queues_are_resource_exhausted_and_other_streams_continue(model_dir,
+                                                                       tmp_path) -> None:
+    """One slot and no queue per worker, two workers: two requests run, the third finds
+    every worker full (the router tries both) and is refused."""
+    with RedisServer() as redis_server, tiny_cluster(
+            model_dir, redis_server.url, tmp_path, slots=1,
+            worker_args=("--max-waiting", "0")) as cluster, Client(
+            cluster.router_address, timeout=60) as client:
+        streams = [client.stream(text=f"long {i}", max_tokens=480, temperature=0,
+                                 ignore_eos=True) for i in range(2)]
+        firsts = [next(s) for s in streams]  # both running, one on each worker
+        assert {c.worker_id for c in firsts} == {"worker-0", "worker-1"}
+        with pytest.raises(RpcError) as e:
+            client.generate(text="one too many", max_tokens=4)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        assert "queue full" in e.value.message
+        for s in streams:
+            assert list(s)[-1].finish_reason == "length"
+        assert client.generate(text="room again", max_tokens=4).finish_reason == "length"

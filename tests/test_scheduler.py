@@ -159,3 +159,17 @@ def test_eos_and_stop_ids_finish() -> None:
     out = s.schedule()
     events = s.update(out, [2])
     assert events[0].finished and seq.status == SequenceStatus.FINISHED_STOPPED
+
+
+def test_queue_limit_counts_only_requests_beyond_free_slots() -> None:
+    bm = BlockManager(BS, [64], [None])
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_waiting=1), bm, max_model_len=256,
+                  eos_token_ids=(2,))
+    for i in range(3):  # two will take the free slots, one queues
+        s.add(make_seq(i, 4))
+    with pytest.raises(CapacityError, match="queue full"):
+        s.add(make_seq(3, 4))
+    s.schedule()  # two admitted: still one queued beyond the (now busy) slots
+    with pytest.raises(CapacityError, match="queue full"):
+        s.add(make_seq(4, 4))
+    assert run_to_completion(s) > 0

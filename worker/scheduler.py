@@ -84,8 +84,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a validated sequence. Raises CapacityError if it can never fit."""
-        if len(self.waiting) >= self.config.max_waiting:
-            raise CapacityError(f"queue full: {len(self.waiting)} requests waiting")
+        # waiting sequences that free slots will take at the next step are not "queued"
+        if len(self.waiting) - len(self.free_slots) >= self.config.max_waiting:
+            raise CapacityError(f"queue full: {len(self.waiting)} requests waiting for "
+                                f"{self.config.max_num_seqs} slots "
+                                f"(max_waiting={self.config.max_waiting})")
         max_len = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         need = cdiv(max_len, self.block_manager.block_size)
         for pool, total in zip(self.block_manager.pools, self.block_manager.num_total_blocks,

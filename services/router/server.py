@@ -52,6 +52,14 @@ class _WorkerUnreachableError(Exception):
     """The chosen worker did not answer before producing anything: try another."""
 
 
+class _WorkerFullError(Exception):
+    """The chosen worker's queue is full (RESOURCE_EXHAUSTED) before anything was
+    produced: try another; when every worker is full the client gets that status."""
+
+    def __init__(self, error: rpc.UpstreamError) -> None:
+        self.error = error
+
+
 @dataclass(slots=True)
 class _Stream:
     """One relayed sequence, as this router knows it."""
@@ -124,8 +132,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finish_reason = "cancelled"
         try:
             tried: set[str] = set()
+            full: rpc.UpstreamError | None = None
             while True:
-                candidate = self._choose(route, tried)
+                candidate = self._choose(route, tried, full)
                 tried.add(candidate.worker_id)
                 try:
                     async for msg in self._relay(candidate, forward, route, stream, context):
@@ -137,6 +146,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 except _WorkerUnreachableError:
                     log.warning("worker %s unreachable; trying another", candidate.worker_id)
                     self.registry.exclude(candidate.worker_id, self.config.unreachable_backoff_s)
+                except _WorkerFullError as e:
+                    full = e.error
         finally:
             del self.streams[request_id]
             self.writer.delete(request_id)
@@ -144,10 +155,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.metrics.streams.dec()
             self.metrics.requests.labels(finish_reason).inc()
 
-    def _choose(self, route: RouteRequest, tried: set[str]) -> Candidate:
+    def _choose(self, route: RouteRequest, tried: set[str],
+                full: rpc.UpstreamError | None) -> Candidate:
         candidates = [Candidate(record=r, num_inflight=self.num_inflight[r.worker_id])
                       for r in self.registry.routable() if r.worker_id not in tried]
         chosen = self.policy.select(route, candidates)
+        if chosen is None and full is not None:
+            raise full
         if chosen is None:
             raise UnavailableError("no worker available" + (
                 f" (tried {', '.join(sorted(tried))})" if tried else ""))
@@ -187,7 +201,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 raise UnavailableError(
                     f"worker {worker.worker_id} went away after {stream.num_tokens_emitted} "
                     f"tokens: {e.details()}") from e
-            raise rpc.UpstreamError.from_rpc(e) from e
+            error = rpc.UpstreamError.from_rpc(e)
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not received:
+                raise _WorkerFullError(error) from e
+            raise error from e
         finally:
             call.cancel()  # no-op when finished; aborts the sequence when we were cancelled
             self.num_inflight[worker.worker_id] -= 1

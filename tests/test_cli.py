@@ -63,3 +63,20 @@ def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
     assert set(report["vs_transformers"]) == {"1", "2"}
     assert report["dtype"] == "float32"
     assert report["device_to_host_bytes_per_step"]["2"]["device_sampling"] == 8
+
+
+def test_python_dash_m_worker_is_slotmesh_worker() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--heartbeat-ttl" in out.stdout
+
+
+def test_generate_via_unreachable_router_is_a_clear_error(capsys) -> None:
+    from services.redis_server import free_port
+
+    rc = main(["generate", "--router", f"127.0.0.1:{free_port()}", "hi", "--timeout", "5"])
+    assert rc == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err

@@ -98,6 +98,32 @@ class WorkerSummary:
     version: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationResult:
+    source_worker_id: str
+    target_worker_id: str
+    num_tokens_at_migration: int
+    duration_s: float
+
+
+_KINDS = {"full": common_pb2.SNAPSHOT_KIND_FULL, "swa_only": common_pb2.SNAPSHOT_KIND_SWA_ONLY,
+          "tokens_only": common_pb2.SNAPSHOT_KIND_TOKENS_ONLY}
+
+
+def _migrate_request(request_id: str, target_worker_id: str, kind: str):
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    return router_pb2.MigrateRequest(request_id=request_id, kind=_KINDS[kind],
+                                     target_worker_id=target_worker_id)
+
+
+def _migration_result(resp) -> MigrationResult:
+    return MigrationResult(source_worker_id=resp.source_worker_id,
+                           target_worker_id=resp.target_worker_id,
+                           num_tokens_at_migration=resp.num_tokens_at_migration,
+                           duration_s=resp.duration_s)
+
+
 def build_request(*, text: str | None = None, messages: list[dict] | None = None,
                   token_ids: list[int] | None = None, request_id: str = "",
                   **sampling) -> common_pb2.GenerateRequest:
@@ -192,6 +218,16 @@ class Client:
         resp = self._unary("ListWorkers", router_pb2.ListWorkersRequest())
         return [_worker_summary(w) for w in resp.workers]
 
+    def migrate(self, request_id: str, target_worker_id: str = "",
+                kind: str = "full") -> MigrationResult:
+        resp = self._unary("Migrate", _migrate_request(request_id, target_worker_id, kind))
+        return _migration_result(resp)
+
+    def drain(self, worker_id: str) -> tuple[int, int]:
+        """(sequences migrated, sequences that stayed)."""
+        resp = self._unary("Drain", router_pb2.DrainRequest(worker_id=worker_id))
+        return resp.num_migrated, resp.num_failed
+
 
 class AsyncClient:
     """The asyncio client; same methods as Client, awaitable."""
@@ -245,4 +281,14 @@ class AsyncClient:
     async def list_workers(self) -> list[WorkerSummary]:
         resp = await self._unary("ListWorkers", router_pb2.ListWorkersRequest())
         return [_worker_summary(w) for w in resp.workers]
+
+    async def migrate(self, request_id: str, target_worker_id: str = "",
+                      kind: str = "full") -> MigrationResult:
+        resp = await self._unary("Migrate", _migrate_request(request_id, target_worker_id,
+                                                             kind))
+        return _migration_result(resp)
+
+    async def drain(self, worker_id: str) -> tuple[int, int]:
+        resp = await self._unary("Drain", router_pb2.DrainRequest(worker_id=worker_id))
+        return resp.num_migrated, resp.num_failed
 

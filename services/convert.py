@@ -14,6 +14,7 @@ from protos.slotmesh.v1 import common_pb2 as pb
 from services.metadata.records import WorkerRecord
 from worker.errors import InvalidRequestError
 from worker.sampling_params import SamplingParams
+from worker.snapshot_kind import SnapshotKind
 
 MAX_REQUEST_ID_CHARS = 128
 
@@ -23,6 +24,7 @@ _FINISH_TO_PB = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
     "error": pb.FINISH_REASON_ERROR,
+    "migrated": pb.FINISH_REASON_MIGRATED,
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
@@ -46,10 +48,19 @@ class Prompt:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Resume:
+    """Output already streamed by another worker (failover replay)."""
+
+    output_token_ids: tuple[int, ...]
+    emitted_chars: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationRequest:
     request_id: str
     prompt: Prompt
     params: SamplingParams
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +76,8 @@ class Chunk:
     error: str = ""
     num_prompt_tokens: int = 0
     worker_id: str = ""
+    seed: int = 0
+    num_resumed_tokens: int = 0
 
 
 # -- sampling parameters -----------------------------------------------------------------
@@ -126,7 +139,12 @@ def request_from_pb(msg: pb.GenerateRequest, vocab_size: int | None) -> Generati
     prompt = _prompt_from_pb(msg, vocab_size)
     params = params_from_pb(msg.params)
     params.validate(vocab_size)
-    return GenerationRequest(request_id=request_id, prompt=prompt, params=params)
+    resume = None
+    if msg.HasField("resume"):
+        resume = Resume(output_token_ids=tuple(msg.resume.output_token_ids),
+                        emitted_chars=msg.resume.emitted_chars)
+    return GenerationRequest(request_id=request_id, prompt=prompt, params=params,
+                             resume=resume)
 
 
 def _prompt_from_pb(msg: pb.GenerateRequest, vocab_size: int | None) -> Prompt:
@@ -157,6 +175,9 @@ def _prompt_from_pb(msg: pb.GenerateRequest, vocab_size: int | None) -> Prompt:
 def request_to_pb(req: GenerationRequest) -> pb.GenerateRequest:
     msg = pb.GenerateRequest(request_id=req.request_id, params=params_to_pb(req.params))
     prompt = req.prompt
+    if req.resume is not None:
+        msg.resume.output_token_ids.extend(req.resume.output_token_ids)
+        msg.resume.emitted_chars = req.resume.emitted_chars
     if prompt.text is not None:
         msg.text = prompt.text
     elif prompt.messages is not None:
@@ -173,6 +194,7 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
         request_id=chunk.request_id, token_ids=list(chunk.token_ids), text=chunk.text,
         finish_reason=_FINISH_TO_PB[chunk.finish_reason], error=chunk.error,
         num_prompt_tokens=chunk.num_prompt_tokens, worker_id=chunk.worker_id,
+        seed=chunk.seed, num_resumed_tokens=chunk.num_resumed_tokens,
     )
     for i, logprob in enumerate(chunk.logprobs):
         top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else ()
@@ -189,6 +211,7 @@ def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
         top_logprobs=tuple(tuple((t.token_id, t.logprob) for t in lp.top)
                            for lp in msg.logprobs),
         error=msg.error, num_prompt_tokens=msg.num_prompt_tokens, worker_id=msg.worker_id,
+        seed=msg.seed, num_resumed_tokens=msg.num_resumed_tokens,
     )
 
 
@@ -204,4 +227,14 @@ def record_to_info(record: WorkerRecord) -> pb.WorkerInfo:
         load=pb.WorkerLoad(
             num_running=record.num_running, num_waiting=record.num_waiting,
             kv_blocks_free=record.kv_blocks_free, kv_blocks_total=record.kv_blocks_total),
+        draining=record.draining,
     )
+
+
+def kind_from_pb(value: int) -> SnapshotKind:
+    """Unset = FULL; an unknown enum value is a bad request."""
+    if value == pb.SNAPSHOT_KIND_UNSPECIFIED:
+        return SnapshotKind.FULL
+    if value not in SnapshotKind._value2member_map_:
+        raise InvalidRequestError("kind", f"unknown snapshot kind {value}")
+    return SnapshotKind(value)

@@ -91,6 +91,11 @@ class WorkerMetrics:
               registry=r).set_function(lambda: load().num_prefix_hit_tokens)
         self.requests = Counter("slotmesh_worker_requests", "Requests by finish reason",
                                 ["finish_reason"], registry=r)
+        self.snapshot_bytes = Counter("slotmesh_worker_snapshot_bytes",
+                                      "Snapshot bytes sent (export) and received (import)",
+                                      ["direction"], registry=r)
+        self.imports = Counter("slotmesh_worker_imported_sequences",
+                               "Sequences imported from a peer or a file", registry=r)
 
 
 def _usage(load) -> float:
@@ -116,6 +121,17 @@ class RouterMetrics:
                                 ["finish_reason"], registry=r)
         Gauge("slotmesh_router_workers", "Routable workers",
               registry=r).set_function(num_workers)
+        self.migrations = Counter("slotmesh_router_migrations", "Migrations by result",
+                                  ["result"], registry=r)
+        self.migration_seconds = Histogram(
+            "slotmesh_router_migration_duration_seconds",
+            "Migrate call to the target's confirmation", buckets=_TTFT_BUCKETS, registry=r)
+        self.migration_bytes = Counter("slotmesh_router_migration_bytes",
+                                       "Snapshot bytes moved between workers (as reported "
+                                       "by the target)", registry=r)
+        self.failovers = Counter("slotmesh_router_failovers",
+                                 "Streams continued on another worker after theirs died",
+                                 registry=r)
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:

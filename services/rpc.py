@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from worker.errors import (
     CapacityError,
+    DataLossError,
     InvalidRequestError,
     NotFoundError,
+    PreconditionError,
     SlotmeshError,
     UnavailableError,
 )
@@ -44,6 +46,8 @@ _STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (DataLossError, grpc.StatusCode.DATA_LOSS),
 )
 
 

@@ -78,7 +78,7 @@ def record(worker_id: str, running: int = 0, waiting: int = 0, free: int = 100,
                         architecture="a", dtype="float32", device="cpu", max_model_len=512,
                         slots=slots, block_size=16, attention_backend="sdpa", version="0",
                         num_running=running, num_waiting=waiting, kv_blocks_free=free,
-                        kv_blocks_total=100, heartbeat_ms=0)
+                        kv_blocks_total=100, heartbeat_ms=0, draining=False)
 
 
 def test_least_loaded_uses_fresher_of_heartbeat_and_inflight() -> None:

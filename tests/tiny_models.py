@@ -24,24 +24,25 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidd
                bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
 
 
-def tiny_config(family: str, window: int = 48):
+def tiny_config(family: str, window: int = 48, max_positions: int = 512):
     import transformers as tf
 
+    common = _COMMON | {"max_position_embeddings": max_positions}
     if family == "llama":
-        return tf.LlamaConfig(**_COMMON, rope_theta=10000.0)
+        return tf.LlamaConfig(**common, rope_theta=10000.0)
     if family == "qwen2":
-        return tf.Qwen2Config(**_COMMON, rope_theta=10000.0)
+        return tf.Qwen2Config(**common, rope_theta=10000.0)
     if family == "mistral":
-        return tf.MistralConfig(**_COMMON, sliding_window=window, rope_theta=10000.0)
+        return tf.MistralConfig(**common, sliding_window=window, rope_theta=10000.0)
     if family == "gemma3":
         return tf.Gemma3TextConfig(
-            **(_COMMON | dict(tie_word_embeddings=True)), head_dim=32, sliding_window=window,
+            **(common | dict(tie_word_embeddings=True)), head_dim=32, sliding_window=window,
             layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=24,
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
         )
     if family == "mixtral":
-        return tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2,
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=None, rope_theta=1e6)
     raise ValueError(family)
 
@@ -49,12 +50,13 @@ def tiny_config(family: str, window: int = 48):
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "mixtral"]
 
 
-def make_tiny_model(family: str, path: Path, window: int = 48, seed: int = 0) -> Path:
+def make_tiny_model(family: str, path: Path, window: int = 48, seed: int = 0,
+                    max_positions: int = 512) -> Path:
     """Write a random tiny model of `family` with a tokenizer to `path`; returns path."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tiny_config(family, window)
+    config = tiny_config(family, window, max_positions)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _spread_norm_weights(model)
     model.save_pretrained(path)

@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from worker.engine import LLMEngine, TokenChunk
 from worker.sampling_params import SamplingParams
+from worker.snapshot import Snapshot, SnapshotKind
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +41,55 @@ class AsyncEngine:
             self._task = None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenChunk]:
+                       params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
         """Stream the request's chunks; validation errors raise before the first one.
-        Leaving the iteration early aborts the request."""
+        Leaving the iteration early aborts the request. `resume` takes add_request's
+        output_token_ids / emitted_chars (failover replay)."""
+        stream = await self.submit(request_id, prompt_token_ids, params, **resume)
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield chunk
+
+    async def import_(self, snap: Snapshot, request_id: str | None = None
+                      ) -> AsyncIterator[TokenChunk]:
+        """Import a snapshot and stream the sequence's continuation (like generate)."""
+        stream = await self.submit_import(snap, request_id)
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield chunk
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
+        """Add the request (raising its validation error here) and return its stream."""
+        return await self._stream(request_id, lambda: self.engine.add_request(
+            request_id, prompt_token_ids, params, **resume))
+
+    async def submit_import(self, snap: Snapshot, request_id: str | None = None
+                            ) -> AsyncIterator[TokenChunk]:
+        """Import (raising a bad snapshot's error here) and return the continuation."""
+        rid = request_id or snap.request_id
+        return await self._stream(rid, lambda: self.engine.import_(snap, rid))
+
+    async def _stream(self, request_id: str, add: Callable[[], object]
+                      ) -> AsyncIterator[TokenChunk]:
         added: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
-        def add() -> None:
+        def control() -> None:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params)
+                add()
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 added.set_exception(e)
                 return
             self._streams[request_id] = queue
             added.set_result(None)
 
-        self._submit(add)
+        self._submit(control)
         await added
+        return self._drain(request_id, queue)
+
+    async def _drain(self, request_id: str, queue: asyncio.Queue[TokenChunk]
+                     ) -> AsyncIterator[TokenChunk]:
         finished = False
         try:
             while not finished:
@@ -61,22 +97,49 @@ class AsyncEngine:
                 finished = chunk.finish_reason is not None
                 yield chunk
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is queue:
+                del self._streams[request_id]
             if not finished:
                 self._submit(lambda: self.engine.abort(request_id))
 
-    async def abort(self, request_id: str) -> None:
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def export(self, request_id: str, kind: SnapshotKind, pause: bool) -> Snapshot:
+        """Snapshot at the next step boundary (see LLMEngine.export)."""
+        return await self._call(lambda: self.engine.export(request_id, kind, pause))
 
-        def abort() -> None:
+    async def commit_export(self, request_id: str, committed: bool) -> bool:
+        """Free a paused, exported sequence (its stream ends "migrated") or resume it."""
+        def commit() -> bool:
+            found = self.engine.commit_export(request_id, committed)
+            if found and committed:
+                queue = self._streams.pop(request_id, None)
+                if queue is not None:
+                    queue.put_nowait(TokenChunk(request_id, [], "", "migrated"))
+            return found
+
+        return await self._call(commit)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn between steps; its result or exception comes back here."""
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def control() -> None:
+            try:
+                done.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+
+        self._submit(control)
+        return await done
+
+    async def abort(self, request_id: str) -> bool:
+        def abort() -> bool:
             found = self.engine.abort(request_id)
             queue = self._streams.pop(request_id, None)
             if queue is not None:
                 queue.put_nowait(TokenChunk(request_id, [], "", "abort"))
-            done.set_result(found)
+            return found
 
-        self._submit(abort)
-        return await done
+        return await self._call(abort)
 
     def _submit(self, task: Callable[[], None]) -> None:
         self._control.append(task)

@@ -205,6 +205,19 @@ class BlockManager:
             while len(table) < cdiv(end, self.block_size):
                 table.append(pool.allocate())
 
+    def allocate_imported(self, seq: Sequence, first_blocks: list[int],
+                          num_blocks: list[int]) -> bool:
+        """Block tables for an imported sequence's computed KV: per group, EMPTY entries
+        up to first_blocks[g] (left the window), then num_blocks[g] fresh blocks. False
+        (nothing taken) when a pool lacks the room."""
+        if any(n > pool.num_free_blocks for n, pool in zip(num_blocks, self.pools,
+                                                          strict=True)):
+            return False
+        seq.block_tables = [[EMPTY] * first + [pool.allocate() for _ in range(n)]
+                            for pool, first, n in zip(self.pools, first_blocks, num_blocks,
+                                                      strict=True)]
+        return True
+
     def _take_prefix(self, seq: Sequence, prefix_hit: int) -> None:
         num_hit = prefix_hit // self.block_size
         hashes = self.block_hashes(seq)

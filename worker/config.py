@@ -72,3 +72,5 @@ class ServerConfig:
     heartbeat_ttl_s: float = 6.0
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     shutdown_grace_s: float = 10.0
+    router_address: str | None = None  # SIGTERM drains through this router first
+    max_snapshot_bytes: int = 8 << 30  # larger imports are refused (INVALID_ARGUMENT)

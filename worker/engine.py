@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker import kv_transfer
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
-from worker.errors import InvalidRequestError
+from worker.errors import InvalidRequestError, NotFoundError, PreconditionError
 from worker.kv_cache import plan_kv_layout
 from worker.loaders import load_checkpoint
 from worker.loaders.checkpoint import Checkpoint
@@ -24,6 +25,7 @@ from worker.models.registry import build_model
 from worker.sampling_params import SamplingParams
 from worker.scheduler import Scheduler
 from worker.sequence import Sequence, SequenceStatus
+from worker.snapshot import Snapshot, SnapshotKind
 from worker.stops import StopStringMatcher
 from worker.tokenizer import IncrementalDetokenizer
 from worker.warmup import check_attention_backend, warmup
@@ -44,6 +46,7 @@ class TokenChunk:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
+    seed: int | None = None  # on a sequence's first chunk: the seed it samples with
 
 
 @dataclass(slots=True)
@@ -53,6 +56,7 @@ class _Output:
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
     text: str = ""
+    is_first: bool = True  # no chunk handed out yet
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,20 +145,99 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> Sequence:
+                    params: SamplingParams, *, output_token_ids: list[int] | None = None,
+                    emitted_chars: int = 0) -> Sequence:
+        """Queue a request. output_token_ids (with emitted_chars, the text already handed
+        out) resumes one whose earlier tokens were produced elsewhere: a failover replay
+        or a TOKENS_ONLY import. Its KV is recomputed (or found in the prefix cache)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids or [], params)
+        state = self._output_state(seq, emitted_chars)
+        self.scheduler.add(seq)
+        self._arrivals += 1
+        self._outputs[request_id] = state
+        return seq
+
+    def _new_sequence(self, request_id: str, prompt_ids: list[int], output_ids: list[int],
+                      params: SamplingParams, seed: int | None = None) -> Sequence:
         if request_id in self._outputs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         params.validate(self.model.args.vocab_size)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = Sequence(seq_id=request_id, token_ids=list(prompt_token_ids),
-                       num_prompt_tokens=len(prompt_token_ids), params=params, seed=seed,
-                       arrival=self._arrivals)
-        self.scheduler.add(seq)
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= t < vocab for t in output_ids):
+            raise InvalidRequestError("resume.output_token_ids", f"out of vocabulary [0, {vocab})")
+        if output_ids and len(output_ids) >= params.max_tokens:
+            raise InvalidRequestError("resume.output_token_ids",
+                                      f"{len(output_ids)} tokens already reach max_tokens")
+        if len(prompt_ids) + len(output_ids) >= self.max_model_len:
+            raise InvalidRequestError("resume.output_token_ids", "the context is already full")
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return Sequence(seq_id=request_id, token_ids=[*prompt_ids, *output_ids],
+                        num_prompt_tokens=len(prompt_ids), params=params, seed=seed,
+                        arrival=self._arrivals)
+
+    def _output_state(self, seq: Sequence, emitted_chars: int) -> _Output:
+        """Detokenizer and stop matcher positioned after the tokens already generated."""
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        for token_id in seq.output_token_ids:
+            detok.push(token_id)
+        if not 0 <= emitted_chars <= len(detok.text):
+            raise InvalidRequestError("resume.emitted_chars", f"{emitted_chars} is beyond the "
+                                      f"{len(detok.text)} characters of the output so far")
+        stops = StopStringMatcher(seq.params.stop, emitted=emitted_chars)
+        return _Output(detok, stops, detok.text[:emitted_chars])
+
+    # -- per-sequence state: export / import (snapshots) -----------------------------------
+
+    def export(self, request_id: str, kind: SnapshotKind, pause: bool) -> Snapshot:
+        """Snapshot a sequence at a step boundary. pause=True (migration) takes it out of
+        scheduling, keeping its blocks, until commit_export decides its fate."""
+        seq = self.scheduler.get(request_id)
+        if seq is None:
+            raise NotFoundError(f"request_id: no running request {request_id!r}")
+        if seq.status == SequenceStatus.MIGRATING:
+            raise PreconditionError(f"{request_id!r} is already being exported")
+        snap = kv_transfer.export_snapshot(self, seq, self._outputs[request_id].stops.emitted,
+                                           kind)
+        if pause:
+            self.scheduler.pause(seq)
+        return snap
+
+    def commit_export(self, request_id: str, committed: bool) -> bool:
+        """After a paused export: committed frees the sequence (FINISHED_MIGRATED), else it
+        resumes here with the KV it kept. False when no export of that id is pending."""
+        seq = self.scheduler.paused.get(request_id)
+        if seq is None:
+            return False
+        if committed:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_MIGRATED)
+            self._outputs.pop(request_id, None)
+        else:
+            self.scheduler.resume(seq)
+        return True
+
+    def import_(self, snap: Snapshot, request_id: str | None = None) -> Sequence:
+        """Continue a snapshot's sequence here. Everything is checked before a block is
+        taken; with KV for every group the sequence resumes exactly where it was, else
+        its KV is recomputed."""
+        kv_transfer.check_compatible(self, snap)
+        params = SamplingParams.from_dict(snap.params)
+        rid = request_id or snap.request_id
+        prompt = snap.token_ids[:snap.num_prompt_tokens]
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError("snapshot", f"token id out of vocabulary [0, {vocab})")
+        seq = self._new_sequence(rid, prompt, snap.token_ids[snap.num_prompt_tokens:], params,
+                                 seed=snap.seed)
+        state = self._output_state(seq, snap.emitted_chars)
+        if kv_transfer.is_complete(snap):
+            self.scheduler.check_capacity(seq)
+            kv_transfer.install(self, seq, snap)
+            self.scheduler.add_with_kv(seq)
+        else:
+            self.scheduler.add(seq)
         self._arrivals += 1
-        self._outputs[request_id] = _Output(
-            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
-            StopStringMatcher(params.stop),
-        )
+        self._outputs[rid] = state
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -210,10 +293,12 @@ class LLMEngine:
         if seq.status.is_finished:
             self._outputs.pop(seq.seq_id, None)
         want_lp = seq.params.logprobs > 0
+        seed = seq.seed if state.is_first else None
+        state.is_first = False
         return TokenChunk(
             seq.seq_id, [token_id], delta, seq.status.finish_reason,
             logprobs=[result.logprob] if want_lp else None,
-            top_logprobs=[result.top_logprobs] if want_lp else None,
+            top_logprobs=[result.top_logprobs] if want_lp else None, seed=seed,
         )
 
     # -- conveniences ----------------------------------------------------------------------

@@ -41,3 +41,11 @@ class NotFoundError(SlotmeshError):
 
 class UnavailableError(SlotmeshError):
     """No worker can take the request, a worker went away, or a required store is down."""
+
+
+class PreconditionError(SlotmeshError):
+    """The request is well-formed but cannot apply here (e.g. a snapshot of another model)."""
+
+
+class DataLossError(SlotmeshError):
+    """Data arrived damaged: a snapshot whose checksum or structure does not hold."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from worker.errors import InvalidRequestError
 
@@ -33,6 +33,35 @@ class SamplingParams:
     ignore_eos: bool = False
     num_candidates: int = 0  # hybrid mode: >0 hands this many filtered candidates to the host
 
+    def to_dict(self) -> dict:
+        """JSON-friendly fields (Redis metadata, snapshot headers)."""
+        d = asdict(self)
+        d["logit_bias"] = [list(x) for x in self.logit_bias]
+        d["stop"], d["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        """Inverse of to_dict for data that crossed a process boundary: unknown or
+        missing keys and wrong types raise InvalidRequestError (ranges: validate())."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise InvalidRequestError("params", "sampling parameters have the wrong fields")
+        try:
+            values = {**d, "logit_bias": tuple((int(t), float(b)) for t, b in d["logit_bias"]),
+                      "stop": tuple(str(x) for x in d["stop"]),
+                      "stop_token_ids": tuple(int(x) for x in d["stop_token_ids"])}
+            for name in ("max_tokens", "top_k", "logprobs", "num_candidates"):
+                values[name] = _strict(int, d[name])
+            for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
+                         "presence_penalty", "frequency_penalty"):
+                values[name] = float(_strict((int, float), d[name]))
+            values["ignore_eos"] = _strict(bool, d["ignore_eos"])
+            values["seed"] = None if d["seed"] is None else _strict(int, d["seed"])
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError("params", f"malformed sampling parameters: {e}") from e
+        return cls(**values)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
@@ -61,6 +90,13 @@ class SamplingParams:
         _check_token_ids((t for t, _bias in self.logit_bias), vocab_size, "logit_bias")
         _check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
         _check(all(self.stop), "stop", "stop strings must be non-empty")
+
+
+def _strict(typ, value):
+    ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+    if not ok:
+        raise TypeError(f"{value!r} is not {typ}")
+    return value
 
 
 def _check_token_ids(token_ids, vocab_size: int | None, name: str) -> None:

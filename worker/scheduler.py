@@ -70,6 +70,8 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # exported for migration: no slot, blocks kept until the target confirms
+        self.paused: dict[str, Sequence] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preemptions = 0
         # prefix-cache effectiveness, counted once per admission (vLLM counts tokens too)
@@ -84,6 +86,12 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a validated sequence. Raises CapacityError if it can never fit."""
+        self.check_capacity(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check_capacity(self, seq: Sequence) -> None:
+        """CapacityError when the queue is full or the sequence can never fit the pool."""
         # waiting sequences that free slots will take at the next step are not "queued"
         if len(self.waiting) - len(self.free_slots) >= self.config.max_waiting:
             raise CapacityError(f"queue full: {len(self.waiting)} requests waiting for "
@@ -97,10 +105,10 @@ class Scheduler:
                 raise CapacityError(
                     f"prompt + max_tokens needs {need} KV blocks; the pool has {total}"
                 )
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
 
     def get(self, seq_id: str) -> Sequence | None:
+        if seq_id in self.paused:
+            return self.paused[seq_id]
         for seq in self.running:
             if seq.seq_id == seq_id:
                 return seq
@@ -140,7 +148,9 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and self.free_slots:
             seq = self.waiting[0]
-            hit = self.block_manager.find_prefix_hit(seq)
+            # a resumed or imported sequence already holds its computed KV
+            hit = (seq.num_computed_tokens if seq.block_tables
+                   else self.block_manager.find_prefix_hit(seq))
             num_new = min(seq.num_tokens - hit, budget)
             if not self.block_manager.can_allocate(seq, num_new, hit):
                 return
@@ -163,6 +173,29 @@ class Scheduler:
         seq.status = SequenceStatus.PREEMPTED
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def pause(self, seq: Sequence) -> None:
+        """Take a sequence out of scheduling for an export (at a step boundary). It keeps
+        its blocks, so `resume` continues without recomputation; its slot is freed."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release_slot(seq)
+        seq.status = SequenceStatus.MIGRATING
+        self.paused[seq.seq_id] = seq
+
+    def resume(self, seq: Sequence) -> None:
+        """Back to the front of the queue with the KV it held (an export was called off)."""
+        del self.paused[seq.seq_id]
+        seq.status = SequenceStatus.PREEMPTED
+        self.waiting.appendleft(seq)
+
+    def add_with_kv(self, seq: Sequence) -> None:
+        """Queue a sequence whose block tables and num_computed_tokens are already set
+        (an imported snapshot). Its blocks are held while it waits for a slot."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
 
     # -- after the step ----------------------------------------------------------------
 
@@ -208,11 +241,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            self.paused.pop(seq.seq_id, None)
         self._release(seq)
         seq.status = status
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        self._release_slot(seq)
+
+    def _release_slot(self, seq: Sequence) -> None:
         if seq.slot is not None:
             self.free_slots.append(seq.slot)
             seq.slot = None

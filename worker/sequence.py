@@ -22,6 +22,7 @@ class SequenceStatus(enum.IntEnum):
     FINISHED_LENGTH = 11
     FINISHED_ABORTED = 12
     FINISHED_ERROR = 13
+    FINISHED_MIGRATED = 14  # handed to another worker; the stream continues there
 
     @property
     def is_finished(self) -> bool:
@@ -37,6 +38,7 @@ _FINISH_REASONS = {
     SequenceStatus.FINISHED_LENGTH: "length",
     SequenceStatus.FINISHED_ABORTED: "abort",
     SequenceStatus.FINISHED_ERROR: "error",
+    SequenceStatus.FINISHED_MIGRATED: "migrated",
 }
 
 

@@ -11,12 +11,22 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 
-from protos.slotmesh.v1 import common_pb2, worker_pb2_grpc
+import grpc
+
+from protos.slotmesh.v1 import (
+    common_pb2,
+    router_pb2,
+    router_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from services import rpc
-from services.convert import Chunk, chunk_to_pb, record_to_info, request_from_pb
+from services.convert import Chunk, chunk_to_pb, kind_from_pb, record_to_info, request_from_pb
 from services.metadata.records import WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
 from services.metrics import StreamTimer, WorkerMetrics, serve_metrics
@@ -24,6 +34,8 @@ from services.process import announce_ready, wait_for_signal
 from worker.async_engine import AsyncEngine
 from worker.config import EngineConfig, ServerConfig
 from worker.engine import LLMEngine, TokenChunk
+from worker.errors import InvalidRequestError, UnavailableError
+from worker.snapshot import Assembler, Snapshot, iter_chunks
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +51,140 @@ def slotmesh_version() -> str:
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine, worker_id: str, address: str,
-                 metrics: WorkerMetrics) -> None:
+                 metrics: WorkerMetrics, config: ServerConfig) -> None:
         self.aengine = engine
         self.engine = engine.engine
         self.worker_id = worker_id
         self.address = address
         self.metrics = metrics
+        self.config = config
+        self.is_draining = False
+        self.on_draining: Callable[[bool], Awaitable[None]] | None = None
+
+    def _check_accepting(self) -> None:
+        if self.is_draining:
+            raise UnavailableError(f"worker {self.worker_id} is draining")
+
+    # -- generation ------------------------------------------------------------------------
 
     async def Generate(self, request, context):
+        self._check_accepting()
         req = request_from_pb(request, vocab_size=self.engine.model.args.vocab_size)
         request_id = req.request_id or f"w-{uuid.uuid4().hex}"
         prompt_ids = self.engine.encode_prompt(**req.prompt.as_engine_kwargs())
+        resume = {}
+        if req.resume is not None:
+            resume = {"output_token_ids": list(req.resume.output_token_ids),
+                      "emitted_chars": req.resume.emitted_chars}
+        stream = await self.aengine.submit(request_id, prompt_ids, req.params, **resume)
+        first = {"num_prompt_tokens": len(prompt_ids),
+                 "num_resumed_tokens": len(resume.get("output_token_ids", ()))}
+        async for msg in self._relay(stream, first):
+            yield msg
+
+    async def _relay(self, stream, first: dict | None):
+        """Engine chunks → responses; `first` fields go on the first one (if any)."""
         timer = StreamTimer(self.metrics.latency)
         finish_reason = "cancelled"
-        first = True
-        try:
-            async for chunk in self.aengine.generate(request_id, prompt_ids, req.params):
-                timer.on_tokens(len(chunk.token_ids))
-                yield chunk_to_pb(_chunk(chunk, len(prompt_ids) if first else 0,
-                                         self.worker_id if first else ""))
-                first = False
-                finish_reason = chunk.finish_reason or finish_reason
-        finally:
-            timer.on_finish()
-            self.metrics.requests.labels(finish_reason).inc()
+        async with contextlib.aclosing(stream):
+            try:
+                async for chunk in stream:
+                    timer.on_tokens(len(chunk.token_ids))
+                    extra = {}
+                    if first is not None:
+                        extra, first = {**first, "worker_id": self.worker_id}, None
+                    yield chunk_to_pb(_chunk(chunk, **extra))
+                    finish_reason = chunk.finish_reason or finish_reason
+            finally:
+                timer.on_finish()
+                self.metrics.requests.labels(finish_reason).inc()
 
     async def Abort(self, request, context):
         return common_pb2.AbortResponse(found=await self.aengine.abort(request.request_id))
 
     async def Info(self, request, context):
         return record_to_info(self.record())
+
+    # -- per-sequence state: export / import -----------------------------------------------
+
+    async def ExportSequence(self, request, context):
+        kind = kind_from_pb(request.kind)
+        snap = await self.aengine.export(request.request_id, kind, request.pause)
+        sent = False
+        try:
+            chunks = await asyncio.to_thread(lambda: list(iter_chunks(snap)))
+            for data in chunks:
+                yield common_pb2.SnapshotChunk(data=data)
+            self.metrics.snapshot_bytes.labels("export").inc(sum(map(len, chunks)))
+            sent = True
+        finally:
+            if request.pause and not sent:  # the puller went away: carry on here
+                await self.aengine.commit_export(request.request_id, False)
+
+    async def CommitExport(self, request, context):
+        found = await self.aengine.commit_export(request.request_id, request.commit)
+        return worker_pb2.CommitExportResponse(found=found)
+
+    async def ImportSequence(self, request, context):
+        self._check_accepting()
+        kind = kind_from_pb(request.kind)
+        if not request.source_address or not request.request_id:
+            raise InvalidRequestError("source_address", "source_address and request_id are "
+                                                        "required")
+        async with rpc.channel(request.source_address) as ch:
+            source = worker_pb2_grpc.WorkerStub(ch)
+            try:
+                snap, size = await self._pull(source, request.request_id, kind)
+                stream = await self.aengine.submit_import(snap)
+            except BaseException:
+                await _commit(source, request.request_id, False)
+                raise
+            await _commit(source, request.request_id, True)
+        self.metrics.imports.inc()
+        async for msg in self._relay_import(snap, stream, size):
+            yield msg
+
+    async def _pull(self, source, request_id: str, kind) -> tuple[Snapshot, int]:
+        assembler = Assembler(self.config.max_snapshot_bytes)
+        export = worker_pb2.ExportSequenceRequest(request_id=request_id, kind=kind,
+                                                  pause=True)
+        try:
+            async for chunk in source.ExportSequence(export):
+                assembler.add(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            raise rpc.UpstreamError.from_rpc(e, "source worker: ") from e
+        size = len(assembler.buffer)
+        self.metrics.snapshot_bytes.labels("import").inc(size)
+        return await asyncio.to_thread(assembler.snapshot), size
+
+    async def RestoreSequence(self, request_iterator, context):
+        self._check_accepting()
+        assembler = Assembler(self.config.max_snapshot_bytes)
+        async for chunk in request_iterator:
+            assembler.add(chunk.data)
+        snap = await asyncio.to_thread(assembler.snapshot)
+        stream = await self.aengine.submit_import(snap)
+        self.metrics.imports.inc()
+        async for msg in self._relay_import(snap, stream, len(assembler.buffer)):
+            yield msg
+
+    async def _relay_import(self, snap: Snapshot, stream, size: int):
+        """An acknowledgement first (no token), then the continuation."""
+        yield common_pb2.GenerateResponse(
+            request_id=snap.request_id, worker_id=self.worker_id, seed=snap.seed,
+            num_prompt_tokens=snap.num_prompt_tokens,
+            num_resumed_tokens=len(snap.token_ids) - snap.num_prompt_tokens,
+            snapshot_bytes=size)
+        async for msg in self._relay(stream, None):
+            yield msg
+
+    async def SetDraining(self, request, context):
+        self.is_draining = request.draining
+        if self.on_draining is not None:
+            await self.on_draining(request.draining)
+        load = self.engine.load()
+        return worker_pb2.SetDrainingResponse(
+            num_sequences=load.num_running + load.num_waiting)
 
     def record(self) -> WorkerRecord:
         info, load = self.engine.info(), self.engine.load()
@@ -80,17 +196,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             attention_backend=info["attention_backend"], version=slotmesh_version(),
             num_running=load.num_running, num_waiting=load.num_waiting,
             kv_blocks_free=load.kv_blocks_free, kv_blocks_total=load.kv_blocks_total,
-            heartbeat_ms=now_ms(),
+            heartbeat_ms=now_ms(), draining=self.is_draining,
         )
 
 
-def _chunk(chunk: TokenChunk, num_prompt_tokens: int, worker_id: str) -> Chunk:
+def _chunk(chunk: TokenChunk, **first) -> Chunk:
     return Chunk(
         request_id=chunk.request_id, token_ids=tuple(chunk.token_ids), text=chunk.text,
         finish_reason=chunk.finish_reason, logprobs=tuple(chunk.logprobs or ()),
         top_logprobs=tuple(tuple(t) for t in chunk.top_logprobs or ()),
-        error=chunk.error or "", num_prompt_tokens=num_prompt_tokens, worker_id=worker_id,
+        error=chunk.error or "", seed=chunk.seed or 0, **first,
     )
+
+
+async def _commit(source, request_id: str, commit: bool) -> None:
+    """Tell the source what became of its paused export; it may be gone (then the
+    router's cancelled stream ends it there)."""
+    try:
+        await source.CommitExport(worker_pb2.CommitExportRequest(
+            request_id=request_id, commit=commit), timeout=10)
+    except grpc.aio.AioRpcError as e:
+        log.warning("could not %s export of %s on the source: %s",
+                    "commit" if commit else "call off", request_id, e.details())
 
 
 class Heartbeat:
@@ -149,7 +276,7 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
     address = config.advertise_address or f"{config.host}:{port}"
     worker_id = config.worker_id or f"{socket.gethostname()}-{port}"
     metrics = WorkerMetrics(aengine.engine.load)
-    service = WorkerService(aengine, worker_id, address, metrics)
+    service = WorkerService(aengine, worker_id, address, metrics, config)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME])
     metrics_address = None
@@ -159,15 +286,43 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
     await aengine.start()
     await server.start()
     heartbeat = Heartbeat(store, service, config.heartbeat_ttl_s)
+
+    async def on_draining(draining: bool) -> None:
+        await rpc.set_serving(health, [SERVICE_NAME], not draining)
+        await heartbeat.beat()  # routers see the flag now, not at the next beat
+
+    service.on_draining = on_draining
     await heartbeat.start()
     await rpc.set_serving(health, [SERVICE_NAME], True)
     announce_ready(address, metrics_address)
     await wait_for_signal()
-    log.info("stopping: deregistering, then up to %.0f s for running streams",
-             config.shutdown_grace_s)
-    await rpc.set_serving(health, [SERVICE_NAME], False)
+    await _drain(service, config)
     await heartbeat.stop()
-    await server.stop(config.shutdown_grace_s)
+    await server.stop(1.0)
     await aengine.stop()
     return 0
 
+
+async def _drain(service: WorkerService, config: ServerConfig) -> None:
+    """SIGTERM: take no new work, ask the router to migrate what runs here (Kubernetes'
+    preStop path), then wait for what is left, up to the grace period."""
+    deadline = time.monotonic() + config.shutdown_grace_s
+    service.is_draining = True
+    await service.on_draining(True)
+    if config.router_address:
+        try:
+            async with rpc.channel(config.router_address) as ch:
+                resp = await router_pb2_grpc.RouterStub(ch).Drain(
+                    router_pb2.DrainRequest(worker_id=service.worker_id),
+                    timeout=config.shutdown_grace_s)
+            log.info("drained through the router: %d migrated, %d not", resp.num_migrated,
+                     resp.num_failed)
+        except grpc.aio.AioRpcError as e:
+            log.warning("drain through %s failed (%s); waiting for streams to finish",
+                        config.router_address, e.details())
+    while time.monotonic() < deadline:
+        load = service.engine.load()
+        if load.num_running + load.num_waiting + len(service.engine.scheduler.paused) == 0:
+            return
+        await asyncio.sleep(0.05)
+    log.warning("grace period over with sequences still running; they are cut off")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from worker.errors import SlotmeshError
 
-_TYPES = {"int": int, "str": str, "dict": dict, "float": float}
+_TYPES = {"int": int, "str": str, "dict": dict, "float": float, "bool": bool}
 T = TypeVar("T")
 
 
@@ -39,6 +39,7 @@ class WorkerRecord:
     kv_blocks_free: int
     kv_blocks_total: int
     heartbeat_ms: int
+    draining: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +54,7 @@ class SequenceRecord:
     num_tokens_emitted: int
     params: dict  # SamplingParams fields
     updated_ms: int
+    seed: int  # the seed the worker samples with (failover replays with it)
 
 
 def encode(record: Any) -> str:
@@ -71,7 +73,7 @@ def decode(cls: type[T], raw: bytes | str) -> T:
     for f in dataclasses.fields(cls):
         value = data.get(f.name)
         want = _TYPES[f.type]
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise CorruptRecordError(f"{cls.__name__}.{f.name}: expected {f.type}, "
                                      f"got {type(value).__name__}")
         values[f.name] = value

@@ -25,6 +25,7 @@ class RouterConfig:
     max_load_imbalance: float = 1.0
     sequence_ttl_s: float = 3600.0
     prefix_ttl_s: float = 600.0
+    drain_exclusion_s: float = 120.0  # a drained worker gets no new sequences this long
     unreachable_backoff_s: float = 5.0  # skip a worker that refused a connection this long
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     shutdown_grace_s: float = 10.0

@@ -69,4 +69,5 @@ class WorkerRegistry:
     def routable(self) -> list[WorkerRecord]:
         now = time.monotonic()
         self._excluded = {w: t for w, t in self._excluded.items() if t > now}
-        return [r for w, r in sorted(self.workers.items()) if w not in self._excluded]
+        return [r for w, r in sorted(self.workers.items())
+                if w not in self._excluded and not r.draining]

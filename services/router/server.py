@@ -9,20 +9,33 @@ candidate; a worker lost mid-stream ends the stream with UNAVAILABLE.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from protos.slotmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+from protos.slotmesh.v1 import (
+    common_pb2,
+    router_pb2,
+    router_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from services import rpc
-from services.convert import GenerationRequest, params_to_pb, record_to_info, request_from_pb
-from services.metadata.records import SequenceRecord
-from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
+from services.convert import (
+    GenerationRequest,
+    kind_from_pb,
+    params_to_pb,
+    record_to_info,
+    request_from_pb,
+)
+from services.metadata.records import SequenceRecord, WorkerRecord
+from services.metadata.store import RedisStore, StoreUnavailableError
 from services.metadata.writer import MetadataWriter
 from services.metrics import RouterMetrics, StreamTimer, serve_metrics
 from services.process import announce_ready, wait_for_signal
@@ -36,8 +49,23 @@ from services.router.policy import (
 )
 from services.router.prefix import prefix_hashes
 from services.router.registry import WorkerRegistry
-from worker.errors import InvalidRequestError, NotFoundError, UnavailableError
+from services.router.relay import (
+    Migration,
+    RelayedStream,
+    WorkerFullError,
+    WorkerLostError,
+    WorkerUnreachableError,
+    pump,
+    start,
+)
+from worker.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 from worker.sampling_params import SamplingParams
+from worker.snapshot_kind import SnapshotKind
 
 log = logging.getLogger(__name__)
 
@@ -46,54 +74,6 @@ METADATA_INTERVAL_S = 0.25  # tokens-emitted updates per stream, at most this of
 _STATUS_TO_PB = {"waiting": router_pb2.SEQUENCE_STATUS_WAITING,
                  "running": router_pb2.SEQUENCE_STATUS_RUNNING,
                  "migrating": router_pb2.SEQUENCE_STATUS_MIGRATING}
-
-
-class _WorkerUnreachableError(Exception):
-    """The chosen worker did not answer before producing anything: try another."""
-
-
-class _WorkerFullError(Exception):
-    """The chosen worker's queue is full (RESOURCE_EXHAUSTED) before anything was
-    produced: try another; when every worker is full the client gets that status."""
-
-    def __init__(self, error: rpc.UpstreamError) -> None:
-        self.error = error
-
-
-@dataclass(slots=True)
-class _Stream:
-    """One relayed sequence, as this router knows it."""
-
-    request: GenerationRequest
-    prompt_hash: str
-    worker_id: str = ""
-    worker_address: str = ""
-    status: str = "waiting"
-    num_tokens_emitted: int = 0
-    last_write: float = field(default=0.0)
-
-    def record(self, router_id: str) -> SequenceRecord:
-        return SequenceRecord(
-            request_id=self.request.request_id, worker_id=self.worker_id,
-            router_id=router_id, status=self.status, prompt_hash=self.prompt_hash,
-            num_tokens_emitted=self.num_tokens_emitted, params=_params_dict(
-                self.request.params), updated_ms=now_ms())
-
-
-def _params_dict(params: SamplingParams) -> dict:
-    d = asdict(params)
-    d["logit_bias"] = [list(x) for x in params.logit_bias]
-    d["stop"], d["stop_token_ids"] = list(params.stop), list(params.stop_token_ids)
-    return d
-
-
-def _params_from_dict(d: dict) -> SamplingParams | None:
-    try:
-        d = {**d, "logit_bias": tuple(tuple(x) for x in d["logit_bias"]),
-             "stop": tuple(d["stop"]), "stop_token_ids": tuple(d["stop_token_ids"])}
-        return SamplingParams(**d)
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -107,7 +87,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.writer = writer
         self.policy = policy
         self.metrics = metrics
-        self.streams: dict[str, _Stream] = {}
+        self.streams: dict[str, RelayedStream] = {}
         self.num_inflight: Counter[str] = Counter()
         self._channels: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
 
@@ -125,35 +105,85 @@ class RouterService(router_pb2_grpc.RouterServicer):
         hashes, prompt_hash = prefix_hashes(req.prompt)
         route = RouteRequest(prefix_hashes=tuple(hashes),
                              prefix_owners=tuple(await self._prefix_owners(hashes)))
-        stream = _Stream(req, prompt_hash)
+        stream = RelayedStream(req, forward, prompt_hash)
         self.streams[request_id] = stream
         timer = StreamTimer(self.metrics.latency)
         self.metrics.streams.inc()
         finish_reason = "cancelled"
         try:
-            tried: set[str] = set()
-            full: rpc.UpstreamError | None = None
+            await self._open(stream, route, forward, context)
             while True:
-                candidate = self._choose(route, tried, full)
-                tried.add(candidate.worker_id)
                 try:
-                    async for msg in self._relay(candidate, forward, route, stream, context):
+                    async for msg in pump(stream):
                         timer.on_tokens(len(msg.token_ids))
+                        self._write_progress(stream)
                         if msg.finish_reason:
                             finish_reason = common_pb2.FinishReason.Name(msg.finish_reason)
                         yield msg
                     break
-                except _WorkerUnreachableError:
-                    log.warning("worker %s unreachable; trying another", candidate.worker_id)
-                    self.registry.exclude(candidate.worker_id, self.config.unreachable_backoff_s)
-                except _WorkerFullError as e:
-                    full = e.error
+                except WorkerLostError as e:
+                    await self._fail_over(stream, route, context, str(e))
         finally:
+            if stream.call is not None:
+                stream.call.cancel()  # no-op when finished; aborts it when we were cancelled
+            if stream.migration is not None:  # ended mid-migration: the target lets go too
+                stream.migration.call.cancel()
+                if not stream.migration.adopted.done():
+                    stream.migration.adopted.set_exception(
+                        UnavailableError(f"{request_id!r} ended during its migration"))
+            self._count(stream.worker, -1)
             del self.streams[request_id]
             self.writer.delete(request_id)
             timer.on_finish()
             self.metrics.streams.dec()
             self.metrics.requests.labels(finish_reason).inc()
+
+    async def _open(self, stream: RelayedStream, route: RouteRequest, request,
+                    context) -> None:
+        """Start the worker call on the best worker that answers (before any token)."""
+        tried: set[str] = set()
+        full: rpc.UpstreamError | None = None
+        while True:
+            candidate = self._choose(route, tried, full)
+            tried.add(candidate.worker_id)
+            worker = candidate.record
+            self._count(stream.worker, -1)
+            stream.worker, stream.status = worker, "waiting"
+            self._count(worker, +1)
+            self.writer.put(stream.record(self.router_id))
+            self.writer.record_prefixes(list(route.prefix_hashes), worker.worker_id)
+            self.metrics.routed.labels(worker.worker_id).inc()
+            stream.call = self._stub(worker.address).Generate(
+                request, timeout=context.time_remaining())
+            try:
+                await start(stream)
+                return
+            except WorkerUnreachableError:
+                log.warning("worker %s unreachable; trying another", worker.worker_id)
+                self.registry.exclude(worker.worker_id, self.config.unreachable_backoff_s)
+            except WorkerFullError as e:
+                full = e.error
+
+    async def _fail_over(self, stream: RelayedStream, route: RouteRequest, context,
+                         reason: str) -> None:
+        lost = stream.worker.worker_id if stream.worker else "?"
+        log.warning("worker %s lost %s after %d tokens (%s); replaying on another worker",
+                    lost, stream.request_id, stream.num_tokens_emitted, reason)
+        self.registry.exclude(lost, self.config.unreachable_backoff_s)
+        self.metrics.failovers.inc()
+        stream.call.cancel()
+        await self._open(stream, route, stream.replay_request(), context)
+
+    def _count(self, worker: WorkerRecord | None, delta: int) -> None:
+        if worker is not None:
+            self.num_inflight[worker.worker_id] += delta
+
+    def _write_progress(self, stream: RelayedStream) -> None:
+        now = time.monotonic()
+        if stream.status != "running" or now - stream.last_write >= METADATA_INTERVAL_S:
+            stream.status = "running"
+            stream.last_write = now
+            self.writer.put(stream.record(self.router_id))
 
     def _choose(self, route: RouteRequest, tried: set[str],
                 full: rpc.UpstreamError | None) -> Candidate:
@@ -178,45 +208,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except StoreUnavailableError:
             return [None] * len(hashes)
 
-    async def _relay(self, candidate: Candidate, forward, route: RouteRequest,
-                     stream: _Stream, context):
-        worker = candidate.record
-        stream.worker_id, stream.worker_address = worker.worker_id, worker.address
-        stream.status = "waiting"
-        self.writer.put(stream.record(self.router_id))
-        self.writer.record_prefixes(list(route.prefix_hashes), worker.worker_id)
-        self.metrics.routed.labels(worker.worker_id).inc()
-        self.num_inflight[worker.worker_id] += 1
-        call = self._stub(worker.address).Generate(forward, timeout=context.time_remaining())
-        received = False
-        try:
-            async for msg in call:
-                received = True
-                self._on_chunk(stream, msg)
-                yield msg
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                if not received:
-                    raise _WorkerUnreachableError from e
-                raise UnavailableError(
-                    f"worker {worker.worker_id} went away after {stream.num_tokens_emitted} "
-                    f"tokens: {e.details()}") from e
-            error = rpc.UpstreamError.from_rpc(e)
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not received:
-                raise _WorkerFullError(error) from e
-            raise error from e
-        finally:
-            call.cancel()  # no-op when finished; aborts the sequence when we were cancelled
-            self.num_inflight[worker.worker_id] -= 1
-
-    def _on_chunk(self, stream: _Stream, msg) -> None:
-        stream.num_tokens_emitted += len(msg.token_ids)
-        now = time.monotonic()
-        if stream.status != "running" or now - stream.last_write >= METADATA_INTERVAL_S:
-            stream.status = "running"
-            stream.last_write = now
-            self.writer.put(stream.record(self.router_id))
-
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         if address not in self._channels:
             ch = rpc.channel(address)
@@ -232,9 +223,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Abort(self, request, context):
         record = await self._find(request.request_id)
-        worker = self.registry.workers.get(record.worker_id)
-        address = (self.streams[request.request_id].worker_address
-                   if request.request_id in self.streams else worker.address if worker else "")
+        stream = self.streams.get(request.request_id)
+        worker = stream.worker if stream else self.registry.workers.get(record.worker_id)
+        address = worker.address if worker else ""
         if not address:
             raise UnavailableError(f"worker {record.worker_id} of {request.request_id!r} "
                                    "is not in the registry")
@@ -255,9 +246,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             status=_STATUS_TO_PB.get(record.status, router_pb2.SEQUENCE_STATUS_UNSPECIFIED),
             num_tokens_emitted=record.num_tokens_emitted, prompt_hash=record.prompt_hash,
             router_id=record.router_id)
-        params = _params_from_dict(record.params)
-        if params is not None:
-            info.params.CopyFrom(params_to_pb(params))
+        with contextlib.suppress(InvalidRequestError):  # a damaged record: no params
+            info.params.CopyFrom(params_to_pb(SamplingParams.from_dict(record.params)))
         return info
 
     async def _find(self, request_id: str) -> SequenceRecord:
@@ -271,6 +261,110 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if record is None:
             raise NotFoundError(f"request_id: no running request {request_id!r}")
         return record
+
+    # -- migration ---------------------------------------------------------------------------
+
+    async def Migrate(self, request, context):
+        return await self.migrate(request.request_id, request.target_worker_id,
+                                  kind_from_pb(request.kind))
+
+    async def migrate(self, request_id: str, target_id: str, kind: SnapshotKind
+                      ) -> router_pb2.MigrateResponse:
+        """Have the target pull the sequence from its worker; return once the client's
+        stream continues from the target."""
+        stream = self.streams.get(request_id)
+        if stream is None:
+            raise NotFoundError(f"request_id: this router relays no {request_id!r}")
+        if stream.migration is not None or stream.worker is None:
+            raise PreconditionError(f"{request_id!r} is being started or migrated already")
+        source, target = stream.worker, self._migration_target(stream, target_id)
+        t0 = time.perf_counter()
+        call = self._stub(target.address).ImportSequence(worker_pb2.ImportSequenceRequest(
+            source_address=source.address, request_id=request_id, kind=int(kind)))
+        migration = Migration(target=target, call=call,
+                              ready=asyncio.get_running_loop().create_future())
+        stream.migration, stream.status = migration, "migrating"
+        self.writer.put(stream.record(self.router_id))
+        try:
+            ack = await call.read()
+            if ack is grpc.aio.EOF:
+                raise UnavailableError(f"target {target.worker_id} ended the import early")
+        except (grpc.aio.AioRpcError, UnavailableError) as e:
+            error = (rpc.UpstreamError.from_rpc(e, f"target {target.worker_id}: ")
+                     if isinstance(e, grpc.aio.AioRpcError) else e)
+            return await self._migration_failed(stream, migration, source, error)
+        migration.ready.set_result(ack)
+        await migration.adopted  # the relay has switched to the target
+        self._count(source, -1)
+        self._count(target, +1)
+        self.writer.put(stream.record(self.router_id))
+        duration = time.perf_counter() - t0
+        self.metrics.migrations.labels("ok").inc()
+        self.metrics.migration_seconds.observe(duration)
+        self.metrics.migration_bytes.inc(ack.snapshot_bytes)
+        log.info("migrated %s from %s to %s at %d tokens in %.3f s (%d bytes)", request_id,
+                 source.worker_id, target.worker_id, ack.num_resumed_tokens, duration,
+                 ack.snapshot_bytes)
+        return router_pb2.MigrateResponse(
+            source_worker_id=source.worker_id, target_worker_id=target.worker_id,
+            num_tokens_at_migration=ack.num_resumed_tokens, duration_s=duration)
+
+    async def _migration_failed(self, stream: RelayedStream, migration: Migration,
+                                source: WorkerRecord, error: Exception):
+        """The target could not take it: the source resumes (if it let go already, the
+        relay sees MIGRATED with a failed target and fails over)."""
+        migration.call.cancel()
+        migration.ready.set_exception(error)
+        migration.ready.exception()  # retrieved: the relay may never look
+        try:
+            await self._stub(source.address).CommitExport(
+                worker_pb2.CommitExportRequest(request_id=stream.request_id, commit=False),
+                timeout=10)
+        except grpc.aio.AioRpcError as e:
+            log.warning("could not resume %s on %s: %s", stream.request_id,
+                        source.worker_id, e.details())
+        if stream.migration is migration and not migration.adopted.done():
+            stream.migration = None
+            stream.status = "running"
+        self.metrics.migrations.labels("failed").inc()
+        raise error
+
+    def _migration_target(self, stream: RelayedStream, target_id: str) -> WorkerRecord:
+        others = [r for r in self.registry.routable()
+                  if r.worker_id != stream.worker.worker_id]
+        if target_id:
+            for r in others:
+                if r.worker_id == target_id:
+                    return r
+            raise NotFoundError(f"target_worker_id: no routable worker {target_id!r} other "
+                                "than the sequence's own")
+        route = RouteRequest(prefix_hashes=(), prefix_owners=())
+        chosen = self.policy.select(route, [
+            Candidate(record=r, num_inflight=self.num_inflight[r.worker_id]) for r in others])
+        if chosen is None:
+            raise UnavailableError("no other worker to migrate to")
+        return chosen.record
+
+    async def Drain(self, request, context):
+        worker_id = request.worker_id
+        if not worker_id:
+            raise InvalidRequestError("worker_id", "must not be empty")
+        self.registry.exclude(worker_id, self.config.drain_exclusion_s)
+        record = self.registry.workers.get(worker_id)
+        if record is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # others learn it from Redis
+                await self._stub(record.address).SetDraining(
+                    worker_pb2.SetDrainingRequest(draining=True), timeout=5)
+        ids = [s.request_id for s in self.streams.values()
+               if s.worker is not None and s.worker.worker_id == worker_id]
+        results = await asyncio.gather(*(self.migrate(i, "", SnapshotKind.FULL) for i in ids),
+                                       return_exceptions=True)
+        failed = [(i, r) for i, r in zip(ids, results, strict=True)
+                  if isinstance(r, BaseException)]
+        for request_id, error in failed:
+            log.warning("drain of %s: %s stays: %s", worker_id, request_id, error)
+        return router_pb2.DrainResponse(num_migrated=len(ids) - len(failed),
+                                        num_failed=len(failed))
 
     async def ListWorkers(self, request, context):
         return router_pb2.ListWorkersResponse(

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/slotmesh/v1/common.proto\x12\x0bslotmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.slotmesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\xdd\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x16\n\ttypical_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12*\n\nlogit_bias\x18\n \x03(\x0b\x32\x16.slotmesh.v1.LogitBias\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\r\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\x05\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x16\n\x0enum_candidates\x18\x10 \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.slotmesh.v1.ChatMessagesH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.slotmesh.v1.TokenIdsH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.slotmesh.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"E\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.slotmesh.v1.TopLogprob\"\xe3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.slotmesh.v1.FinishReason\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.slotmesh.v1.TokenLogprob\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x11\n\tworker_id\x18\x08 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"g\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\"\x96\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\r\n\x05slots\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x19\n\x11\x61ttention_backend\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\x12%\n\x04load\x18\r \x01(\x0b\x32\x17.slotmesh.v1.WorkerLoad*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/slotmesh/v1/common.proto\x12\x0bslotmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.slotmesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\xdd\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x16\n\ttypical_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12*\n\nlogit_bias\x18\n \x03(\x0b\x32\x16.slotmesh.v1.LogitBias\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\r\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\x05\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x16\n\x0enum_candidates\x18\x10 \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xed\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.slotmesh.v1.ChatMessagesH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.slotmesh.v1.TokenIdsH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.slotmesh.v1.SamplingParams\x12(\n\x06resume\x18\x06 \x01(\x0b\x32\x18.slotmesh.v1.ResumeStateB\x08\n\x06prompt\">\n\x0bResumeState\x12\x18\n\x10output_token_ids\x18\x01 \x03(\x05\x12\x15\n\remitted_chars\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"E\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.slotmesh.v1.TopLogprob\"\xa5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.slotmesh.v1.FinishReason\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.slotmesh.v1.TokenLogprob\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x1a\n\x12num_resumed_tokens\x18\n \x01(\r\x12\x16\n\x0esnapshot_bytes\x18\x0b \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"g\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\"\xa8\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\r\n\x05slots\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x19\n\x11\x61ttention_backend\x18\x0b \x01(\t\x12\x0f\n\x07version\x18\x0c \x01(\t\x12%\n\x04load\x18\r \x01(\x0b\x32\x17.slotmesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\"\x1d\n\rSnapshotChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\xad\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1a\n\x16\x46INISH_REASON_MIGRATED\x10\x05*\x80\x01\n\x0cSnapshotKind\x12\x1d\n\x19SNAPSHOT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12SNAPSHOT_KIND_FULL\x10\x01\x12\x1a\n\x16SNAPSHOT_KIND_SWA_ONLY\x10\x02\x12\x1d\n\x19SNAPSHOT_KIND_TOKENS_ONLY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.slotmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1707
-  _globals['_FINISHREASON']._serialized_end=1852
+  _globals['_FINISHREASON']._serialized_start=1928
+  _globals['_FINISHREASON']._serialized_end=2101
+  _globals['_SNAPSHOTKIND']._serialized_start=2104
+  _globals['_SNAPSHOTKIND']._serialized_end=2232
   _globals['_CHATMESSAGE']._serialized_start=48
   _globals['_CHATMESSAGE']._serialized_end=92
   _globals['_CHATMESSAGES']._serialized_start=94
@@ -44,19 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=225
   _globals['_SAMPLINGPARAMS']._serialized_end=702
   _globals['_GENERATEREQUEST']._serialized_start=705
-  _globals['_GENERATEREQUEST']._serialized_end=900
-  _globals['_TOPLOGPROB']._serialized_start=902
-  _globals['_TOPLOGPROB']._serialized_end=949
-  _globals['_TOKENLOGPROB']._serialized_start=951
-  _globals['_TOKENLOGPROB']._serialized_end=1020
-  _globals['_GENERATERESPONSE']._serialized_start=1023
-  _globals['_GENERATERESPONSE']._serialized_end=1250
-  _globals['_ABORTREQUEST']._serialized_start=1252
-  _globals['_ABORTREQUEST']._serialized_end=1286
-  _globals['_ABORTRESPONSE']._serialized_start=1288
-  _globals['_ABORTRESPONSE']._serialized_end=1318
-  _globals['_WORKERLOAD']._serialized_start=1320
-  _globals['_WORKERLOAD']._serialized_end=1423
-  _globals['_WORKERINFO']._serialized_start=1426
-  _globals['_WORKERINFO']._serialized_end=1704
+  _globals['_GENERATEREQUEST']._serialized_end=942
+  _globals['_RESUMESTATE']._serialized_start=944
+  _globals['_RESUMESTATE']._serialized_end=1006
+  _globals['_TOPLOGPROB']._serialized_start=1008
+  _globals['_TOPLOGPROB']._serialized_end=1055
+  _globals['_TOKENLOGPROB']._serialized_start=1057
+  _globals['_TOKENLOGPROB']._serialized_end=1126
+  _globals['_GENERATERESPONSE']._serialized_start=1129
+  _globals['_GENERATERESPONSE']._serialized_end=1422
+  _globals['_ABORTREQUEST']._serialized_start=1424
+  _globals['_ABORTREQUEST']._serialized_end=1458
+  _globals['_ABORTRESPONSE']._serialized_start=1460
+  _globals['_ABORTRESPONSE']._serialized_end=1490
+  _globals['_WORKERLOAD']._serialized_start=1492
+  _globals['_WORKERLOAD']._serialized_end=1595
+  _globals['_WORKERINFO']._serialized_start=1598
+  _globals['_WORKERINFO']._serialized_end=1894
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1896
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1925
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,42 @@ SEQUENCE_STATUS_WAITING: SequenceStatus
 SEQUENCE_STATUS_RUNNING: SequenceStatus
 SEQUENCE_STATUS_MIGRATING: SequenceStatus
 
+class MigrateRequest(_message.Message):
+    __slots__ = ("request_id", "target_worker_id", "kind")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    target_worker_id: str
+    kind: _common_pb2.SnapshotKind
+    def __init__(self, request_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.SnapshotKind, str]] = ...) -> None: ...
+
+class MigrateResponse(_message.Message):
+    __slots__ = ("source_worker_id", "target_worker_id", "num_tokens_at_migration", "duration_s")
+    SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_AT_MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    source_worker_id: str
+    target_worker_id: str
+    num_tokens_at_migration: int
+    duration_s: float
+    def __init__(self, source_worker_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., num_tokens_at_migration: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("num_migrated", "num_failed")
+    NUM_MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_FAILED_FIELD_NUMBER: _ClassVar[int]
+    num_migrated: int
+    num_failed: int
+    def __init__(self, num_migrated: _Optional[int] = ..., num_failed: _Optional[int] = ...) -> None: ...
+
 class GetSequenceRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

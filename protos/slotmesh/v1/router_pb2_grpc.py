@@ -56,6 +56,16 @@ class RouterStub:
                 request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/slotmesh.v1.Router/Migrate',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/slotmesh.v1.Router/Drain',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -93,6 +103,21 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Move a running sequence to another worker; the client's stream continues with no
+        gap, duplicate or reordering. NOT_FOUND for an id this router does not relay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Migrate every sequence this router relays off a worker, and stop routing to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +140,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
                     response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +261,60 @@ class Router:
             '/slotmesh.v1.Router/ListWorkers',
             protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
             protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotmesh.v1.Router/Migrate',
+            protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotmesh.v1.Router/Drain',
+            protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

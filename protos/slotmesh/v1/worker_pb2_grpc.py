@@ -51,6 +51,31 @@ class WorkerStub:
                 request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.ExportSequence = channel.unary_stream(
+                '/slotmesh.v1.Worker/ExportSequence',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.CommitExport = channel.unary_unary(
+                '/slotmesh.v1.Worker/CommitExport',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.FromString,
+                _registered_method=True)
+        self.ImportSequence = channel.unary_stream(
+                '/slotmesh.v1.Worker/ImportSequence',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.RestoreSequence = channel.stream_stream(
+                '/slotmesh.v1.Worker/RestoreSequence',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.SetDraining = channel.unary_unary(
+                '/slotmesh.v1.Worker/SetDraining',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -80,6 +105,48 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSequence(self, request, context):
+        """Snapshot a running sequence at the next step boundary and stream it in chunks.
+        With pause, the sequence stops generating and keeps its KV until CommitExport.
+        NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitExport(self, request, context):
+        """After a paused export: commit frees the sequence (its Generate stream ends with
+        FINISH_REASON_MIGRATED); otherwise it resumes here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSequence(self, request, context):
+        """Pull a running sequence from another worker (source_address), import it, confirm
+        to the source, and stream the continuation. The first response carries no token:
+        it reports the import (num_resumed_tokens, worker_id, seed). Errors:
+        FAILED_PRECONDITION (another model), INVALID_ARGUMENT / DATA_LOSS (bad snapshot),
+        RESOURCE_EXHAUSTED (no room); the source then keeps the sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSequence(self, request_iterator, context):
+        """Upload a snapshot (e.g. from a file) and stream the continuation, as ImportSequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDraining(self, request, context):
+        """Stop taking new sequences (readiness goes NOT_SERVING, the registry says draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +164,31 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.InfoRequest.FromString,
                     response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
+            ),
+            'ExportSequence': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSequence,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'CommitExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitExport,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.SerializeToString,
+            ),
+            'ImportSequence': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportSequence,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+            ),
+            'RestoreSequence': grpc.stream_stream_rpc_method_handler(
+                    servicer.RestoreSequence,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+            ),
+            'SetDraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDraining,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +273,141 @@ class Worker:
             '/slotmesh.v1.Worker/Info',
             protos_dot_slotmesh_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
             protos_dot_slotmesh_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slotmesh.v1.Worker/ExportSequence',
+            protos_dot_slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotmesh.v1.Worker/CommitExport',
+            protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slotmesh.v1.Worker/ImportSequence',
+            protos_dot_slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSequence(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/slotmesh.v1.Worker/RestoreSequence',
+            protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotmesh.v1.Worker/SetDraining',
+            protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

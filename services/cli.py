@@ -5,6 +5,7 @@ the environment, and passes it down.
     slotmesh worker     one worker process (gRPC + Redis registration)
     slotmesh router     the client-facing router
     slotmesh up         Redis + router + N workers on this machine
+    slotmesh seq        save a running sequence to a file / restore it on a worker
     slotmesh bench      engine / cluster benchmarks
 """
 
@@ -191,6 +192,12 @@ def _worker_parser(sub) -> None:
     p.add_argument("--heartbeat-ttl", type=float, default=6.0,
                    help="registry key expiry in seconds, renewed every third of it "
                         "(default: 6)")
+    p.add_argument("--router-address", default=None, metavar="HOST:PORT",
+                   help="on SIGTERM, ask this router to migrate every sequence away before "
+                        "exiting (the Kubernetes preStop path); default: only wait for "
+                        "running streams, up to --shutdown-grace")
+    p.add_argument("--max-snapshot-mb", type=int, default=8192,
+                   help="largest snapshot this worker imports (default: 8192)")
     p.set_defaults(func=_cmd_worker)
 
 
@@ -204,7 +211,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, advertise_address=args.advertise_address,
         worker_id=args.worker_id, redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl, metrics_port=args.metrics_port,
-        shutdown_grace_s=args.shutdown_grace)
+        shutdown_grace_s=args.shutdown_grace, router_address=args.router_address,
+        max_snapshot_bytes=args.max_snapshot_mb << 20)
     return asyncio.run(serve(engine_config(args), config))
 
 
@@ -244,6 +252,12 @@ def _up_parser(sub) -> None:
     add_up_parser(sub, add_model_flags)
 
 
+def _seq_parser(sub) -> None:
+    from services.seq_files import add_seq_parser
+
+    add_seq_parser(sub)
+
+
 def _bench_parser(sub) -> None:
     from services.bench_cluster import add_cluster_bench_parser
     from worker.bench import add_bench_parser
@@ -261,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _router_parser(sub)
     _up_parser(sub)
+    _seq_parser(sub)
     _bench_parser(sub)
     return parser
 

@@ -68,12 +68,13 @@ class LocalCluster:
         try:
             if self.redis is not None:
                 self.redis.start()
-            router = ("router", [
+            # the router first: workers drain through it on SIGTERM
+            self.router = spawn_service("router", [
                 "router", "--port", str(self.router_port), "--redis-url", self.redis_url,
                 "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
-                *self.router_args], self._log("router"))
+                *self.router_args], stderr=self._log("router"), env=child_env())
             workers = [self._worker_spec() for _ in range(self.num_workers)]
-            self.router, *self.workers = spawn_services([router, *workers], env=child_env())
+            self.workers = spawn_services(workers, env=child_env())
             self.wait_for_workers(len(self.workers))
         except BaseException:
             self.stop()
@@ -86,6 +87,7 @@ class LocalCluster:
         return (name, [
             "worker", "--port", "0", "--worker-id", name, "--redis-url", self.redis_url,
             "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
+            "--router-address", self.router_address,
             *self.worker_args, *(extra_args or [])], self._log(name))
 
     def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:

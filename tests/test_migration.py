@@ -57,7 +57,7 @@ def reference(client):
 
 
 def run(client: Client, request_id: str, params: dict, at: list[int], action) -> tuple:
-    """Stream a request; when the client has seen at[0] tokens call action(chunk)."""
+    """Stream a request; when the client has seen at[0] tokens call action(workers seen)."""
     tokens, text, workers = [], "", []
     for chunk in client.stream(text=PROMPT, request_id=request_id, max_tokens=MAX_TOKENS,
                                ignore_eos=True, **params):
@@ -67,7 +67,7 @@ def run(client: Client, request_id: str, params: dict, at: list[int], action) ->
             workers.append(chunk.worker_id)
         if at and len(tokens) >= at[0]:
             at.pop(0)
-            action(chunk)
+            action(workers)
     return tokens, text, workers
 
 
@@ -125,6 +125,95 @@ def test_failover_after_sigkill_continues_token_exact(cluster, client, reference
     cluster.add_worker()  # back to three live workers for the next tests
 
 
+def test_sigterm_drains_through_the_router(cluster, client, reference) -> None:
+    """The Kubernetes path: SIGTERM a worker mid-stream; it asks the router to migrate
+    its sequences, then exits 0; the stream continues token-exact elsewhere."""
+    code = {}
+    tokens, text, workers = run(
+        client, "sigterm-1", SAMPLING["seeded"], [10],
+        lambda seen: code.setdefault("rc", next(
+            w for w in cluster.workers if w.name == seen[-1]).terminate()))
+    assert code["rc"] == 0
+    assert (tokens, text) == reference["seeded"]
+    assert len(workers) == 2 and workers[0] != workers[1]
+    cluster.add_worker()
+
+
+def test_save_to_file_and_restore_on_another_worker(cluster, client, reference,
+                                                    tmp_path) -> None:
+    from services.cli import main
+    from worker.snapshot import decode
+
+    path = tmp_path / "seq.snap"
+    saved = {}
+
+    def save(chunk) -> None:
+        owner = next(w for w in cluster.workers if w.name == chunk.worker_id)
+        assert main(["seq", "save", "--worker", owner.address, "file-1", str(path)]) == 0
+        saved["owner"] = owner.name
+
+    stream = client.stream(text=PROMPT, request_id="file-1", max_tokens=MAX_TOKENS,
+                           ignore_eos=True, **SAMPLING["seeded"])
+    seen = 0
+    for chunk in stream:
+        seen += len(chunk.token_ids)
+        if chunk.worker_id:
+            save(chunk)
+        if seen >= 10:
+            break
+    stream.close()  # the original goes away; the file lives on
+    snap = decode(path.read_bytes())
+    done = len(snap.token_ids) - snap.num_prompt_tokens
+    other = next(w for w in cluster.workers if w.name != saved["owner"]
+                 and w.proc.poll() is None)
+    with grpc.insecure_channel(other.address) as ch:
+        from protos.slotmesh.v1 import common_pb2
+
+        data = path.read_bytes()
+        msgs = list(worker_pb2_grpc.WorkerStub(ch).RestoreSequence(
+            iter([common_pb2.SnapshotChunk(data=data[i:i + 65536])
+                  for i in range(0, len(data), 65536)]), timeout=120))
+    assert msgs[0].num_resumed_tokens == done and not msgs[0].token_ids
+    continuation = [t for m in msgs[1:] for t in m.token_ids]
+    assert snap.token_ids[snap.num_prompt_tokens:] + continuation == reference["seeded"][0]
+
+
+def test_bad_snapshots_are_refused_and_the_worker_keeps_serving(cluster, client,
+                                                                tiny_model_dir) -> None:
+    from protos.slotmesh.v1 import common_pb2
+    from worker.config import EngineConfig, ModelConfig
+    from worker.engine import LLMEngine
+    from worker.sampling_params import SamplingParams
+    from worker.snapshot import SnapshotKind, encode
+
+    other_model = LLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir("llama"))),
+                                         warmup=False))
+    other_model.add_request("x", other_model.encode_prompt(prompt=PROMPT),
+                            SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(5):
+        other_model.step()
+    good = encode(other_model.export("x", SnapshotKind.FULL, pause=False))
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    target = next(w for w in cluster.workers if w.proc.poll() is None)
+    damaged = {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT}
+    cases = [(good, {grpc.StatusCode.FAILED_PRECONDITION}),  # another model
+             (bytes(flipped), {grpc.StatusCode.DATA_LOSS}),
+             (good[: len(good) // 3], damaged),  # truncated
+             (good[len(good) // 2:] + good[: len(good) // 2], damaged),  # reordered
+             (b"not a snapshot at all" * 3, {grpc.StatusCode.INVALID_ARGUMENT})]
+    with grpc.insecure_channel(target.address) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        for data, code in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.RestoreSequence(iter([common_pb2.SnapshotChunk(data=data)]),
+                                          timeout=30))
+            assert e.value.code() in code, (code, e.value.details())
+    assert is_idle(target.address)
+    done = client.generate(text=PROMPT, max_tokens=5, temperature=0)
+    assert done.finish_reason == "length"
+
+
 DRAIN_TOKENS = 1500  # long enough to outlive the setup below on a slow machine
 
 
@@ -175,3 +264,17 @@ def set_draining(address: str, draining: bool) -> None:
     with grpc.insecure_channel(address) as ch:
         worker_pb2_grpc.WorkerStub(ch).SetDraining(
             worker_pb2.SetDrainingRequest(draining=draining), timeout=5)
+
+
+def test_migration_metrics(cluster) -> None:
+    from tests.cluster_harness import metric_value, scrape
+
+    text = scrape(cluster.router.metrics_address)
+    assert metric_value(text, 'slotmesh_router_migrations_total{result="ok"}') >= 14
+    assert metric_value(text, "slotmesh_router_failovers_total") >= 1
+    assert metric_value(text, "slotmesh_router_migration_bytes_total") > 0
+    assert metric_value(text, "slotmesh_router_migration_duration_seconds_count") >= 14
+    workers = "".join(scrape(w.metrics_address) for w in cluster.workers
+                      if w.proc.poll() is None)
+    assert metric_value(workers, "slotmesh_worker_imported_sequences_total") >= 1
+    assert 'slotmesh_worker_snapshot_bytes_total{direction="export"}' in workers

@@ -260,10 +260,12 @@ def _seq_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     from services.bench_cluster import add_cluster_bench_parser
+    from services.bench_migration import add_migration_bench_parser
     from worker.bench import add_bench_parser
 
     bench_sub = add_bench_parser(sub, add_model_flags)
     add_cluster_bench_parser(bench_sub, add_model_flags)
+    add_migration_bench_parser(bench_sub, add_model_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:

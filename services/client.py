@@ -104,6 +104,7 @@ class MigrationResult:
     target_worker_id: str
     num_tokens_at_migration: int
     duration_s: float
+    snapshot_bytes: int
 
 
 _KINDS = {"full": common_pb2.SNAPSHOT_KIND_FULL, "swa_only": common_pb2.SNAPSHOT_KIND_SWA_ONLY,
@@ -121,7 +122,7 @@ def _migration_result(resp) -> MigrationResult:
     return MigrationResult(source_worker_id=resp.source_worker_id,
                            target_worker_id=resp.target_worker_id,
                            num_tokens_at_migration=resp.num_tokens_at_migration,
-                           duration_s=resp.duration_s)
+                           duration_s=resp.duration_s, snapshot_bytes=resp.snapshot_bytes)
 
 
 def build_request(*, text: str | None = None, messages: list[dict] | None = None,

@@ -19,7 +19,7 @@ from tests.cluster_harness import is_idle, tiny_cluster, wait_until
 from tests.tiny_models import make_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-MAX_TOKENS = 600
+MAX_TOKENS = 300
 SAMPLING = {
     "greedy": {"temperature": 0.0},
     "seeded": {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "min_p": 0.02, "seed": 1234},
@@ -214,7 +214,7 @@ def test_bad_snapshots_are_refused_and_the_worker_keeps_serving(cluster, client,
     assert done.finish_reason == "length"
 
 
-DRAIN_TOKENS = 1500  # long enough to outlive the setup below on a slow machine
+DRAIN_TOKENS = 800  # long enough to outlive the setup below on a slow machine
 
 
 def test_drain_moves_eight_running_sequences(cluster, client) -> None:

@@ -307,7 +307,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                  ack.snapshot_bytes)
         return router_pb2.MigrateResponse(
             source_worker_id=source.worker_id, target_worker_id=target.worker_id,
-            num_tokens_at_migration=ack.num_resumed_tokens, duration_s=duration)
+            num_tokens_at_migration=ack.num_resumed_tokens, duration_s=duration,
+            snapshot_bytes=ack.snapshot_bytes)
 
     async def _migration_failed(self, stream: RelayedStream, migration: Migration,
                                 source: WorkerRecord, error: Exception):

@@ -30,16 +30,18 @@ class MigrateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.SnapshotKind, str]] = ...) -> None: ...
 
 class MigrateResponse(_message.Message):
-    __slots__ = ("source_worker_id", "target_worker_id", "num_tokens_at_migration", "duration_s")
+    __slots__ = ("source_worker_id", "target_worker_id", "num_tokens_at_migration", "duration_s", "snapshot_bytes")
     SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_AT_MIGRATION_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     source_worker_id: str
     target_worker_id: str
     num_tokens_at_migration: int
     duration_s: float
-    def __init__(self, source_worker_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., num_tokens_at_migration: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    snapshot_bytes: int
+    def __init__(self, source_worker_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., num_tokens_at_migration: _Optional[int] = ..., duration_s: _Optional[float] = ..., snapshot_bytes: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("worker_id",)

@@ -75,9 +75,14 @@ def run(client: Client, request_id: str, params: dict, at: list[int], action) ->
 @pytest.mark.parametrize("times", [1, 2])
 def test_migrated_stream_equals_unmigrated(client, reference, mode, times) -> None:
     rid = f"mig-{mode}-{times}"
-    moves = []
-    tokens, text, workers = run(client, rid, SAMPLING[mode], [10, 20][:times],
-                                lambda _c: moves.append(client.migrate(rid)))
+    moves, owners = [], []
+
+    def migrate(_seen) -> None:
+        moves.append(client.migrate(rid))
+        owners.append(client.get_sequence(rid).worker_id)  # the metadata follows
+
+    tokens, text, workers = run(client, rid, SAMPLING[mode], [10, 20][:times], migrate)
+    assert owners == [m.target_worker_id for m in moves]
     assert (tokens, text) == reference[mode]
     assert len(moves) == times
     assert all(m.num_tokens_at_migration >= 10 for m in moves)

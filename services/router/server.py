@@ -1,10 +1,12 @@
-"""The Router gRPC service: validate, choose a worker, relay its stream.
+"""The Router gRPC service: validate, choose a worker, relay its stream; migrate and
+drain.
 
 Client cancellation and deadlines reach the worker: the worker call carries the client's
 remaining time, and when the client goes away the relay task is cancelled, which
 cancels the worker call, which aborts the sequence there and frees its KV blocks.
-A worker that cannot be reached before it produced anything is skipped for the next
-candidate; a worker lost mid-stream ends the stream with UNAVAILABLE.
+A worker that cannot be reached (or is full) before it produced anything is skipped for
+the next candidate; a worker lost mid-stream is failed over by replay, and a migration
+splices the target's stream in (services/router/relay.py).
 """
 
 from __future__ import annotations

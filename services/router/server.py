@@ -57,6 +57,7 @@ from services.router.relay import (
     WorkerFullError,
     WorkerLostError,
     WorkerUnreachableError,
+    adopt_target,
     pump,
     start,
 )
@@ -124,7 +125,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         yield msg
                     break
                 except WorkerLostError as e:
-                    await self._fail_over(stream, route, context, str(e))
+                    if not await self._adopt_after_loss(stream):
+                        await self._fail_over(stream, route, context, str(e))
         finally:
             if stream.call is not None:
                 stream.call.cancel()  # no-op when finished; aborts it when we were cancelled
@@ -165,6 +167,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 self.registry.exclude(worker.worker_id, self.config.unreachable_backoff_s)
             except WorkerFullError as e:
                 full = e.error
+
+    async def _adopt_after_loss(self, stream: RelayedStream) -> bool:
+        """The source died while its sequence was migrating: if the target has it and
+        resumes exactly after what was relayed, carry on there instead of replaying."""
+        if stream.migration is None:
+            return False
+        try:
+            await adopt_target(stream)
+        except WorkerLostError:
+            return False
+        return True
 
     async def _fail_over(self, stream: RelayedStream, route: RouteRequest, context,
                          reason: str) -> None:
@@ -296,6 +309,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                      if isinstance(e, grpc.aio.AioRpcError) else e)
             return await self._migration_failed(stream, migration, source, error)
         migration.ready.set_result(ack)
+        # the target confirmed to the source already; repeat it (idempotent) so a lost
+        # confirmation cannot leave the source paused with the relay waiting on it
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub(source.address).CommitExport(
+                worker_pb2.CommitExportRequest(request_id=request_id, commit=True), timeout=10)
         await migration.adopted  # the relay has switched to the target
         self._count(source, -1)
         self._count(target, +1)

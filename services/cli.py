@@ -105,17 +105,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _bench_parser(sub) -> None:
     from worker.bench import add_bench_parser
+    from worker.training.cli import add_finetune_bench_parser
 
-    add_bench_parser(sub, add_model_flags)
+    bench_sub = add_bench_parser(sub, add_model_flags)
+    add_finetune_bench_parser(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from worker.training.cli import add_finetune_parser
+
     parser = argparse.ArgumentParser(prog="slotmesh", description="slotmesh: an LLM serving "
                                      "cluster; this build has the worker engine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _bench_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 

@@ -35,7 +35,8 @@ class RunResult:
     ttft_s: float  # mean time to first token
 
 
-def add_bench_parser(sub, add_model_flags) -> None:
+def add_bench_parser(sub, add_model_flags):
+    """`slotmesh bench engine`; returns the `bench` subparsers for other benchmarks."""
     p = sub.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     e = bench_sub.add_parser("engine", help="engine vs transformers generate(), same run",
@@ -51,6 +52,7 @@ def add_bench_parser(sub, add_model_flags) -> None:
                    help="measure the engine only (no ratios)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=run_engine_bench)
+    return bench_sub
 
 
 def run_engine_bench(args: argparse.Namespace) -> int:

@@ -188,15 +188,24 @@ def test_smollm2_one_epoch_lowers_validation_loss(model_cache, tmp_path, capsys)
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
 
 
+def test_help_lists_finetune(capsys) -> None:
+    for argv in (["--help"], ["finetune", "--help"], ["bench", "finetune", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "finetune" in out and "--lr-halvings" in out and "--memory-cap-gib" in out
+
+
 def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys) -> None:
     """The benchmark's plumbing with the child processes replaced by a fake that grows
     linearly with the context: ratio, and the largest context under the cap."""
     from worker.training import bench
 
-    def fake(spec: dict) -> dict:
+    def fake(spec: dict, plain_malloc: bool = False) -> dict:
         base = {"adamw": 4000, "sgd": 2000}[spec["optimizer"]]
         return {"peak_memory_bytes": base + 10 * spec["ctx"], "memory_kind": "rss",
-                "tokens_per_s": 100.0, "max_position_embeddings": 8192}
+                "tokens_per_s": 100.0, "step_seconds": [1.0], "max_position_embeddings": 8192}
 
     monkeypatch.setattr(bench, "_measure", fake)
     rc = main(["bench", "finetune", "--model", "x", "--ctx", "64", "--memory-cap-gib",

@@ -5,10 +5,13 @@ that loads the model in float32, builds the optimizer over every parameter and r
 --steps optimizer steps of the fine-tuning `Trainer` itself on --batch windows of --ctx
 random tokens. The child reports its peak resident memory during the steps (weights,
 gradients, optimizer state, activations and the Python/torch runtime: what a memory cap
-sees) and the training tokens/s after the first step. Children start with glibc told
-to map every allocation of 64 KiB or more separately and to return freed memory at once
+sees) and its training tokens/s (the fastest step after the first: on a shared machine
+noise only ever slows a step down). Memory children start with glibc told to map every
+allocation of 64 KiB or more separately and to return freed memory at once
 (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so RSS follows the live tensors instead
-of what the allocator keeps cached, and the two optimizers are measured alike.
+of what the allocator keeps cached, and the two optimizers are measured alike; speed
+children run with glibc's defaults (and report that peak too, as
+`peak_memory_bytes_plain_malloc`).
 
 Then, per optimizer, the largest context that fits under --memory-cap-gib: a probe at
 twice --ctx gives peak memory's growth per token, the line through the two points
@@ -40,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=256, help="context per window (default: 256)")
     p.add_argument("--batch", type=int, default=1, help="windows per step (default: 1)")
     p.add_argument("--steps", type=int, default=3,
-                   help="steps per optimizer; tokens/s leaves out the first (default: 3)")
+                   help="steps of the speed run; tokens/s is the fastest after the first "
+                        "(default: 3)")
     p.add_argument("--memory-cap-gib", type=float, default=3.0,
                    help="the cap for the largest-context search (default: %(default)s)")
     p.add_argument("--ctx-step", type=int, default=64,
@@ -63,8 +67,11 @@ def run_bench(args: argparse.Namespace) -> int:
     report = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "ctx": args.ctx, "batch": args.batch, "steps": args.steps}
     for name in OPTIMIZER_NAMES:
-        report[name] = _measure(spec | {"optimizer": name, "ctx": args.ctx,
-                                        "steps": args.steps})
+        base = spec | {"optimizer": name, "ctx": args.ctx}
+        memory = _measure(base | {"steps": _PROBE_STEPS})
+        speed = _measure(base | {"steps": args.steps}, plain_malloc=True)
+        report[name] = memory | {k: speed[k] for k in ("tokens_per_s", "step_seconds")} | {
+            "peak_memory_bytes_plain_malloc": speed["peak_memory_bytes"]}
     report["memory_kind"] = report["adamw"]["memory_kind"]
     report["sgd_over_adamw_peak_memory"] = round(
         report["sgd"]["peak_memory_bytes"] / report["adamw"]["peak_memory_bytes"], 3)
@@ -114,10 +121,15 @@ def _max_ctx(spec: dict, ctx0: int, peak0: int, cap: int, step: int,
             "probes": {str(c): probes[c] for c in sorted(probes)}}
 
 
-def _measure(spec: dict) -> dict:
-    """One child process: load, build, train `steps` steps; its JSON report."""
+def _measure(spec: dict, plain_malloc: bool = False) -> dict:
+    """One child process: load, build, train `steps` steps; its JSON report.
+
+    Memory is measured with glibc returning freed memory at once; speed with glibc as it
+    is (every large free then costs an munmap and every reuse fresh page faults, which
+    on two busy cores made steps several times slower).
+    """
     cmd = [sys.executable, "-m", "worker.training.bench", json.dumps(spec)]
-    env = os.environ | _CHILD_ENV
+    env = os.environ if plain_malloc else os.environ | _CHILD_ENV
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"bench child failed ({spec}):\n{result.stderr[-2000:]}")
@@ -165,10 +177,10 @@ def _child(spec: dict) -> dict:
         t0 = time.perf_counter()
         trainer.train_step(list(range(i * batch, (i + 1) * batch)))
         seconds.append(time.perf_counter() - t0)
-    timed = seconds[1:] or seconds
+    best = min(seconds[1:] or seconds)  # the first step also allocates; noise only adds
     return {"peak_memory_bytes": memory.peak_bytes(), "memory_kind": memory.kind,
             "weights_rss_bytes": rss_weights,
-            "tokens_per_s": round(ctx * batch * len(timed) / sum(timed), 2),
+            "tokens_per_s": round(ctx * batch / best, 2),
             "step_seconds": [round(s, 3) for s in seconds],
             "optimizer_state_bytes": state_bytes(optimizer),
             "moment_buffer_bytes": moment_buffer_bytes(optimizer),

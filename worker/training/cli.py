@@ -26,8 +26,8 @@ standard error, elapsed, ETA); a validation pass before training gives the basel
 Ctrl-C stops after the current step, saves a resumable checkpoint to OUT.checkpoint and
 exits with code 130; `slotmesh finetune --resume OUT.checkpoint` continues the same run
 (model, data, settings and --out come from the checkpoint; other flags are ignored) and
-removes the checkpoint once OUT is written. Bad input exits with code 2 before anything
-is written."""
+removes OUT.checkpoint once OUT is written. Bad input exits with code 2 before anything
+is written. Flags, schedule, memory and metrics.json: docs/finetune.md."""
 
 
 def add_finetune_parser(sub) -> None:

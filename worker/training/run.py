@@ -20,7 +20,7 @@ from worker.errors import InvalidRequestError
 from worker.loaders import load_checkpoint
 from worker.loaders.checkpoint import Checkpoint
 from worker.models.decoder import DecoderModel
-from worker.models.registry import build_model
+from worker.models.registry import build_model, model_args
 from worker.training.checkpoint import (
     SavedRun,
     default_checkpoint_dir,
@@ -120,8 +120,8 @@ def prepare(config: FinetuneConfig | None, resume: Path | None) -> Prepared:
 
 
 def _check_ctx(config: FinetuneConfig, source: Checkpoint) -> None:
-    limit = source.config.get("max_position_embeddings")
-    if limit is not None and config.ctx > limit:
+    limit = model_args(source.config).max_position_embeddings
+    if config.ctx > limit:
         raise InvalidRequestError("ctx", f"{config.ctx} is above the model's context of "
                                          f"{limit} tokens")
 

@@ -38,6 +38,8 @@ _MAX_WALK = 6  # probes after the prediction, per optimizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from worker.training.cli import add_device_flags
+
     p.add_argument("--model", default="smollm2-135m",
                    help="known name, GGUF file or HF directory (default: %(default)s)")
     p.add_argument("--ctx", type=int, default=256, help="context per window (default: 256)")
@@ -50,9 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-step", type=int, default=64,
                    help="granularity of the largest-context search (default: %(default)s)")
     p.add_argument("--skip-max-ctx", action="store_true", help="skip the largest-context search")
-    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="model cache (default: $SLOTMESH_CACHE or ~/.cache/slotmesh)")
+    add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -68,11 +68,16 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--train-only", action="append", default=[], metavar="PATTERN",
                    help="train only parameters whose name matches this regex (repeatable), "
                         "e.g. 'layers\\.29\\.' or 'norm'; the rest are frozen")
+    add_device_flags(p)
+    p.set_defaults(func=run_finetune_command)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --cache-dir, shared by finetune and bench finetune."""
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where known models are fetched to (default: $SLOTMESH_CACHE or "
                         "~/.cache/slotmesh)")
-    p.set_defaults(func=run_finetune_command)
 
 
 def finetune_config(args: argparse.Namespace):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.paths import model_cache_dir
 from tests.tiny_models import make_tiny_model
@@ -30,3 +31,14 @@ def tiny_model_dir(tmp_path_factory) -> callable:
         return made[key]
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models gain nothing from a second, and on a
+    shared two-core machine a second thread mostly waits (measured: the smollm2 fine-tune
+    test took 15 s on one thread and 50 s on two while another suite ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,9 +1,6 @@
 """`slotmesh finetune` end to end: memorising a text with each optimizer, the output
 served by `slotmesh generate`, bad input, Ctrl-C and --resume, a real model, the
-benchmark's plumbing.
-
-Tiny models train with one torch thread: their ops are far too small to gain from two,
-and on a shared two-core machine the second thread only waits.
+benchmark's plumbing. Every test trains on one torch thread (conftest `one_thread`).
 """
 
 from __future__ import annotations
@@ -25,16 +22,10 @@ from worker.loaders.hf import load_hf_dir
 from worker.tokenizer import Tokenizer
 from worker.training.export import MODEL_FILES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = ("Once upon a time there was a little engine that served tokens. "
         "The quick brown fox jumps over the lazy dog. ")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +50,7 @@ def _finetune(capsys, *flags: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("adamw", "1e-2"), ("sgd", "0.3")])
 def test_memorises_text_and_generate_reproduces_it(optimizer, lr, memo_model, tmp_path,
-                                                   capsys, one_thread) -> None:
+                                                   capsys) -> None:
     data = tmp_path / "text.txt"
     data.write_text(TEXT * 12)
     out = tmp_path / "out"
@@ -129,7 +120,7 @@ def test_bad_input_exit_2_nothing_written(case, flags, says, tiny_model_dir, tmp
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_finishes(tiny_model_dir, tmp_path,
-                                                     capsys, one_thread) -> None:
+                                                     capsys) -> None:
     data = _write(tmp_path / "text.txt", TEXT * 100)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "services.cli", "finetune", "--model",
@@ -217,7 +208,7 @@ def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys) -> None:
     assert report["sgd"]["max_ctx_under_cap"] == 576
 
 
-def test_bench_child_measures_a_real_step(tiny_model_dir, one_thread) -> None:
+def test_bench_child_measures_a_real_step(tiny_model_dir) -> None:
     from worker.training.bench import _child
 
     spec = {"model": str(tiny_model_dir("llama")), "cache_dir": "/nonexistent",

@@ -1,7 +1,7 @@
 """Fine-tuning building blocks: the training forward against transformers, the HF export
 round trip, the learning-rate schedule, optimizer state sizes, data windows, statistics.
 
-All on tiny random models, fp32, CPU.
+All on tiny random models, fp32, CPU, one torch thread (conftest `one_thread`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from worker.training.optim import (
 )
 from worker.training.progress import RunningStats
 from worker.training.schedule import LRSchedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = 1e-4  # max |logit difference|, fp32, as the serving parity test
 SEQ_LEN = 70  # longer than the tiny models' sliding window (48)

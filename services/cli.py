@@ -262,13 +262,17 @@ def _bench_parser(sub) -> None:
     from services.bench_cluster import add_cluster_bench_parser
     from services.bench_migration import add_migration_bench_parser
     from worker.bench import add_bench_parser
+    from worker.training.cli import add_finetune_bench_parser
 
     bench_sub = add_bench_parser(sub, add_model_flags)
     add_cluster_bench_parser(bench_sub, add_model_flags)
     add_migration_bench_parser(bench_sub, add_model_flags)
+    add_finetune_bench_parser(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from worker.training.cli import add_finetune_parser
+
     parser = argparse.ArgumentParser(prog="slotmesh", description="slotmesh: an LLM serving "
                                      "cluster (gRPC router, workers, Redis).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -279,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     _seq_parser(sub)
     _bench_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 

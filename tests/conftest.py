@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.paths import model_cache_dir
 from tests.tiny_models import make_tiny_model
@@ -40,3 +41,14 @@ def redis_server():
     server = RedisServer(install=True).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models gain nothing from a second, and on a
+    shared two-core machine a second thread mostly waits (measured: the smollm2 fine-tune
+    test took 15 s on one thread and 50 s on two while another suite ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -111,6 +111,19 @@ class Tokenizer:
         blob = json.loads(text)
         return cls(tokenizers.Tokenizer.from_str(blob["tokenizer"]), **blob["meta"])
 
+    def save_hf_dir(self, path: str | Path) -> None:
+        """tokenizer.json + tokenizer_config.json that `from_hf_dir` reads back as this
+        tokenizer (same ids, same BOS policy, same chat template)."""
+        path = Path(path)
+        self.backend.save(str(path / "tokenizer.json"))
+        config = {
+            "bos_token": self.token_text(self._bos_token_id) or None,
+            "eos_token": self.token_text(self._eos_token_id) or None,
+            "add_bos_token": self.add_bos,
+            "chat_template": self._chat_template,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json if present)."""

@@ -1,9 +1,12 @@
 """One decoder-only transformer that covers Llama, Qwen2, Mistral, Gemma 3 and Mixtral.
 
 The differences between the families are data in ModelArgs (qkv bias, sliding layers,
-norm style, QK-norm, embedding scale, MoE), not subclasses. Every forward works on the
-flat token batch of one engine step: x is [T, hidden] for T new tokens of all sequences
-together; attention reads and writes the paged KV cache through StepContext.
+norm style, QK-norm, embedding scale, MoE), not subclasses. Every forward works on a
+flat token batch: x is [T, hidden]. What attention does with its q, k, v is the
+context's business: StepContext (serving, one engine step: T new tokens of all
+sequences together) reads and writes the paged KV cache; DenseContext (training,
+`forward_dense`: T = B × L tokens of B whole sequences) runs causal attention over each
+sequence with no cache, so autograd sees one plain graph through the same layers.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.causal_attention import causal_attention
 from kernels.linear import linear
 from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
 from kernels.rms_norm import rms_norm
-from kernels.rotary import apply_rotary
-from worker.models.args import ModelArgs
+from kernels.rotary import apply_rotary, rope_cache
+from worker.models.args import SLIDING, ModelArgs
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -39,6 +43,51 @@ class StepContext:
     cos_sin: dict[str, torch.Tensor]
     attn: list[PagedAttentionMetadata]
     kv_caches: list[torch.Tensor]
+
+    def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Write the step's k, v into the layer's cache, attend over each sequence's blocks.
+
+        q: [T, H, D]; k, v: [T, KVH, D] → [T, H, D].
+        """
+        cache = self.kv_caches[layer.group]
+        k_cache, v_cache = cache[0, layer.index_in_group], cache[1, layer.index_in_group]
+        meta = self.attn[layer.group]
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, meta, layer.scale)
+
+
+@dataclass(slots=True)
+class DenseContext:
+    """Training: B whole sequences of L tokens each, flattened to T = B × L, no cache.
+
+    cos_sin: layer type -> [B × L, head_dim] rotary rows (positions 0..L-1 per sequence).
+    windows: layer type -> sliding window, None for full attention.
+    """
+
+    batch: int
+    seq_len: int
+    cos_sin: dict[str, torch.Tensor]
+    windows: dict[str, int | None]
+
+    @classmethod
+    def build(cls, args: ModelArgs, batch: int, seq_len: int,
+              device: torch.device) -> DenseContext:
+        cos_sin = {
+            t: rope_cache(args.head_dim, seq_len, r.theta, r.scaling, device).repeat(batch, 1)
+            for t, r in args.rope.items()
+        }
+        windows = {t: args.sliding_window if t == SLIDING else None for t in args.rope}
+        return cls(batch, seq_len, cos_sin, windows)
+
+    def attend(self, layer: Attention, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D] → [T, H, D], causal within each sequence."""
+        b, n = self.batch, self.seq_len
+        out = causal_attention(q.view(b, n, *q.shape[1:]), k.view(b, n, *k.shape[1:]),
+                               v.view(b, n, *v.shape[1:]), layer.scale,
+                               self.windows[layer.layer_type])  # [B, L, H, D]
+        return out.reshape(q.shape)
 
 
 def _project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -76,23 +125,21 @@ class Attention(nn.Module):
         )
         self.scale = args.attn_scale
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext | DenseContext) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, ctx.cos_sin[self.layer_type])
+        out = ctx.attend(self, q, k, v)  # [T, H, D]
+        return _project(self.o_proj, out.reshape(x.shape[0], -1))
+
+    def project_qkv(self, x: torch.Tensor, cos_sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] → rotated q [T, H, D], rotated k [T, KVH, D], v [T, KVH, D]."""
         num_tokens, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = _project(self.qkv_proj, x).view(num_tokens, h + 2 * kvh, self.head_dim)
-        q, k, v = qkv.split([h, kvh, kvh], dim=1)  # [T, H, D], [T, KVH, D], [T, KVH, D]
-        cos_sin = ctx.cos_sin[self.layer_type]
+        q, k, v = qkv.split([h, kvh, kvh], dim=1)
         if self.q_norm is None:  # q and k are adjacent heads: one rotary pass for both
             qk = apply_rotary(qkv[:, : h + kvh], cos_sin)
-            q, k = qk[:, :h], qk[:, h:]
-        else:
-            q = apply_rotary(self.q_norm(q), cos_sin)
-            k = apply_rotary(self.k_norm(k), cos_sin)
-        cache = ctx.kv_caches[self.group]
-        k_cache, v_cache = cache[0, self.index_in_group], cache[1, self.index_in_group]
-        meta = ctx.attn[self.group]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return _project(self.o_proj, out.reshape(num_tokens, -1))
+            return qk[:, :h], qk[:, h:], v
+        return apply_rotary(self.q_norm(q), cos_sin), apply_rotary(self.k_norm(k), cos_sin), v
 
 
 class MLP(nn.Module):
@@ -155,7 +202,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, off)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext | DenseContext) -> torch.Tensor:
         if self.sandwich:  # Gemma: norm before and after each block
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
             h = self.mlp(self.pre_feedforward_layernorm(x))
@@ -175,7 +222,8 @@ class DecoderModel(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext | DenseContext
+                ) -> torch.Tensor:
         """input_ids: [T] → final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         if self.args.embed_scale is not None:
@@ -184,8 +232,16 @@ class DecoderModel(nn.Module):
             x = layer(x, ctx)
         return self.norm(x)
 
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Training forward. input_ids: [B, L] whole sequences from position 0 → final
+        hidden states [B, L, hidden]. Full causal attention (sliding window honoured), no
+        KV cache, differentiable; the layers and weights are the serving ones."""
+        batch, seq_len = input_ids.shape
+        ctx = DenseContext.build(self.args, batch, seq_len, input_ids.device)
+        return self(input_ids.reshape(-1), ctx).view(batch, seq_len, -1)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] → fp32 logits [N, vocab]."""
+        """hidden: [..., hidden] → fp32 logits [..., vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = linear(hidden, weight).float()
         cap = self.args.final_logit_softcapping

@@ -2,7 +2,8 @@
 
 Each entry turns an HF config dict into ModelArgs; every architecture builds the same
 DecoderModel. `build_model` also loads HF-named tensors into the fused layout
-(q/k/v → qkv_proj, gate/up → gate_up_proj, per-expert w1/w3/w2 → stacked experts).
+(q/k/v → qkv_proj, gate/up → gate_up_proj, per-expert w1/w3/w2 → stacked experts);
+`hf_state_dict` is the way back (fine-tuning writes its output with it).
 """
 
 from __future__ import annotations
@@ -202,6 +203,59 @@ def _check_complete(model: DecoderModel, params: dict, loaded: dict[str, int]) -
     missing = [name for name, p in params.items() if loaded.get(name, 0) != p.numel()]
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+_FUSED_QKV = re.compile(r"layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)")
+_FUSED_GATE_UP = re.compile(r"layers\.(\d+)\.mlp\.gate_up_proj\.weight")
+_STACKED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up_proj|down_proj|gate\.weight)")
+
+
+def hf_state_dict(model: DecoderModel) -> dict[str, torch.Tensor]:
+    """Every parameter under its Hugging Face name, unfused; `load_weights` reads it back.
+
+    Tensors are detached copies (safetensors refuses views that share storage). A tied
+    lm_head is not written, as transformers does not write it.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        for hf_name, tensor in _unfuse(model.args, name, param.detach()):
+            tensors[hf_name] = tensor.clone()
+    return tensors
+
+
+def _unfuse(args: ModelArgs, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Our parameter → [(HF name, tensor)], the inverse of `_target`."""
+    if name == "lm_head.weight":
+        return [(name, t)]
+    if m := _FUSED_QKV.fullmatch(name):
+        q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        parts = t.split([q, kv, kv])
+        return [(f"model.layers.{m[1]}.self_attn.{w}_proj.{m[2]}", x)
+                for w, x in zip("qkv", parts, strict=True)]
+    if m := _FUSED_GATE_UP.fullmatch(name):
+        gate, up = t.chunk(2)
+        return [(f"model.layers.{m[1]}.mlp.gate_proj.weight", gate),
+                (f"model.layers.{m[1]}.mlp.up_proj.weight", up)]
+    if args.num_experts and (m := _STACKED_EXPERTS.fullmatch(name)):
+        return _unstack_experts(args, int(m[1]), m[2], t)
+    return [(f"model.{name}", t)]
+
+
+def _unstack_experts(args: ModelArgs, layer: int, which: str,
+                     t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Mixtral's per-expert names: w1 = gate, w3 = up ([E, 2I, D] rows), w2 = down."""
+    prefix = f"model.layers.{layer}.block_sparse_moe"
+    if which == "gate.weight":
+        return [(f"{prefix}.gate.weight", t)]
+    i = args.intermediate_size
+    out = []
+    for e in range(t.shape[0]):
+        if which == "down_proj":
+            out.append((f"{prefix}.experts.{e}.w2.weight", t[e]))
+        else:
+            out += [(f"{prefix}.experts.{e}.w1.weight", t[e, :i]),
+                    (f"{prefix}.experts.{e}.w3.weight", t[e, i:])]
+    return out
 
 
 def build_model(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,

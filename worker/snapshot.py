@@ -41,7 +41,7 @@ MAGIC = b"SMSNAP\r\n"
 VERSION = 1
 _PREFIX = struct.Struct("<8sHHI")
 _DIGEST_BYTES = 32
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 __all__ = ["Assembler", "GroupKV", "Snapshot", "SnapshotKind", "decode", "encode",
            "iter_chunks"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

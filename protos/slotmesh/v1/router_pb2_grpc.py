@@ -74,9 +74,10 @@ class RouterServicer:
 
     def Generate(self, request, context):
         """Generate on some worker and stream the output. Cancelling the call or its deadline
-        aborts the request on the worker. Errors: INVALID_ARGUMENT (names the field),
-        UNAVAILABLE (no worker can take it, or the worker went away), RESOURCE_EXHAUSTED
-        (the chosen worker's queue is full).
+        aborts the request on the worker. A worker lost mid-stream is replaced by another
+        (failover by replay) without a gap in the stream. Errors: INVALID_ARGUMENT (names
+        the field), UNAVAILABLE (no worker can take it or continue it), RESOURCE_EXHAUSTED
+        (every worker's queue is full).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,7 +8,6 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from services.client import AsyncClient, Client
 from services.cluster import LocalCluster
 
 
@@ -67,6 +66,3 @@ def metric_value(text: str, name: str) -> float:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
-
-__all__ = ["AsyncClient", "Client", "is_idle", "metric_value", "scrape", "tiny_cluster",
-           "wait_until", "worker_info"]

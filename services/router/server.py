@@ -202,8 +202,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _choose(self, route: RouteRequest, tried: set[str],
                 full: rpc.UpstreamError | None) -> Candidate:
-        candidates = [Candidate(record=r, num_inflight=self.num_inflight[r.worker_id])
-                      for r in self.registry.routable() if r.worker_id not in tried]
+        candidates = self._candidates(r for r in self.registry.routable()
+                                      if r.worker_id not in tried)
         chosen = self.policy.select(route, candidates)
         if chosen is None and full is not None:
             raise full
@@ -215,6 +215,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if any(o == chosen.worker_id for o in route.prefix_owners):
                 self.metrics.prefix_hits.inc()
         return chosen
+
+    def _candidates(self, records) -> list[Candidate]:
+        return [Candidate(record=r, num_inflight=self.num_inflight[r.worker_id])
+                for r in records]
 
     async def _prefix_owners(self, hashes: list[str]) -> list[str | None]:
         """Owners from Redis; during an outage, no affinity (least loaded still works)."""
@@ -360,8 +364,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise NotFoundError(f"target_worker_id: no routable worker {target_id!r} other "
                                 "than the sequence's own")
         route = RouteRequest(prefix_hashes=(), prefix_owners=())
-        chosen = self.policy.select(route, [
-            Candidate(record=r, num_inflight=self.num_inflight[r.worker_id]) for r in others])
+        chosen = self.policy.select(route, self._candidates(others))
         if chosen is None:
             raise UnavailableError("no other worker to migrate to")
         return chosen.record

@@ -48,8 +48,9 @@ def run_migration_bench(args: argparse.Namespace) -> int:
 
     contexts = [int(c) for c in args.contexts.split(",")]
     ctx = max(contexts) + args.new_tokens + 64
+    # no prompt cache: replay must recompute, not restore from Redis (bench swa does that)
     worker_args = ["--model", args.model, "--dtype", args.dtype, "--slots", "2",
-                   "--ctx", str(ctx), "--kv-cache-mb", "2048"]
+                   "--ctx", str(ctx), "--kv-cache-mb", "2048", "--prompt-cache-mb", "0"]
     if args.cache_dir is not None:
         worker_args += ["--cache-dir", str(args.cache_dir)]
     results = {}

@@ -12,6 +12,7 @@ the environment, and passes it down.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,10 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
         p.add_argument("--max-waiting", type=int, default=1024,
                        help="requests queued beyond the slots before new ones are refused "
                             "with RESOURCE_EXHAUSTED (default: 1024)")
+        p.add_argument("--swa-full", action="store_true",
+                       help="sliding-window layers keep every block of a sequence instead "
+                            "of the window only: more memory, any earlier prefix reusable "
+                            "without checkpoints (and none are made)")
     p.add_argument("--ctx", type=int, default=None,
                    help="max context length (default: the model's own, capped at 8192)")
 
@@ -62,7 +67,8 @@ def engine_config(args: argparse.Namespace):
     from worker.config import CacheConfig, EngineConfig, SchedulerConfig
 
     return EngineConfig(model=model_config(args),
-                        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024),
+                        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024,
+                                          swa_full=args.swa_full),
                         scheduler=SchedulerConfig(max_num_seqs=args.slots,
                                                   max_waiting=args.max_waiting))
 
@@ -198,13 +204,35 @@ def _worker_parser(sub) -> None:
                         "running streams, up to --shutdown-grace")
     p.add_argument("--max-snapshot-mb", type=int, default=8192,
                    help="largest snapshot this worker imports (default: 8192)")
+    c = p.add_argument_group(
+        "cluster-wide prompt cache",
+        "Checkpoints of processed prompts go to Redis (the sliding-window layers' state at "
+        "a position, plus the full-attention blocks before it, shared by content), so any "
+        "worker resumes a prompt another one processed. See docs/prompt-cache.md.")
+    c.add_argument("--prompt-cache-mb", type=int, default=1024,
+                   help="byte budget of this model's entries in Redis, kept by evicting the "
+                        "oldest; 0 = no prompt cache, no reads or writes (default: 1024)")
+    c.add_argument("--prompt-cache-ttl", type=float, default=3600.0,
+                   help="seconds an entry lives after the last write that used it "
+                        "(default: 3600)")
+    c.add_argument("--swa-checkpoints", type=int, default=4, metavar="K",
+                   help="checkpoints kept per sequence, oldest dropped first; 0 = make "
+                        "none (default: 4)")
+    c.add_argument("--checkpoint-every", type=int, default=1024, metavar="N",
+                   help="checkpoints are made where a prompt ends, where a sequence ends "
+                        "and each N tokens in between (prompt or output); 0 = only where "
+                        "a prompt or a sequence ends (default: 1024)")
+    c.add_argument("--checkpoint-min-step", type=int, default=64, metavar="M",
+                   help="no checkpoint of a prefix shorter than M tokens, nor (except "
+                        "where a sequence ends) within M tokens of the sequence's previous "
+                        "one (default: 64)")
     p.set_defaults(func=_cmd_worker)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker.config import ServerConfig
+    from worker.config import CheckpointConfig, ServerConfig
     from worker.server import serve
 
     config = ServerConfig(
@@ -212,8 +240,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id, redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl, metrics_port=args.metrics_port,
         shutdown_grace_s=args.shutdown_grace, router_address=args.router_address,
-        max_snapshot_bytes=args.max_snapshot_mb << 20)
-    return asyncio.run(serve(engine_config(args), config))
+        max_snapshot_bytes=args.max_snapshot_mb << 20,
+        prompt_cache_bytes=args.prompt_cache_mb << 20, prompt_cache_ttl_s=args.prompt_cache_ttl)
+    checkpoints = None
+    if args.prompt_cache_mb > 0 and args.swa_checkpoints > 0:
+        checkpoints = CheckpointConfig(max_per_sequence=args.swa_checkpoints,
+                                       every_tokens=args.checkpoint_every,
+                                       min_step_tokens=args.checkpoint_min_step)
+    engine = dataclasses.replace(engine_config(args), checkpoints=checkpoints)
+    return asyncio.run(serve(engine, config))
 
 
 def _router_parser(sub) -> None:
@@ -261,12 +296,14 @@ def _seq_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     from services.bench_cluster import add_cluster_bench_parser
     from services.bench_migration import add_migration_bench_parser
+    from services.bench_swa import add_swa_bench_parser
     from worker.bench import add_bench_parser
     from worker.training.cli import add_finetune_bench_parser
 
     bench_sub = add_bench_parser(sub, add_model_flags)
     add_cluster_bench_parser(bench_sub, add_model_flags)
     add_migration_bench_parser(bench_sub, add_model_flags)
+    add_swa_bench_parser(bench_sub, add_model_flags)
     add_finetune_bench_parser(bench_sub)
 
 

@@ -59,6 +59,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     error: str = ""
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix or prompt cache
     worker_id: str = ""
 
     def add(self, chunk: Chunk) -> None:
@@ -69,6 +70,7 @@ class Completion:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.error = chunk.error or self.error
         self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
+        self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         self.worker_id = chunk.worker_id or self.worker_id
 
 

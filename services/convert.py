@@ -78,6 +78,7 @@ class Chunk:
     worker_id: str = ""
     seed: int = 0
     num_resumed_tokens: int = 0
+    num_cached_tokens: int = 0
 
 
 # -- sampling parameters -----------------------------------------------------------------
@@ -195,6 +196,7 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
         finish_reason=_FINISH_TO_PB[chunk.finish_reason], error=chunk.error,
         num_prompt_tokens=chunk.num_prompt_tokens, worker_id=chunk.worker_id,
         seed=chunk.seed, num_resumed_tokens=chunk.num_resumed_tokens,
+        num_cached_tokens=chunk.num_cached_tokens,
     )
     for i, logprob in enumerate(chunk.logprobs):
         top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else ()
@@ -212,6 +214,7 @@ def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
                            for lp in msg.logprobs),
         error=msg.error, num_prompt_tokens=msg.num_prompt_tokens, worker_id=msg.worker_id,
         seed=msg.seed, num_resumed_tokens=msg.num_resumed_tokens,
+        num_cached_tokens=msg.num_cached_tokens,
     )
 
 

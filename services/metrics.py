@@ -96,6 +96,49 @@ class WorkerMetrics:
                                       ["direction"], registry=r)
         self.imports = Counter("slotmesh_worker_imported_sequences",
                                "Sequences imported from a peer or a file", registry=r)
+        saved = Gauge("slotmesh_worker_prompt_tokens_saved",
+                      "Prompt tokens not computed thanks to a cache, by where the KV came "
+                      "from (monotonic)", ["source"], registry=r)
+        saved.labels("local").set_function(
+            lambda: load().num_prefix_hit_tokens - load().num_restored_tokens)
+        saved.labels("redis").set_function(lambda: load().num_restored_tokens)
+        self.prompt_cache = PromptCacheMetrics.create(r)
+
+
+@dataclass(slots=True)
+class PromptCacheMetrics:
+    """The worker's side of the cluster-wide prompt cache (checkpoints in Redis)."""
+
+    writes: Counter  # result: written, exists, too_big, evicted, missing, dropped, failed
+    written_bytes: Counter
+    read_bytes: Counter
+    lookups: Counter  # result: hit, miss, fallback
+    fallbacks: Counter  # reason: unavailable, corrupt, foreign
+    redis_bytes: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> PromptCacheMetrics:
+        r = registry
+        return cls(
+            writes=Counter("slotmesh_worker_checkpoint_writes",
+                           "Checkpoints offered to the cluster prompt cache, by result",
+                           ["result"], registry=r),
+            written_bytes=Counter("slotmesh_worker_checkpoint_written_bytes",
+                                  "Bytes this worker wrote to the cluster prompt cache",
+                                  registry=r),
+            read_bytes=Counter("slotmesh_worker_checkpoint_read_bytes",
+                               "Bytes this worker fetched from the cluster prompt cache",
+                               registry=r),
+            lookups=Counter("slotmesh_worker_prompt_cache_lookups",
+                            "Requests that looked for a longer prefix in Redis, by result",
+                            ["result"], registry=r),
+            fallbacks=Counter("slotmesh_worker_prompt_cache_fallbacks",
+                              "Lookups that found a checkpoint but computed the prompt "
+                              "instead, by reason", ["reason"], registry=r),
+            redis_bytes=Gauge("slotmesh_worker_prompt_cache_redis_bytes",
+                              "Bytes of this model's prompt cache in Redis (as of this "
+                              "worker's last write)", registry=r),
+        )
 
 
 def _usage(load) -> float:

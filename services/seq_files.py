@@ -2,11 +2,20 @@
 the same model (llama.cpp's slot save/restore, as snapshots in slotmesh's own format).
 
     slotmesh seq save --worker HOST:PORT REQUEST_ID FILE [--kind full|swa_only|tokens_only]
+                      [--no-checkpoints]
     slotmesh seq restore --worker HOST:PORT FILE [--json]
 
 Save takes a snapshot at the next step boundary and lets the sequence run on; the file is
-written to FILE.tmp and renamed, so a failed save leaves nothing behind. Restore uploads
-the file and streams the continuation (text, or one JSON object with --json).
+written to FILE.tmp and renamed, so a failed save leaves nothing behind. The file also
+keeps the sequence's prompt-cache checkpoints (unlike llama.cpp's slot files, which lose
+them): restoring writes them back to the cluster's prompt cache, so the sequence can be
+rolled back to any of them (a chat edited a turn back) without recomputing. Restore
+uploads the file and streams the continuation (text, or one JSON object with --json).
+
+File layout: b"SMSEQ\r\n\0", a uint32 count of parts, then per part a uint64 length and
+the part: the sequence's snapshot first, then its checkpoints, oldest first (each part is
+a snapshot in worker/snapshot.py's format and carries its own checksum). A bare snapshot
+(the format before checkpoints) is restored as well.
 """
 
 from __future__ import annotations
@@ -14,12 +23,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 from pathlib import Path
 
 from worker.errors import SlotmeshError
 
 _KINDS = ("full", "swa_only", "tokens_only")
+FILE_MAGIC = b"SMSEQ\r\n\0"
+_COUNT = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
+
+
+def pack_parts(parts: list[bytes]) -> bytes:
+    return b"".join([FILE_MAGIC, _COUNT.pack(len(parts)),
+                     *(_LENGTH.pack(len(p)) + p for p in parts)])
+
+
+def unpack_parts(data: bytes) -> list[bytes]:
+    """The parts of a sequence file (one for a bare snapshot); SlotmeshError if cut short."""
+    if not data.startswith(FILE_MAGIC):
+        return [data]
+    offset = len(FILE_MAGIC)
+    try:
+        (count,), offset = _COUNT.unpack_from(data, offset), offset + _COUNT.size
+        parts = []
+        for _ in range(count):
+            (size,), offset = _LENGTH.unpack_from(data, offset), offset + _LENGTH.size
+            if offset + size > len(data):
+                raise struct.error("part runs past the end")
+            parts.append(data[offset:offset + size])
+            offset += size
+    except struct.error as e:
+        raise SlotmeshError(f"file: not a complete sequence file ({e})") from e
+    if not parts or offset != len(data):
+        raise SlotmeshError("file: not a complete sequence file (parts and size disagree)")
+    return parts
 
 
 def add_seq_parser(sub) -> None:
@@ -34,6 +73,8 @@ def add_seq_parser(sub) -> None:
     s.add_argument("--kind", choices=_KINDS, default="full",
                    help="full: every layer's KV (default); swa_only: sliding-window layers "
                         "only; tokens_only: no KV (the restorer recomputes it)")
+    s.add_argument("--no-checkpoints", action="store_true",
+                   help="leave the sequence's prompt-cache checkpoints out of the file")
     s.set_defaults(func=cmd_save)
     r = seq_sub.add_parser("restore", help="continue the sequence in FILE on a worker")
     r.add_argument("--worker", required=True, metavar="HOST:PORT")
@@ -56,15 +97,18 @@ def cmd_save(args: argparse.Namespace) -> int:
     from services.rpc import CHANNEL_OPTIONS
 
     tmp = args.file.with_name(args.file.name + ".tmp")
-    size = 0
+    parts: list[bytearray] = []
     try:
-        with grpc.insecure_channel(args.worker, options=CHANNEL_OPTIONS) as ch, \
-                open(tmp, "wb") as f:
+        with grpc.insecure_channel(args.worker, options=CHANNEL_OPTIONS) as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
             for chunk in stub.ExportSequence(worker_pb2.ExportSequenceRequest(
-                    request_id=args.request_id, kind=_kind(args.kind), pause=False)):
-                f.write(chunk.data)
-                size += len(chunk.data)
+                    request_id=args.request_id, kind=_kind(args.kind), pause=False,
+                    with_checkpoints=not args.no_checkpoints)):
+                if chunk.part == len(parts):
+                    parts.append(bytearray())
+                parts[-1] += chunk.data
+        with open(tmp, "wb") as f:
+            f.write(pack_parts(parts))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, args.file)
@@ -75,7 +119,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SlotmeshError(f"file: cannot write {args.file}: {e}") from e
-    print(f"saved {args.request_id} to {args.file} ({size} bytes)")
+    print(f"saved {args.request_id} to {args.file} ({sum(map(len, parts))} bytes, "
+          f"{len(parts) - 1} checkpoints)")
     return 0
 
 
@@ -89,11 +134,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from worker.snapshot import CHUNK_BYTES
 
     try:
-        data = args.file.read_bytes()
+        parts = unpack_parts(args.file.read_bytes())
     except OSError as e:
         raise SlotmeshError(f"file: cannot read {args.file}: {e}") from e
-    chunks = (common_pb2.SnapshotChunk(data=data[i:i + CHUNK_BYTES])
-              for i in range(0, len(data), CHUNK_BYTES))
+    chunks = (common_pb2.SnapshotChunk(data=data[i:i + CHUNK_BYTES], part=part)
+              for part, data in enumerate(parts) for i in range(0, len(data), CHUNK_BYTES))
     result = Completion()
     try:
         with grpc.insecure_channel(args.worker, options=CHANNEL_OPTIONS) as ch:

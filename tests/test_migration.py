@@ -15,7 +15,7 @@ import pytest
 
 from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.client import Client, RpcError
-from tests.cluster_harness import is_idle, tiny_cluster, wait_until
+from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 from tests.tiny_models import make_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 def cluster(model_dir, redis_server, tmp_path_factory):
     logs = tmp_path_factory.mktemp("migration-logs")
     with tiny_cluster(model_dir, redis_server.url, logs, num_workers=3, slots=8,
-                      worker_args=("--ctx", "4096")) as c:
+                      worker_args=("--ctx", "4096", "--checkpoint-every", "64")) as c:
         yield c
 
 
@@ -54,6 +54,13 @@ def reference(client):
         done = client.generate(text=PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, **params)
         out[name] = (done.token_ids, done.text)
     return out
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(5, 500) for _ in range(n)]
 
 
 def run(client: Client, request_id: str, params: dict, at: list[int], action) -> tuple:
@@ -147,6 +154,7 @@ def test_sigterm_drains_through_the_router(cluster, client, reference) -> None:
 def test_save_to_file_and_restore_on_another_worker(cluster, client, reference,
                                                     tmp_path) -> None:
     from services.cli import main
+    from services.seq_files import unpack_parts
     from worker.snapshot import decode
 
     path = tmp_path / "seq.snap"
@@ -167,20 +175,125 @@ def test_save_to_file_and_restore_on_another_worker(cluster, client, reference,
         if seen >= 10:
             break
     stream.close()  # the original goes away; the file lives on
-    snap = decode(path.read_bytes())
+    parts = unpack_parts(path.read_bytes())
+    snap = decode(parts[0])
     done = len(snap.token_ids) - snap.num_prompt_tokens
     other = next(w for w in cluster.workers if w.name != saved["owner"]
                  and w.proc.poll() is None)
-    with grpc.insecure_channel(other.address) as ch:
-        from protos.slotmesh.v1 import common_pb2
-
-        data = path.read_bytes()
-        msgs = list(worker_pb2_grpc.WorkerStub(ch).RestoreSequence(
-            iter([common_pb2.SnapshotChunk(data=data[i:i + 65536])
-                  for i in range(0, len(data), 65536)]), timeout=120))
+    msgs = restore(other.address, parts)
     assert msgs[0].num_resumed_tokens == done and not msgs[0].token_ids
     continuation = [t for m in msgs[1:] for t in m.token_ids]
     assert snap.token_ids[snap.num_prompt_tokens:] + continuation == reference["seeded"][0]
+
+
+def restore(address: str, parts: list[bytes]) -> list:
+    """RestoreSequence with a file's parts (the snapshot, then its checkpoints)."""
+    from protos.slotmesh.v1 import common_pb2
+
+    chunks = [common_pb2.SnapshotChunk(data=data[i:i + 65536], part=part)
+              for part, data in enumerate(parts) for i in range(0, len(data), 65536)]
+    with grpc.insecure_channel(address) as ch:
+        return list(worker_pb2_grpc.WorkerStub(ch).RestoreSequence(iter(chunks),
+                                                                   timeout=120))
+
+
+# -- the cluster-wide prompt cache ------------------------------------------------------
+
+def worker_generate(address: str, **request):
+    """Generate straight from one worker (no routing); returns the Completion."""
+    from services.client import Completion, build_request
+    from services.convert import chunk_from_pb
+
+    done = Completion()
+    with grpc.insecure_channel(address) as ch:
+        for msg in worker_pb2_grpc.WorkerStub(ch).Generate(build_request(**request),
+                                                          timeout=120):
+            done.add(chunk_from_pb(msg))
+    return done
+
+
+def cold_tokens(model_dir, token_ids: list[int], max_tokens: int) -> list[int]:
+    from worker.config import CacheConfig, EngineConfig, ModelConfig
+    from worker.engine import LLMEngine
+    from worker.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(model_dir)), warmup=False,
+                                    cache=CacheConfig(enable_prefix_caching=False)))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return engine.generate([token_ids], params)[0].token_ids
+
+
+def live_workers(cluster) -> list:
+    return [w for w in cluster.workers if w.proc.poll() is None]
+
+
+def counter(worker, name: str, **labels) -> float:
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return metric_value(scrape(worker.metrics_address), name + (f"{{{label}}}" if label
+                                                                 else ""))
+
+
+def test_prompt_processed_on_one_worker_resumes_on_another(cluster, model_dir) -> None:
+    a, b = live_workers(cluster)[:2]
+    prompt = tokens(192, seed=21)
+    continued = prompt + tokens(16, seed=22)
+    written = counter(a, "slotmesh_worker_checkpoint_writes_total", result="written")
+    worker_generate(a.address, token_ids=prompt, max_tokens=4, temperature=0.0)
+    wait_until(lambda: counter(a, "slotmesh_worker_checkpoint_writes_total",
+                               result="written") > written, 20, "A's checkpoint in Redis")
+    saved = counter(b, "slotmesh_worker_prompt_tokens_saved", source="redis")
+    done = worker_generate(b.address, token_ids=continued, max_tokens=8, temperature=0.0,
+                           ignore_eos=True)
+    assert done.num_cached_tokens == len(prompt)  # B computed only the 16 new tokens
+    assert counter(b, "slotmesh_worker_prompt_tokens_saved", source="redis") == \
+        saved + len(prompt)
+    assert done.token_ids == cold_tokens(model_dir, continued, 8)
+
+
+def test_file_keeps_checkpoints_for_a_rollback(cluster, client, redis_server,
+                                               tmp_path) -> None:
+    """llama.cpp loses SWA checkpoints on slot restore (its issue 28194); a slotmesh file
+    keeps them: with Redis emptied of them, restoring the file brings them back, and a
+    request that rolls the conversation back reuses one on a third worker."""
+    import redis
+
+    from services.cli import main
+    from services.seq_files import unpack_parts
+    from worker.snapshot import decode
+
+    path = tmp_path / "ckpt.seq"
+    prompt = tokens(100, seed=23)
+    stream = client.stream(token_ids=prompt, request_id="ckpt-file", max_tokens=MAX_TOKENS,
+                           ignore_eos=True, temperature=0.0)
+    seen, owner = 0, None
+    for chunk in stream:
+        owner = owner or next(w for w in cluster.workers if w.name == chunk.worker_id)
+        seen += len(chunk.token_ids)
+        if seen >= 140:  # checkpoints at 96 (prompt end), 160 and 224 by now
+            assert main(["seq", "save", "--worker", owner.address, "ckpt-file",
+                         str(path)]) == 0
+            break
+    stream.close()
+    parts = unpack_parts(path.read_bytes())
+    checkpoints = [decode(p) for p in parts[1:]]
+    positions = [c.num_computed_tokens for c in checkpoints]
+    assert positions[:3] == [96, 160, 224]
+    r = redis.Redis.from_url(redis_server.url)
+    for key in r.scan_iter("slotmesh:{pc:*"):  # the prompt cache is lost
+        r.delete(key)
+    restorer, third = [w for w in live_workers(cluster) if w is not owner][:2]
+    msgs = restore(restorer.address, parts)
+    assert msgs[-1].finish_reason  # the restored sequence ran to its end
+    sequence = decode(parts[0]).token_ids
+    wait_until(lambda: any(decode(r.get(k)).num_computed_tokens == 224
+                           for k in r.scan_iter("slotmesh:{pc:*:ckpt:*")), 20,
+               "the file's checkpoint at 224 back in Redis")
+    # edit the conversation at token 230 (newer checkpoints of the restored sequence
+    # replaced its oldest ones, as --swa-checkpoints 4 asks)
+    rollback = sequence[:230] + tokens(8, seed=24)
+    done = worker_generate(third.address, token_ids=rollback, max_tokens=4,
+                           temperature=0.0)
+    assert done.num_cached_tokens == 224
 
 
 def test_bad_snapshots_are_refused_and_the_worker_keeps_serving(cluster, client,

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
+from worker.checkpoints import Capture, PrefixRestore
 from worker.engine import LLMEngine, TokenChunk
 from worker.sampling_params import SamplingParams
 from worker.snapshot import Snapshot, SnapshotKind
@@ -29,6 +30,9 @@ class AsyncEngine:
         self._wakeup = asyncio.Event()
         self._streams: dict[str, asyncio.Queue[TokenChunk]] = {}
         self._task: asyncio.Task | None = None
+        # gets the prompt-cache checkpoints each step captured (the worker publishes
+        # them); without one, the engine should be configured to capture none
+        self.on_captures: Callable[[list[Capture]], None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
@@ -64,11 +68,12 @@ class AsyncEngine:
         return await self._stream(request_id, lambda: self.engine.add_request(
             request_id, prompt_token_ids, params, **resume))
 
-    async def submit_import(self, snap: Snapshot, request_id: str | None = None
+    async def submit_import(self, snap: Snapshot, request_id: str | None = None,
+                            restore: PrefixRestore | None = None
                             ) -> AsyncIterator[TokenChunk]:
         """Import (raising a bad snapshot's error here) and return the continuation."""
         rid = request_id or snap.request_id
-        return await self._stream(rid, lambda: self.engine.import_(snap, rid))
+        return await self._stream(rid, lambda: self.engine.import_(snap, rid, restore))
 
     async def _stream(self, request_id: str, add: Callable[[], object]
                       ) -> AsyncIterator[TokenChunk]:
@@ -104,7 +109,7 @@ class AsyncEngine:
 
     async def export(self, request_id: str, kind: SnapshotKind, pause: bool) -> Snapshot:
         """Snapshot at the next step boundary (see LLMEngine.export)."""
-        return await self._call(lambda: self.engine.export(request_id, kind, pause))
+        return await self.call(lambda: self.engine.export(request_id, kind, pause))
 
     async def commit_export(self, request_id: str, committed: bool) -> bool:
         """Free a paused, exported sequence (its stream ends "migrated") or resume it."""
@@ -116,9 +121,9 @@ class AsyncEngine:
                     queue.put_nowait(TokenChunk(request_id, [], "", "migrated"))
             return found
 
-        return await self._call(commit)
+        return await self.call(commit)
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    async def call(self, fn: Callable[[], T]) -> T:
         """Run fn between steps; its result or exception comes back here."""
         done: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -139,7 +144,7 @@ class AsyncEngine:
                 queue.put_nowait(TokenChunk(request_id, [], "", "abort"))
             return found
 
-        return await self._call(abort)
+        return await self.call(abort)
 
     def _submit(self, task: Callable[[], None]) -> None:
         self._control.append(task)
@@ -163,6 +168,9 @@ class AsyncEngine:
                 queue = self._streams.get(chunk.request_id)
                 if queue is not None:
                     queue.put_nowait(chunk)
+            captures = self.engine.checkpoints.take_captures()
+            if captures and self.on_captures is not None:
+                self.on_captures(captures)
 
     def _fail_all(self, error: Exception) -> list[TokenChunk]:
         """Abort every request so no stream waits forever; the loop keeps serving."""

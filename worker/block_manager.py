@@ -30,6 +30,21 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
+def chain_hashes(token_ids: list[int], block_size: int, num_blocks: int | None = None,
+                 hashes: list[bytes] | None = None) -> list[bytes]:
+    """Chained hashes of the leading full blocks (all, or num_blocks), extending `hashes`
+    (the hashes of a prefix already computed) in place."""
+    hashes = [] if hashes is None else hashes
+    num_full = len(token_ids) // block_size
+    if num_blocks is not None:
+        num_full = min(num_full, num_blocks)
+    while len(hashes) < num_full:
+        i = len(hashes)
+        parent = hashes[-1] if hashes else b""
+        hashes.append(chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size]))
+    return hashes
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -42,13 +57,20 @@ class _Block:
 
 
 class BlockPool:
-    """Blocks of one KV group. Ids 1..num_blocks-1 are allocatable; 0 is the null block."""
+    """Blocks of one KV group. Ids 1..num_blocks-1 are allocatable; 0 is the null block.
 
-    def __init__(self, num_blocks: int, block_size: int, window: int | None) -> None:
+    window is the attention window (None: full attention). keep_all (`--swa-full`) keeps
+    a sliding group's blocks for the whole sequence, like a full-attention group, so any
+    earlier prefix stays reusable without checkpoints.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, window: int | None,
+                 keep_all: bool = False) -> None:
         assert num_blocks >= 2, "a pool needs the null block and at least one more"
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
+        self.keep_all = keep_all
         self.blocks = [_Block(i) for i in range(num_blocks)]
         # LRU: least recently freed first; cached prefixes wait here until reused
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
@@ -92,11 +114,20 @@ class BlockPool:
     def lookup(self, block_hash: bytes) -> int | None:
         return self.cached.get(block_hash)
 
+    @property
+    def trims(self) -> bool:
+        """Gives back blocks that left the window while the sequence runs."""
+        return self.window is not None and not self.keep_all
+
     def first_needed_block(self, position: int) -> int:
         """First block holding a key that the query at `position` attends to."""
         if self.window is None:
             return 0
         return max(0, position - self.window + 1) // self.block_size
+
+    def first_kept_block(self, position: int) -> int:
+        """First block a sequence at `position` keeps (keep_all: every block)."""
+        return self.first_needed_block(position) if self.trims else 0
 
 
 class BlockManager:
@@ -108,10 +139,12 @@ class BlockManager:
         pool_sizes: list[int],
         windows: list[int | None],
         enable_prefix_caching: bool = True,
+        keep_all: bool = False,
     ) -> None:
         self.block_size = block_size
         self.pools = [
-            BlockPool(n, block_size, w) for n, w in zip(pool_sizes, windows, strict=True)
+            BlockPool(n, block_size, w, keep_all) for n, w in zip(pool_sizes, windows,
+                                                                  strict=True)
         ]
         self.enable_prefix_caching = enable_prefix_caching
         self._hashes: dict[str, list[bytes]] = {}
@@ -128,25 +161,21 @@ class BlockManager:
 
     def block_hashes(self, seq: Sequence) -> list[bytes]:
         """Chained hashes of the sequence's full blocks, extended incrementally."""
-        hashes = self._hashes.setdefault(seq.seq_id, [])
-        num_full = seq.num_tokens // self.block_size
-        bs = self.block_size
-        while len(hashes) < num_full:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else b""
-            hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
-        return hashes
+        return chain_hashes(seq.token_ids, self.block_size,
+                            hashes=self._hashes.setdefault(seq.seq_id, []))
 
     def find_prefix_hit(self, seq: Sequence) -> int:
-        """Longest cached prefix in tokens (block-aligned, always < num_tokens).
-
-        Full-attention groups need every block of the prefix; sliding groups only the
-        blocks the first uncomputed query still sees.
-        """
+        """Longest cached prefix in tokens (block-aligned, always < num_tokens)."""
         if not self.enable_prefix_caching:
             return 0
-        hashes = self.block_hashes(seq)
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        return self.longest_cached_prefix(self.block_hashes(seq), seq.num_tokens)
+
+    def longest_cached_prefix(self, hashes: list[bytes], num_tokens: int) -> int:
+        """Tokens of the longest prefix (of a sequence of num_tokens with these block
+        hashes) whose KV is cached here. Full-attention groups need every block of the
+        prefix; sliding groups only the blocks the first uncomputed query still sees.
+        Reads only, so another thread may ask (the answer can be stale by then)."""
+        max_blocks = (num_tokens - 1) // self.block_size
         for num_blocks in range(min(max_blocks, len(hashes)), 0, -1):
             if all(self._has_prefix(pool, hashes, num_blocks) for pool in self.pools):
                 return num_blocks * self.block_size
@@ -218,6 +247,36 @@ class BlockManager:
                                                       strict=True)]
         return True
 
+    def allocate_prefix(self, seq: Sequence, position: int, fetched: set[bytes]
+                        ) -> list[list[int]] | None:
+        """Block tables for a prefix [0, position) restored from the cluster cache: per
+        group, the blocks the query at `position` sees (full-attention groups: all),
+        shared where this worker has them cached, fresh elsewhere. A fresh full-attention
+        block needs its hash in `fetched`; a sliding one comes from the checkpoint.
+        Returns per group the table indices of the fresh blocks (the caller writes their
+        KV), or None with nothing taken when a block is missing or a pool lacks room."""
+        num_blocks = position // self.block_size
+        hashes = self.block_hashes(seq)[:num_blocks]
+        plans = []
+        for pool in self.pools:
+            first = pool.first_needed_block(position)
+            cached = [pool.lookup(h) for h in hashes[first:]]
+            fresh = [first + i for i, b in enumerate(cached) if b is None]
+            if pool.window is None and any(hashes[i] not in fetched for i in fresh):
+                return None
+            idle = sum(1 for b in cached if b is not None and pool.blocks[b].ref_count == 0)
+            if len(fresh) + idle > pool.num_free_blocks:
+                return None
+            plans.append((first, cached, fresh))
+        seq.block_tables = []
+        for pool, (first, cached, _) in zip(self.pools, plans, strict=True):
+            for b in cached:  # shared ones first, so allocating cannot evict them
+                if b is not None:
+                    pool.touch(b)
+            seq.block_tables.append([EMPTY] * first + [
+                b if b is not None else pool.allocate() for b in cached])
+        return [fresh for _, _, fresh in plans]
+
     def _take_prefix(self, seq: Sequence, prefix_hit: int) -> None:
         num_hit = prefix_hit // self.block_size
         hashes = self.block_hashes(seq)
@@ -239,7 +298,7 @@ class BlockManager:
         if not seq.block_tables:
             return
         for g, pool in enumerate(self.pools):
-            if pool.window is None:
+            if not pool.trims:
                 continue
             table = seq.block_tables[g]
             first = min(pool.first_needed_block(seq.num_computed_tokens), len(table))
@@ -259,6 +318,19 @@ class BlockManager:
             for i in range(num_full):
                 if table[i] != EMPTY:
                     pool.cache(table[i], hashes[i])
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix that no sequence holds (vLLM's reset_prefix_cache):
+        after a weight update, or to measure a cold cache. Returns the blocks forgotten."""
+        num_forgotten = 0
+        for pool in self.pools:
+            for block_hash, block_id in list(pool.cached.items()):
+                block = pool.blocks[block_id]
+                if block.ref_count == 0:
+                    del pool.cached[block_hash]
+                    block.block_hash = None
+                    num_forgotten += 1
+        return num_forgotten
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references, tail blocks first so they are evicted first."""

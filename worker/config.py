@@ -24,12 +24,37 @@ class CacheConfig:
     num_blocks: blocks in the full-attention pool; None derives it from kv_cache_bytes.
     Sliding-window layers get their own pool sized for the window of every slot.
     Block 0 of every pool is the null block: never allocated, padding points at it.
+    swa_full: sliding-window layers keep every block of a sequence (llama.cpp's
+        `--swa-full`): more memory, any earlier prefix stays reusable locally, and no
+        checkpoints are needed (none are made).
     """
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int = 512 * 1024 * 1024
     enable_prefix_caching: bool = True
+    swa_full: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointConfig:
+    """When the engine captures prompt-cache checkpoints (published to Redis by the worker).
+
+    A checkpoint at a block-aligned position P is the sliding-window layers' KV that the
+    query at P still sees (a SWA_ONLY snapshot) plus the full-attention blocks of
+    [0, P), which are content-addressed and shared between checkpoints.
+    Checkpoints are made where a prompt ends, where a sequence ends (the next turn of a
+    chat starts there), and every `every_tokens` in between.
+    max_per_sequence: llama.cpp's `--swa-checkpoints`; the oldest is dropped first.
+    every_tokens: one more while a sequence grows (prompt or generation) by this many
+        tokens; 0 = only where a prompt or a sequence ends.
+    min_step_tokens: no checkpoint of a prefix shorter than this, nor (except where the
+        sequence ends) closer than this to the sequence's previous checkpoint.
+    """
+
+    max_per_sequence: int = 4
+    every_tokens: int = 1024
+    min_step_tokens: int = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +77,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoints: CheckpointConfig | None = None  # None: capture none (nobody publishes)
     warmup: bool = True
 
 
@@ -74,3 +100,6 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     router_address: str | None = None  # SIGTERM drains through this router first
     max_snapshot_bytes: int = 8 << 30  # larger imports are refused (INVALID_ARGUMENT)
+    # the cluster-wide prompt cache in Redis: 0 bytes turns it off (no reads, no writes)
+    prompt_cache_bytes: int = 1 << 30  # payload budget, enforced by slotmesh
+    prompt_cache_ttl_s: float = 3600.0

@@ -15,6 +15,7 @@ import torch
 
 from worker import kv_transfer
 from worker.block_manager import BlockManager
+from worker.checkpoints import Checkpointer, PrefixRestore
 from worker.config import EngineConfig
 from worker.errors import InvalidRequestError, NotFoundError, PreconditionError
 from worker.kv_cache import plan_kv_layout
@@ -47,6 +48,7 @@ class TokenChunk:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
     seed: int | None = None  # on a sequence's first chunk: the seed it samples with
+    num_cached_tokens: int | None = None  # on the first chunk: prompt tokens not computed
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class EngineLoad:
     kv_blocks_total: int
     num_prefix_query_tokens: int
     num_prefix_hit_tokens: int
+    num_restored_tokens: int  # of the hits: installed from the cluster-wide prompt cache
 
 
 @dataclass(slots=True)
@@ -96,13 +99,16 @@ class LLMEngine:
         layout = plan_kv_layout(args, config.cache, config.scheduler, self.max_model_len,
                                 self.dtype)
         self.block_manager = BlockManager(layout.block_size, layout.pool_sizes, layout.windows,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching,
+                                          keep_all=config.cache.swa_full)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    self.eos_token_ids)
         self.runner = ModelRunner(self.model, layout, self.block_manager.pools,
                                   self.max_model_len, config.scheduler.max_num_seqs,
                                   self.device, self.dtype)
         self.attention_backend = check_attention_backend(args, self.device, self.dtype)
+        checkpoints = None if config.cache.swa_full else config.checkpoints
+        self.checkpoints = Checkpointer(self, checkpoints)
         self._outputs: dict[str, _Output] = {}
         self._arrivals = 0
         if config.warmup:
@@ -146,13 +152,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, *, output_token_ids: list[int] | None = None,
-                    emitted_chars: int = 0) -> Sequence:
+                    emitted_chars: int = 0, restore: PrefixRestore | None = None) -> Sequence:
         """Queue a request. output_token_ids (with emitted_chars, the text already handed
         out) resumes one whose earlier tokens were produced elsewhere: a failover replay
-        or a TOKENS_ONLY import. Its KV is recomputed (or found in the prefix cache)."""
+        or a TOKENS_ONLY import. Its KV is recomputed (or found in the prefix cache).
+        restore, a prefix fetched from the cluster cache, is installed unless the local
+        cache has as much or the pools lack room (then it is computed as usual)."""
         seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids or [], params)
         state = self._output_state(seq, emitted_chars)
-        self.scheduler.add(seq)
+        self._queue(seq, restore)
         self._arrivals += 1
         self._outputs[request_id] = state
         return seq
@@ -211,15 +219,16 @@ class LLMEngine:
             return False
         if committed:
             self.scheduler.finish(seq, SequenceStatus.FINISHED_MIGRATED)
-            self._outputs.pop(request_id, None)
+            self._forget(request_id)
         else:
             self.scheduler.resume(seq)
         return True
 
-    def import_(self, snap: Snapshot, request_id: str | None = None) -> Sequence:
+    def import_(self, snap: Snapshot, request_id: str | None = None,
+                restore: PrefixRestore | None = None) -> Sequence:
         """Continue a snapshot's sequence here. Everything is checked before a block is
         taken; with KV for every group the sequence resumes exactly where it was, else
-        its KV is recomputed."""
+        its KV is recomputed after the prefix `restore` (from the cluster cache)."""
         kv_transfer.check_compatible(self, snap)
         params = SamplingParams.from_dict(snap.params)
         rid = request_id or snap.request_id
@@ -235,18 +244,33 @@ class LLMEngine:
             kv_transfer.install(self, seq, snap)
             self.scheduler.add_with_kv(seq)
         else:
-            self.scheduler.add(seq)
+            self._queue(seq, restore)
         self._arrivals += 1
         self._outputs[rid] = state
         return seq
+
+    def _queue(self, seq: Sequence, restore: PrefixRestore | None) -> None:
+        if restore is None:
+            self.scheduler.add(seq)
+            return
+        self.scheduler.check_capacity(seq)
+        if self.checkpoints.install(seq, restore):
+            self.scheduler.add_with_kv(seq)
+        else:
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.get(request_id)
         if seq is None:
             return False
         self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
-        self._outputs.pop(request_id, None)
+        self._forget(request_id)
         return True
+
+    def _forget(self, request_id: str) -> None:
+        """Between steps (abort, migration): drop what the engine keeps for a request."""
+        self._outputs.pop(request_id, None)
+        self.checkpoints.forget(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -264,15 +288,17 @@ class LLMEngine:
             log.exception("engine step failed; failing its %d sequences", len(out.scheduled))
             return self._fail(out, e)
         events = self.scheduler.update(out, [r.token_id for r in results])
-        return [self._postprocess(ev.seq, ev.token_id, r) for ev, r in zip(events, results,
-                                                                            strict=True)]
+        chunks = [self._postprocess(ev.seq, ev.token_id, r) for ev, r in zip(events, results,
+                                                                              strict=True)]
+        self.checkpoints.after_step(out)
+        return chunks
 
     def _fail(self, out, error: Exception) -> list[TokenChunk]:
         chunks = []
         for item in out.scheduled:
             seq = item.seq
             self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
-            self._outputs.pop(seq.seq_id, None)
+            self._forget(seq.seq_id)
             chunks.append(TokenChunk(seq.seq_id, [], "", "error",
                                      error=f"{type(error).__name__}: {error}"))
         return chunks
@@ -291,14 +317,16 @@ class LLMEngine:
             delta += state.stops.flush(state.detok.text)
         state.text += delta
         if seq.status.is_finished:
-            self._outputs.pop(seq.seq_id, None)
+            self._outputs.pop(seq.seq_id, None)  # checkpoints see it at the step's end
         want_lp = seq.params.logprobs > 0
-        seed = seq.seed if state.is_first else None
+        first = state.is_first
         state.is_first = False
         return TokenChunk(
             seq.seq_id, [token_id], delta, seq.status.finish_reason,
             logprobs=[result.logprob] if want_lp else None,
-            top_logprobs=[result.top_logprobs] if want_lp else None, seed=seed,
+            top_logprobs=[result.top_logprobs] if want_lp else None,
+            seed=seq.seed if first else None,
+            num_cached_tokens=seq.num_cached_tokens if first else None,
         )
 
     # -- conveniences ----------------------------------------------------------------------
@@ -328,6 +356,7 @@ class LLMEngine:
             kv_blocks_free=sum(bm.num_free_blocks), kv_blocks_total=sum(bm.num_total_blocks),
             num_prefix_query_tokens=sched.num_prefix_query_tokens,
             num_prefix_hit_tokens=sched.num_prefix_hit_tokens,
+            num_restored_tokens=self.checkpoints.num_restored_tokens,
         )
 
     def info(self) -> dict:

@@ -40,6 +40,10 @@ def plan_kv_layout(args: ModelArgs, cache: CacheConfig, sched: SchedulerConfig,
     layers = [sum(1 for t in args.layer_types if t == gt) for gt in args.group_types]
     elem = torch.empty((), dtype=dtype).element_size()
     per_block = [2 * n * bs * args.num_kv_heads * args.head_dim * elem for n in layers]
+    if cache.swa_full:  # every group keeps whole sequences: equal block counts
+        n = cache.num_blocks or max(cache.kv_cache_bytes // sum(per_block),
+                                    cdiv(max_model_len, bs) + 1)
+        return KVLayout(bs, [n] * len(windows), windows, layers)
     sizes: list[int] = []
     for window in windows:
         if window is None:

@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from worker.engine import LLMEngine
 
 
+def gather_blocks(engine: LLMEngine, group: int, block_ids: list[int]) -> torch.Tensor:
+    """CPU copy of some blocks of one group: [2, layers, len(block_ids), block_size,
+    kv_heads, head_dim], one copy to the host."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=engine.device)
+    return engine.runner.kv_caches[group].index_select(2, index).cpu()
+
+
 def export_snapshot(engine: LLMEngine, seq: Sequence, emitted_chars: int,
                     kind: SnapshotKind) -> Snapshot:
     args, bm = engine.model.args, engine.block_manager
@@ -31,18 +38,14 @@ def export_snapshot(engine: LLMEngine, seq: Sequence, emitted_chars: int,
         first, ids = 0, []
         if with_kv:
             table = seq.block_tables[g][:cdiv(seq.num_computed_tokens, bm.block_size)]
-            first = next((i for i, b in enumerate(table) if b != EMPTY), len(table))
+            first = max(next((i for i, b in enumerate(table) if b != EMPTY), len(table)),
+                        pool.first_needed_block(seq.num_computed_tokens))
             ids = table[first:]
             assert EMPTY not in ids, "a block inside the window was given back"
         include = with_kv and (kind == SnapshotKind.FULL or pool.window is not None)
-        data = None
-        if include:
-            index = torch.tensor(ids, dtype=torch.long, device=engine.device)
-            # [2, layers, blocks, block_size, kv_heads, head_dim], one copy to the host
-            data = engine.runner.kv_caches[g].index_select(2, index).cpu()
         groups.append(GroupKV(window=pool.window, num_layers=engine.runner.layout
                               .layers_per_group[g], first_block=first, num_blocks=len(ids),
-                              data=data))
+                              data=gather_blocks(engine, g, ids) if include else None))
     return Snapshot(
         kind=kind, fingerprint=engine.fingerprint, dtype=engine.config.model.dtype,
         block_size=bm.block_size, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
@@ -55,6 +58,23 @@ def export_snapshot(engine: LLMEngine, seq: Sequence, emitted_chars: int,
 def check_compatible(engine: LLMEngine, snap: Snapshot) -> None:
     """PreconditionError when the snapshot is of another model or cache layout;
     InvalidRequestError when its block ranges cannot describe its own tokens."""
+    check_layout(engine, snap)
+    bm = engine.block_manager
+    if len(snap.token_ids) >= engine.max_model_len:
+        raise InvalidRequestError("snapshot", f"{len(snap.token_ids)} tokens do not fit the "
+                                              f"context of {engine.max_model_len}")
+    if not is_complete(snap):
+        return
+    num_blocks = cdiv(snap.num_computed_tokens, snap.block_size)
+    for g, pool in zip(snap.groups, bm.pools, strict=True):
+        needed_from = pool.first_needed_block(snap.num_computed_tokens)
+        if g.first_block + g.num_blocks != num_blocks or g.first_block > needed_from:
+            raise InvalidRequestError("snapshot", "block range does not cover the computed "
+                                                  "tokens")
+
+
+def check_layout(engine: LLMEngine, snap: Snapshot) -> None:
+    """PreconditionError when the snapshot is of another model or KV layout."""
     args, bm = engine.model.args, engine.block_manager
     if snap.fingerprint != engine.fingerprint:
         raise PreconditionError(f"snapshot: made by model {snap.fingerprint[:16]}…, this "
@@ -67,17 +87,6 @@ def check_compatible(engine: LLMEngine, snap: Snapshot) -> None:
     if ours != theirs:
         raise PreconditionError(f"snapshot: KV layout {theirs} differs from this worker's "
                                 f"{ours}")
-    if len(snap.token_ids) >= engine.max_model_len:
-        raise InvalidRequestError("snapshot", f"{len(snap.token_ids)} tokens do not fit the "
-                                              f"context of {engine.max_model_len}")
-    if not is_complete(snap):
-        return
-    num_blocks = cdiv(snap.num_computed_tokens, snap.block_size)
-    for g, pool in zip(snap.groups, bm.pools, strict=True):
-        needed_from = pool.first_needed_block(snap.num_computed_tokens)
-        if g.first_block + g.num_blocks != num_blocks or g.first_block > needed_from:
-            raise InvalidRequestError("snapshot", "block range does not cover the computed "
-                                                  "tokens")
 
 
 def is_complete(snap: Snapshot) -> bool:

@@ -101,7 +101,7 @@ class Scheduler:
         need = cdiv(max_len, self.block_manager.block_size)
         for pool, total in zip(self.block_manager.pools, self.block_manager.num_total_blocks,
                                strict=True):
-            if pool.window is None and need > total:
+            if not pool.trims and need > total:
                 raise CapacityError(
                     f"prompt + max_tokens needs {need} KV blocks; the pool has {total}"
                 )

@@ -32,10 +32,13 @@ from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
 from services.metrics import StreamTimer, WorkerMetrics, serve_metrics
 from services.process import announce_ready, wait_for_signal
 from worker.async_engine import AsyncEngine
+from worker.checkpoints import PrefixRestore
 from worker.config import EngineConfig, ServerConfig
 from worker.engine import LLMEngine, TokenChunk
 from worker.errors import InvalidRequestError, UnavailableError
-from worker.snapshot import Assembler, Snapshot, iter_chunks
+from worker.kv_transfer import is_complete
+from worker.prompt_cache import PromptCache
+from worker.snapshot import CHUNK_BYTES, Assembler, Snapshot, decode, iter_chunks
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.config = config
         self.is_draining = False
         self.on_draining: Callable[[bool], Awaitable[None]] | None = None
+        self.prompt_cache: PromptCache | None = None
 
     def _check_accepting(self) -> None:
         if self.is_draining:
@@ -76,11 +80,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if req.resume is not None:
             resume = {"output_token_ids": list(req.resume.output_token_ids),
                       "emitted_chars": req.resume.emitted_chars}
-        stream = await self.aengine.submit(request_id, prompt_ids, req.params, **resume)
+        restore = await self._lookup([*prompt_ids, *resume.get("output_token_ids", ())])
+        stream = await self.aengine.submit(request_id, prompt_ids, req.params,
+                                           restore=restore, **resume)
         first = {"num_prompt_tokens": len(prompt_ids),
                  "num_resumed_tokens": len(resume.get("output_token_ids", ()))}
         async for msg in self._relay(stream, first):
             yield msg
+
+    async def _lookup(self, token_ids: list[int]) -> PrefixRestore | None:
+        """A longer cached prefix from the cluster-wide prompt cache, if there is one."""
+        if self.prompt_cache is None:
+            return None
+        return await self.prompt_cache.lookup(token_ids)
 
     async def _relay(self, stream, first: dict | None):
         """Engine chunks → responses; `first` fields go on the first one (if any)."""
@@ -109,6 +121,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def ExportSequence(self, request, context):
         kind = kind_from_pb(request.kind)
+        checkpoints = []
+        if request.with_checkpoints and self.prompt_cache is not None:
+            hashes = await self.aengine.call(
+                lambda: self.engine.checkpoints.checkpoint_hashes(request.request_id))
+            checkpoints = await self.prompt_cache.fetch_checkpoints(hashes)
         snap = await self.aengine.export(request.request_id, kind, request.pause)
         sent = False
         try:
@@ -120,6 +137,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             if request.pause and not sent:  # the puller went away: carry on here
                 await self.aengine.commit_export(request.request_id, False)
+        for part, raw in enumerate(checkpoints, start=1):
+            for i in range(0, len(raw), CHUNK_BYTES):
+                yield common_pb2.SnapshotChunk(data=raw[i:i + CHUNK_BYTES], part=part)
 
     async def CommitExport(self, request, context):
         found = await self.aengine.commit_export(request.request_id, request.commit)
@@ -135,7 +155,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             source = worker_pb2_grpc.WorkerStub(ch)
             try:
                 snap, size = await self._pull(source, request.request_id, kind)
-                stream = await self.aengine.submit_import(snap)
+                stream = await self._submit_import(snap)
             except BaseException:
                 await _commit(source, request.request_id, False)
                 raise
@@ -159,14 +179,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def RestoreSequence(self, request_iterator, context):
         self._check_accepting()
-        assembler = Assembler(self.config.max_snapshot_bytes)
-        async for chunk in request_iterator:
-            assembler.add(chunk.data)
-        snap = await asyncio.to_thread(assembler.snapshot)
-        stream = await self.aengine.submit_import(snap)
+        parts = await _assemble_parts(request_iterator, self.config.max_snapshot_bytes)
+        snap, *checkpoints = await asyncio.to_thread(lambda: [decode(p) for p in parts])
+        for checkpoint in checkpoints:  # all checked before anything is imported
+            self.engine.checkpoints.check_checkpoint(checkpoint, snap.token_ids)
+        stream = await self._submit_import(snap)
         self.metrics.imports.inc()
-        async for msg in self._relay_import(snap, stream, len(assembler.buffer)):
+        if checkpoints:
+            captures = await self.aengine.call(lambda: self._adopt(snap.request_id,
+                                                                   checkpoints))
+            if self.prompt_cache is not None:
+                self.prompt_cache.publish(captures)
+        async for msg in self._relay_import(snap, stream, sum(map(len, parts))):
             yield msg
+
+    def _adopt(self, request_id: str, checkpoints: list[Snapshot]) -> list:
+        """In the engine thread: the restored sequence takes its checkpoints back."""
+        seq = self.engine.scheduler.get(request_id)
+        return [] if seq is None else self.engine.checkpoints.adopt(seq, checkpoints)
+
+    async def _submit_import(self, snap: Snapshot):
+        """A snapshot without every group's KV is recomputed, after the longest prefix
+        the prompt cache has."""
+        restore = None if is_complete(snap) else await self._lookup(snap.token_ids)
+        return await self.aengine.submit_import(snap, restore=restore)
 
     async def _relay_import(self, snap: Snapshot, stream, size: int):
         """An acknowledgement first (no token), then the continuation."""
@@ -200,12 +236,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
 
+async def _assemble_parts(chunks, max_bytes: int) -> list[bytearray]:
+    """A sequence's snapshot (part 0) and its checkpoints (parts 1, 2, … in order), all
+    within max_bytes together."""
+    parts: list[Assembler] = []
+    async for chunk in chunks:
+        if chunk.part == len(parts):
+            left = max_bytes - sum(len(a.buffer) for a in parts)
+            parts.append(Assembler(left))
+        elif chunk.part != len(parts) - 1:
+            raise InvalidRequestError("part", f"chunk of part {chunk.part} after part "
+                                              f"{len(parts) - 1}; parts come whole, in order")
+        parts[-1].add(chunk.data)
+    if not parts:
+        raise InvalidRequestError("snapshot", "no data")
+    return [a.buffer for a in parts]
+
+
 def _chunk(chunk: TokenChunk, **first) -> Chunk:
     return Chunk(
         request_id=chunk.request_id, token_ids=tuple(chunk.token_ids), text=chunk.text,
         finish_reason=chunk.finish_reason, logprobs=tuple(chunk.logprobs or ()),
         top_logprobs=tuple(tuple(t) for t in chunk.top_logprobs or ()),
-        error=chunk.error or "", seed=chunk.seed or 0, **first,
+        error=chunk.error or "", seed=chunk.seed or 0,
+        num_cached_tokens=chunk.num_cached_tokens or 0, **first,
     )
 
 
@@ -292,6 +346,14 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
         await heartbeat.beat()  # routers see the flag now, not at the next beat
 
     service.on_draining = on_draining
+    checkpoints = aengine.engine.config.checkpoints
+    if config.prompt_cache_bytes > 0:
+        service.prompt_cache = PromptCache(
+            store, aengine, metrics.prompt_cache, max_bytes=config.prompt_cache_bytes,
+            ttl_s=config.prompt_cache_ttl_s,
+            min_tokens=checkpoints.min_step_tokens if checkpoints else 0)
+        aengine.on_captures = service.prompt_cache.publish
+        await service.prompt_cache.start()
     await heartbeat.start()
     await rpc.set_serving(health, [SERVICE_NAME], True)
     announce_ready(address, metrics_address)
@@ -300,6 +362,8 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
     await heartbeat.stop()
     await server.stop(1.0)
     await aengine.stop()
+    if service.prompt_cache is not None:
+        await service.prompt_cache.close()
     return 0
 
 

@@ -5,6 +5,16 @@
     slotmesh:seq:{request_id}     STRING, JSON SequenceRecord while the sequence runs
     slotmesh:prefix:{hash}        STRING, worker id that last served a prompt with this prefix
 
+The cluster-wide prompt cache, per KV layout (model fingerprint, dtype, block size); the
+hash tag keeps one layout's keys in one Redis Cluster slot, as its scripts need:
+
+    slotmesh:{pc:LAYOUT}:ckpt:{hash}  STRING, checkpoint record (SWA_ONLY snapshot) of
+                                      the prefix whose last block has this chained hash
+    slotmesh:{pc:LAYOUT}:blk:{hash}   STRING, block record: one full-attention block
+    slotmesh:{pc:LAYOUT}:index        ZSET, every entry above, scored by its expiry (ms)
+    slotmesh:{pc:LAYOUT}:sizes        HASH, entry key → payload bytes
+    slotmesh:{pc:LAYOUT}:bytes        STRING, sum of the sizes: what the budget limits
+
 A worker whose key has expired is dead even if its id is still in the set; readers prune
 such ids. Sequence and prefix keys carry a TTL too, so a crashed router leaks nothing for
 long.
@@ -26,3 +36,22 @@ def sequence(request_id: str) -> str:
 
 def prefix(prefix_hash: str) -> str:
     return f"{NAMESPACE}:prefix:{prefix_hash}"
+
+
+def prompt_cache(layout_id: str) -> str:
+    """Prefix of one KV layout's prompt-cache keys."""
+    return f"{NAMESPACE}:{{pc:{layout_id}}}"
+
+
+def checkpoint(layout_id: str, chain_hash: str) -> str:
+    return f"{prompt_cache(layout_id)}:ckpt:{chain_hash}"
+
+
+def block(layout_id: str, chain_hash: str) -> str:
+    return f"{prompt_cache(layout_id)}:blk:{chain_hash}"
+
+
+def prompt_cache_books(layout_id: str) -> tuple[str, str, str]:
+    """(index, sizes, bytes): the keys the budget is kept in."""
+    base = prompt_cache(layout_id)
+    return f"{base}:index", f"{base}:sizes", f"{base}:bytes"

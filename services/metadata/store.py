@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -31,6 +32,69 @@ from worker.errors import UnavailableError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Shared by the prompt-cache scripts: KEYS[1..3] are the layout's index, sizes, bytes.
+_DROP = """
+local index, sizes, total = KEYS[1], KEYS[2], KEYS[3]
+local function drop(key)
+  local size = redis.call('HGET', sizes, key)
+  if size then
+    redis.call('DECRBY', total, size)
+    redis.call('HDEL', sizes, key)
+  end
+  redis.call('ZREM', index, key)
+  redis.call('DEL', key)
+end
+"""
+
+# Add one prompt-cache entry atomically, or nothing. KEYS[4 .. 3+nrefs]: entries it uses
+# that must exist (refreshed); the rest: entries to write, ARGV[5 ..] their values.
+# ARGV[1..4]: now (ms), ttl (ms), budget (bytes), nrefs. Expired entries leave the books
+# first; then the oldest entries are evicted until the new bytes fit the budget.
+_PUT = _DROP + """
+local now, ttl, budget, nrefs = tonumber(ARGV[1]), tonumber(ARGV[2]),
+                                tonumber(ARGV[3]), tonumber(ARGV[4])
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now)) do drop(key) end
+local missing = {}
+for i = 4, 3 + nrefs do
+  if redis.call('EXISTS', KEYS[i]) == 0 then missing[#missing + 1] = KEYS[i] end
+end
+if #missing > 0 then return {'missing', missing} end
+local add = 0
+for i = 4 + nrefs, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then add = add + #ARGV[i - nrefs + 1] end
+end
+if add > budget then return {'too_big', tostring(add)} end
+local expiry = now + ttl
+for i = 4, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    redis.call('ZADD', index, expiry, KEYS[i])
+  end
+end
+local used = tonumber(redis.call('GET', total) or '0')
+while used + add > budget do
+  local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+  if #oldest == 0 or tonumber(oldest[2]) >= expiry then return {'too_big', tostring(add)} end
+  drop(oldest[1])
+  used = tonumber(redis.call('GET', total) or '0')
+end
+for i = 4 + nrefs, #KEYS do
+  local key, value = KEYS[i], ARGV[i - nrefs + 1]
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SET', key, value, 'PX', ttl)
+    redis.call('HSET', sizes, key, #value)
+    redis.call('INCRBY', total, #value)
+    redis.call('ZADD', index, expiry, key)
+  end
+end
+return {'ok', tostring(used + add)}
+"""
+
+_DELETE = _DROP + """
+for i = 4, #KEYS do drop(KEYS[i]) end
+return tostring(redis.call('GET', total) or '0')
+"""
+
 
 class StoreUnavailableError(UnavailableError):
     """Redis did not answer (down, unreachable, timed out)."""
@@ -46,6 +110,8 @@ class RedisStore:
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
+        self._put = self._redis.register_script(_PUT)
+        self._delete = self._redis.register_script(_DELETE)
 
     @classmethod
     async def connect(cls, url: str, *, timeout_s: float = 1.0) -> RedisStore:
@@ -144,3 +210,55 @@ class RedisStore:
         raws = await self._call("prefix lookup", lambda: self._redis.mget(
             [keys.prefix(h) for h in prefix_hashes]))
         return [r.decode(errors="replace") if r is not None else None for r in raws]
+
+    # -- the cluster-wide prompt cache -----------------------------------------------------
+
+    async def put_prompt_cache(self, layout_id: str, refs: list[str],
+                               entries: list[tuple[str, bytes]], *, ttl_s: float,
+                               max_bytes: int) -> PutResult:
+        """Write entries (all or none) that need the entries `refs` to exist, within the
+        layout's byte budget (the oldest entries are evicted to make room)."""
+        books = keys.prompt_cache_books(layout_id)
+        reply = await self._call("prompt cache put", lambda: self._put(
+            keys=[*books, *refs, *(k for k, _ in entries)],
+            args=[now_ms(), int(ttl_s * 1000), max_bytes, len(refs),
+                  *(v for _, v in entries)]))
+        status = reply[0].decode()
+        if status == "missing":
+            return PutResult(status, missing=[k.decode() for k in reply[1]])
+        return PutResult(status, num_bytes=int(reply[1]))
+
+    async def delete_prompt_cache(self, layout_id: str, entry_keys: list[str]) -> int:
+        """Remove entries and their sizes from the books; returns the bytes left."""
+        books = keys.prompt_cache_books(layout_id)
+        return int(await self._call("prompt cache delete", lambda: self._delete(
+            keys=[*books, *entry_keys], args=[])))
+
+    async def exists_many(self, entry_keys: list[str]) -> list[bool]:
+        async def op() -> list[bool]:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in entry_keys:
+                pipe.exists(key)
+            return [bool(n) for n in await pipe.execute()]
+
+        return await self._call("prompt cache lookup", op) if entry_keys else []
+
+    async def get_many(self, entry_keys: list[str]) -> list[bytes | None]:
+        if not entry_keys:
+            return []
+        return await self._call("prompt cache fetch", lambda: self._redis.mget(entry_keys))
+
+    async def prompt_cache_bytes(self, layout_id: str) -> int:
+        raw = await self._call("prompt cache size", lambda: self._redis.get(
+            keys.prompt_cache_books(layout_id)[2]))
+        return int(raw or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """ok (num_bytes: the layout's bytes now), too_big (num_bytes: the entry's new
+    bytes, more than the budget can hold), or missing (refs that no longer exist)."""
+
+    status: str
+    num_bytes: int = 0
+    missing: list[str] = field(default_factory=list)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.slotmesh.v1 import common_pb2 as protos_dot_slotmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/slotmesh/v1/worker.proto\x12\x0bslotmesh.v1\x1a\x1fprotos/slotmesh/v1/common.proto\"\r\n\x0bInfoRequest\"c\n\x15\x45xportSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.slotmesh.v1.SnapshotKind\x12\r\n\x05pause\x18\x03 \x01(\x08\"9\n\x13\x43ommitExportRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\"%\n\x14\x43ommitExportResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"l\n\x15ImportSequenceRequest\x12\x16\n\x0esource_address\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.slotmesh.v1.SnapshotKind\"&\n\x12SetDrainingRequest\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\",\n\x13SetDrainingResponse\x12\x15\n\rnum_sequences\x18\x01 \x01(\r2\xf2\x04\n\x06Worker\x12I\n\x08Generate\x12\x1c.slotmesh.v1.GenerateRequest\x1a\x1d.slotmesh.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.slotmesh.v1.AbortRequest\x1a\x1a.slotmesh.v1.AbortResponse\x12\x39\n\x04Info\x12\x18.slotmesh.v1.InfoRequest\x1a\x17.slotmesh.v1.WorkerInfo\x12R\n\x0e\x45xportSequence\x12\".slotmesh.v1.ExportSequenceRequest\x1a\x1a.slotmesh.v1.SnapshotChunk0\x01\x12S\n\x0c\x43ommitExport\x12 .slotmesh.v1.CommitExportRequest\x1a!.slotmesh.v1.CommitExportResponse\x12U\n\x0eImportSequence\x12\".slotmesh.v1.ImportSequenceRequest\x1a\x1d.slotmesh.v1.GenerateResponse0\x01\x12P\n\x0fRestoreSequence\x12\x1a.slotmesh.v1.SnapshotChunk\x1a\x1d.slotmesh.v1.GenerateResponse(\x01\x30\x01\x12P\n\x0bSetDraining\x12\x1f.slotmesh.v1.SetDrainingRequest\x1a .slotmesh.v1.SetDrainingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/slotmesh/v1/worker.proto\x12\x0bslotmesh.v1\x1a\x1fprotos/slotmesh/v1/common.proto\"\r\n\x0bInfoRequest\"}\n\x15\x45xportSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.slotmesh.v1.SnapshotKind\x12\r\n\x05pause\x18\x03 \x01(\x08\x12\x18\n\x10with_checkpoints\x18\x04 \x01(\x08\"9\n\x13\x43ommitExportRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\"%\n\x14\x43ommitExportResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"l\n\x15ImportSequenceRequest\x12\x16\n\x0esource_address\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.slotmesh.v1.SnapshotKind\"&\n\x12SetDrainingRequest\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\",\n\x13SetDrainingResponse\x12\x15\n\rnum_sequences\x18\x01 \x01(\r2\xf2\x04\n\x06Worker\x12I\n\x08Generate\x12\x1c.slotmesh.v1.GenerateRequest\x1a\x1d.slotmesh.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.slotmesh.v1.AbortRequest\x1a\x1a.slotmesh.v1.AbortResponse\x12\x39\n\x04Info\x12\x18.slotmesh.v1.InfoRequest\x1a\x17.slotmesh.v1.WorkerInfo\x12R\n\x0e\x45xportSequence\x12\".slotmesh.v1.ExportSequenceRequest\x1a\x1a.slotmesh.v1.SnapshotChunk0\x01\x12S\n\x0c\x43ommitExport\x12 .slotmesh.v1.CommitExportRequest\x1a!.slotmesh.v1.CommitExportResponse\x12U\n\x0eImportSequence\x12\".slotmesh.v1.ImportSequenceRequest\x1a\x1d.slotmesh.v1.GenerateResponse0\x01\x12P\n\x0fRestoreSequence\x12\x1a.slotmesh.v1.SnapshotChunk\x1a\x1d.slotmesh.v1.GenerateResponse(\x01\x30\x01\x12P\n\x0bSetDraining\x12\x1f.slotmesh.v1.SetDrainingRequest\x1a .slotmesh.v1.SetDrainingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=81
   _globals['_INFOREQUEST']._serialized_end=94
   _globals['_EXPORTSEQUENCEREQUEST']._serialized_start=96
-  _globals['_EXPORTSEQUENCEREQUEST']._serialized_end=195
-  _globals['_COMMITEXPORTREQUEST']._serialized_start=197
-  _globals['_COMMITEXPORTREQUEST']._serialized_end=254
-  _globals['_COMMITEXPORTRESPONSE']._serialized_start=256
-  _globals['_COMMITEXPORTRESPONSE']._serialized_end=293
-  _globals['_IMPORTSEQUENCEREQUEST']._serialized_start=295
-  _globals['_IMPORTSEQUENCEREQUEST']._serialized_end=403
-  _globals['_SETDRAININGREQUEST']._serialized_start=405
-  _globals['_SETDRAININGREQUEST']._serialized_end=443
-  _globals['_SETDRAININGRESPONSE']._serialized_start=445
-  _globals['_SETDRAININGRESPONSE']._serialized_end=489
-  _globals['_WORKER']._serialized_start=492
-  _globals['_WORKER']._serialized_end=1118
+  _globals['_EXPORTSEQUENCEREQUEST']._serialized_end=221
+  _globals['_COMMITEXPORTREQUEST']._serialized_start=223
+  _globals['_COMMITEXPORTREQUEST']._serialized_end=280
+  _globals['_COMMITEXPORTRESPONSE']._serialized_start=282
+  _globals['_COMMITEXPORTRESPONSE']._serialized_end=319
+  _globals['_IMPORTSEQUENCEREQUEST']._serialized_start=321
+  _globals['_IMPORTSEQUENCEREQUEST']._serialized_end=429
+  _globals['_SETDRAININGREQUEST']._serialized_start=431
+  _globals['_SETDRAININGREQUEST']._serialized_end=469
+  _globals['_SETDRAININGRESPONSE']._serialized_start=471
+  _globals['_SETDRAININGRESPONSE']._serialized_end=515
+  _globals['_WORKER']._serialized_start=518
+  _globals['_WORKER']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

@@ -10,14 +10,16 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExportSequenceRequest(_message.Message):
-    __slots__ = ("request_id", "kind", "pause")
+    __slots__ = ("request_id", "kind", "pause", "with_checkpoints")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PAUSE_FIELD_NUMBER: _ClassVar[int]
+    WITH_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kind: _common_pb2.SnapshotKind
     pause: bool
-    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.SnapshotKind, str]] = ..., pause: _Optional[bool] = ...) -> None: ...
+    with_checkpoints: bool
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.SnapshotKind, str]] = ..., pause: _Optional[bool] = ..., with_checkpoints: _Optional[bool] = ...) -> None: ...
 
 class CommitExportRequest(_message.Message):
     __slots__ = ("request_id", "commit")

@@ -135,6 +135,8 @@ class WorkerServicer:
 
     def RestoreSequence(self, request_iterator, context):
         """Upload a snapshot (e.g. from a file) and stream the continuation, as ImportSequence.
+        Checkpoints sent with it (part >= 1) are checked and written back to the prompt
+        cache, so rolling the sequence back to one of them needs no recomputation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

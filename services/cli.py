@@ -233,8 +233,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
 
     from worker.config import CheckpointConfig, ServerConfig
+    from worker.errors import InvalidRequestError
     from worker.server import serve
 
+    for flag in ("prompt_cache_mb", "swa_checkpoints", "checkpoint_every",
+                 "checkpoint_min_step"):
+        if getattr(args, flag) < 0:
+            raise InvalidRequestError("--" + flag.replace("_", "-"), "must be 0 or more")
+    if not args.prompt_cache_ttl > 0:
+        raise InvalidRequestError("--prompt-cache-ttl", "must be more than 0 seconds")
     config = ServerConfig(
         host=args.host, port=args.port, advertise_address=args.advertise_address,
         worker_id=args.worker_id, redis_url=args.redis_url,

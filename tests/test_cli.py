@@ -80,3 +80,15 @@ def test_generate_via_unreachable_router_is_a_clear_error(capsys) -> None:
     rc = main(["generate", "--router", f"127.0.0.1:{free_port()}", "hi", "--timeout", "5"])
     assert rc == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--swa-checkpoints", "-1"], "--swa-checkpoints"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every"),
+    (["--checkpoint-min-step", "-1"], "--checkpoint-min-step"),
+    (["--prompt-cache-mb", "-1"], "--prompt-cache-mb"),
+    (["--prompt-cache-ttl", "0"], "--prompt-cache-ttl"),
+])
+def test_bad_prompt_cache_flags_exit_2_naming_the_flag(flags, field, capsys) -> None:
+    assert main(["worker", *flags]) == 2  # refused before Redis or the model is touched
+    assert field in capsys.readouterr().err

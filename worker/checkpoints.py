@@ -35,6 +35,7 @@ Block record format (little endian):
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -119,7 +120,7 @@ def decode_block(data: bytes, block_hash: bytes, shapes: list[tuple[int, ...]],
     if stored_hash != block_hash:
         raise DataLossError("block record: stored under another block's hash")
     elem = torch.empty((), dtype=dtype).element_size()
-    sizes = [elem * _numel(s) for s in shapes]
+    sizes = [elem * math.prod(s) for s in shapes]
     if num_groups != len(shapes) or size != sum(sizes) or len(body) != _BLOCK_PREFIX.size + size:
         raise InvalidRequestError("block record", "layout differs from this worker's")
     out, offset = [], _BLOCK_PREFIX.size
@@ -128,13 +129,6 @@ def decode_block(data: bytes, block_hash: bytes, shapes: list[tuple[int, ...]],
         out.append(raw.view(dtype).reshape(shape))
         offset += n
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # -- the engine's side -----------------------------------------------------------------

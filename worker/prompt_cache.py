@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 from collections import deque
 
 from services.metadata import keys
@@ -116,10 +117,12 @@ class PromptCache:
         block_keys = [self._block_key(h) for h in cap.block_hashes] if self._full_pools else []
         present = await self.store.exists_many([checkpoint_key, *block_keys])
         self._on_store_ok()
-        if present[0]:
-            return "exists"  # another worker (or this one, earlier) made it
         # present[1:] is empty for a model without full-attention layers
         missing = [h for h, p in zip(cap.block_hashes, present[1:], strict=False) if not p]
+        if present[0] and not missing:  # another worker (or this one) made it: refresh
+            await self.store.put_prompt_cache(self.layout_id, [checkpoint_key, *block_keys],
+                                              [], ttl_s=self.ttl_s, max_bytes=self.max_bytes)
+            return "exists"
         kv_bytes = sum(g.data.numel() * g.data.element_size()
                        for g in cap.checkpoint.groups if g.data is not None)
         if kv_bytes + len(missing) * self._block_bytes() > self.max_bytes:
@@ -133,10 +136,12 @@ class PromptCache:
 
         def encode_all() -> list[tuple[str, bytes]]:
             entries = [(self._block_key(h), encode_block(h, blocks[h])) for h in missing]
-            return [*entries, (checkpoint_key, encode(cap.checkpoint))]
+            if not present[0]:
+                entries.append((checkpoint_key, encode(cap.checkpoint)))
+            return entries
 
         entries = await asyncio.to_thread(encode_all)
-        refs = [k for k, p in zip(block_keys, present[1:], strict=True) if p]
+        refs = [k for k, p in zip([checkpoint_key, *block_keys], present, strict=True) if p]
         result = await self.store.put_prompt_cache(self.layout_id, refs, entries,
                                                    ttl_s=self.ttl_s, max_bytes=self.max_bytes)
         if result.status == "ok":
@@ -146,8 +151,7 @@ class PromptCache:
         return result.status  # too_big, or missing: a block expired meanwhile
 
     def _block_bytes(self) -> int:
-        elem = self.engine.dtype.itemsize
-        return sum(elem * a * b * c * d * e for a, b, c, d, e in self._shapes)
+        return sum(self.engine.dtype.itemsize * math.prod(s) for s in self._shapes)
 
     def _checkpoint_key(self, chain_hash: bytes) -> str:
         return keys.checkpoint(self.layout_id, chain_hash.hex())

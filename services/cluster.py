@@ -44,6 +44,7 @@ class LocalCluster:
         self.redis = None if redis_url else RedisServer(install=install_redis)
         self.redis_url = redis_url or self.redis.url
         self.router: ServiceProcess | None = None
+        self.routers: list[ServiceProcess] = []  # the first is `router`; workers drain via it
         self.workers: list[ServiceProcess] = []
         self._logs: list[IO] = []
         self._next_worker = 0
@@ -69,10 +70,7 @@ class LocalCluster:
             if self.redis is not None:
                 self.redis.start()
             # the router first: workers drain through it on SIGTERM
-            self.router = spawn_service("router", [
-                "router", "--port", str(self.router_port), "--redis-url", self.redis_url,
-                "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
-                *self.router_args], stderr=self._log("router"), env=child_env())
+            self.router = self.add_router(self.router_port)
             workers = [self._worker_spec() for _ in range(self.num_workers)]
             self.workers = spawn_services(workers, env=child_env())
             self.wait_for_workers(len(self.workers))
@@ -89,6 +87,16 @@ class LocalCluster:
             "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
             "--router-address", self.router_address,
             *self.worker_args, *(extra_args or [])], self._log(name))
+
+    def add_router(self, port: int = 0) -> ServiceProcess:
+        """Another router replica on the same Redis (any replica serves any client)."""
+        name = "router" if not self.routers else f"router-{len(self.routers)}"
+        proc = spawn_service(name, [
+            "router", "--port", str(port), "--redis-url", self.redis_url,
+            "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
+            *self.router_args], stderr=self._log(name), env=child_env())
+        self.routers.append(proc)
+        return proc
 
     def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:
         name, argv, log = self._worker_spec(extra_args)
@@ -113,8 +121,8 @@ class LocalCluster:
         codes = {}
         for w in self.workers:
             codes[w.name] = w.terminate()
-        if self.router is not None:
-            codes["router"] = self.router.terminate()
+        for r in self.routers:
+            codes[r.name] = r.terminate()
         if self.redis is not None:
             self.redis.close()
         for f in self._logs:

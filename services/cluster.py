@@ -160,7 +160,8 @@ def add_up_parser(sub, add_model_flags) -> None:
 
 
 def model_worker_args(args: argparse.Namespace) -> list[str]:
-    out = ["--model", args.model, "--dtype", args.dtype, "--slots", str(args.slots)]
+    out = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+           "--slots", str(args.slots)]
     if args.cache_dir is not None:
         out += ["--cache-dir", str(args.cache_dir)]
     if args.ctx is not None:

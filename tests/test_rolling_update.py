@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 
-from services.client import Client, RpcError
+from services.client import Client, Completion, RpcError
 from services.health_probe import check
 from services.rpc import LIVENESS_SERVICE
 from tests.cluster_harness import tiny_cluster, wait_until
@@ -121,6 +121,7 @@ def test_rolling_update_of_a_worker_keeps_every_stream(cluster, routers, referen
     victim_id = _busiest_worker(routers[0], cluster)
     victim = next(w for w in cluster.workers if w.name == victim_id)
 
+    assert probe(victim.address) == 0  # the image's HEALTHCHECK: ready
     t0 = time.monotonic()
     prestop = subprocess.run(
         [sys.executable, "-m", "services.cli", "drain", "--router", cluster.routers[1].address,
@@ -128,7 +129,7 @@ def test_rolling_update_of_a_worker_keeps_every_stream(cluster, routers, referen
         capture_output=True, text=True, timeout=GRACE_S + 30)
     drain_s = time.monotonic() - t0
     assert prestop.returncode == 0, prestop.stderr
-    assert not check(victim.address)  # readiness NOT_SERVING while draining ...
+    assert probe(victim.address) == 1  # readiness NOT_SERVING while draining ...
     assert check(victim.address, LIVENESS_SERVICE)  # ... but alive: no restart
     t1 = time.monotonic()
     code = victim.terminate(timeout_s=GRACE_S)  # SIGTERM, SIGKILL after the grace period
@@ -151,6 +152,12 @@ def test_rolling_update_of_a_worker_keeps_every_stream(cluster, routers, referen
             assert [c.worker_id for c in chunks if c.worker_id][-1] != victim_id
 
 
+def probe(address: str) -> int:
+    """The containers' HEALTHCHECK command (deploy/docker) against a live process."""
+    return subprocess.run([sys.executable, "-m", "services.health_probe", address],
+                          timeout=30).returncode
+
+
 def _busiest_worker(client: Client, cluster) -> str:
     """The worker running the most of the streams (prefix affinity puts them together)."""
     counts: dict[str, int] = {}
@@ -164,3 +171,30 @@ def _busiest_worker(client: Client, cluster) -> str:
 
     wait_until(settled, 10, "every stream has an owner")
     return max(counts, key=counts.get)
+
+
+def test_another_router_takes_over_when_the_relaying_router_dies(cluster, routers) -> None:
+    """Router A is killed mid-stream (last: the module's workers drain through A). The
+    client resumes on router B with what it received and no seed: B takes the seed the
+    worker drew from the sequence's Redis record, and the stream continues token-exact."""
+    a, b = routers
+    params = {k: v for k, v in SAMPLING["seeded"].items() if k != "seed"}
+    received = Completion()
+    seed = 0
+    with pytest.raises(RpcError) as e:
+        for chunk in a.stream(text=PROMPT, request_id="takeover-1", max_tokens=MAX_TOKENS,
+                              ignore_eos=True, **params):
+            received.add(chunk)
+            seed = seed or chunk.seed
+            if len(received.token_ids) >= 10 and cluster.routers[0].proc.poll() is None:
+                wait_until(lambda: b.get_sequence("takeover-1").status == "running", 5,
+                           "the running record (with the seed) in Redis")
+                cluster.routers[0].kill()
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    rest = b.generate(text=PROMPT, request_id="takeover-1", max_tokens=MAX_TOKENS,
+                      ignore_eos=True, resume=received, **params)
+    want = b.generate(text=PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, seed=seed,
+                      **params)
+    assert seed and received.token_ids
+    assert received.token_ids + rest.token_ids == want.token_ids
+    assert received.text + rest.text == want.text

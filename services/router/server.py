@@ -103,10 +103,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         request_id = req.request_id or f"r-{uuid.uuid4().hex}"
         if request_id in self.streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        req = GenerationRequest(request_id=request_id, prompt=req.prompt, params=req.params)
+        req = GenerationRequest(request_id=request_id, prompt=req.prompt, params=req.params,
+                                resume=req.resume)
         forward = common_pb2.GenerateRequest()
         forward.CopyFrom(request)
         forward.request_id = request_id
+        if req.resume is not None:
+            await self._take_over(req, forward)
         hashes, prompt_hash = prefix_hashes(req.prompt)
         route = RouteRequest(prefix_hashes=tuple(hashes),
                              prefix_owners=tuple(await self._prefix_owners(hashes)))
@@ -143,6 +146,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
             timer.on_finish()
             self.metrics.streams.dec()
             self.metrics.requests.labels(finish_reason).inc()
+
+    async def _take_over(self, req: GenerationRequest, forward) -> None:
+        """A client resumes a stream it lost with its router (the tokens it received in
+        `resume`): any router continues it. Without a seed in the request, the one the
+        worker drew comes from the sequence's Redis record, so the continuation is the
+        one the first worker would have produced."""
+        if req.params.seed is not None or req.params.is_greedy:
+            return
+        record = await self.store.get_sequence(req.request_id)
+        if record is None or not record.seed:
+            raise InvalidRequestError("params.seed", f"resuming {req.request_id!r} needs "
+                                      "the seed it ran with and Redis has no record of it")
+        forward.params.seed = record.seed
+        log.info("taking over %s (relayed by %s) after %d tokens", req.request_id,
+                 record.router_id, len(req.resume.output_token_ids))
 
     async def _open(self, stream: RelayedStream, route: RouteRequest, request,
                     context) -> None:

@@ -413,11 +413,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         worker_id = request.worker_id
         if not worker_id:
             raise InvalidRequestError("worker_id", "must not be empty")
-        migrated, failed = await self._drain_local(worker_id)
-        if not request.forwarded:
-            more = await self.peers.drain_others(worker_id, context.time_remaining())
-            migrated, failed = migrated + more[0], failed + more[1]
-        return router_pb2.DrainResponse(num_migrated=migrated, num_failed=failed)
+        parts = [self._drain_local(worker_id)]
+        if not request.forwarded:  # every router moves the streams it relays, at once
+            parts.append(self.peers.drain_others(worker_id, context.time_remaining()))
+        counts = await asyncio.gather(*parts)
+        return router_pb2.DrainResponse(num_migrated=sum(m for m, _ in counts),
+                                        num_failed=sum(f for _, f in counts))
 
     async def _drain_local(self, worker_id: str) -> tuple[int, int]:
         """Stop routing to the worker and migrate every stream this router relays on it."""

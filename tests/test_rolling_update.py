@@ -22,7 +22,7 @@ from services.health_probe import check
 from services.rpc import LIVENESS_SERVICE
 from tests.cluster_harness import tiny_cluster, wait_until
 from tests.test_migration import PROMPT, SAMPLING
-from tests.tiny_models import make_tiny_model
+from tests.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
 from worker.sampling_params import SamplingParams
@@ -34,12 +34,6 @@ GRACE_S = 30.0  # the worker's --shutdown-grace, as terminationGracePeriodSecond
 
 def seeded(i: int) -> dict:
     return {**SAMPLING["seeded"], "seed": 1000 + i}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model("gemma3", tmp_path_factory.mktemp("gemma3-4k"), window=48,
-                           max_positions=4096)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from protos.slotmesh.v1 import router_pb2, router_pb2_grpc
 from services import rpc
 from services.metadata.records import RouterRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
+from services.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ class RouterPeers:
         self.router_id = router_id
         self.address = address
         self.ttl_s = ttl_s
-        self._task: asyncio.Task | None = None
+        self._heartbeat = Periodic(self.beat, ttl_s / 3, "router-heartbeat")
         self._channels: dict[str, tuple[grpc.aio.Channel, router_pb2_grpc.RouterStub]] = {}
 
     async def start(self) -> None:
         await self.beat()
-        self._task = asyncio.create_task(self._run(), name="router-heartbeat")
+        self._heartbeat.start()
 
     async def beat(self) -> None:
         record = RouterRecord(router_id=self.router_id, address=self.address,
@@ -51,16 +52,8 @@ class RouterPeers:
             log.warning("router heartbeat failed (peers cannot forward to us until Redis "
                         "is back): %s", e)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_s / 3)
-            await self.beat()
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._heartbeat.stop()
         with contextlib.suppress(StoreUnavailableError):  # the key expires by itself
             await self.store.deregister_router(self.router_id)
         for ch, _stub in self._channels.values():

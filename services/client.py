@@ -24,6 +24,7 @@ from services.convert import (
     Chunk,
     GenerationRequest,
     Prompt,
+    Resume,
     chunk_from_pb,
     params_from_pb,
     request_to_pb,
@@ -129,8 +130,13 @@ def _migration_result(resp) -> MigrationResult:
 
 def build_request(*, text: str | None = None, messages: list[dict] | None = None,
                   token_ids: list[int] | None = None, request_id: str = "",
+                  resume: Completion | None = None,
                   **sampling) -> common_pb2.GenerateRequest:
-    """The GenerateRequest for one prompt (exactly one of text, messages, token_ids)."""
+    """The GenerateRequest for one prompt (exactly one of text, messages, token_ids).
+
+    resume: what the client already received of this request (same request_id and
+    prompt) when its stream broke with its router; any router continues after it, with
+    the seed the sequence ran with (from Redis when the request has none)."""
     if "logit_bias" in sampling and isinstance(sampling["logit_bias"], dict):
         sampling["logit_bias"] = tuple(sampling["logit_bias"].items())
     for key in ("stop", "stop_token_ids"):
@@ -140,8 +146,10 @@ def build_request(*, text: str | None = None, messages: list[dict] | None = None
         text=text, token_ids=tuple(token_ids) if token_ids is not None else None,
         messages=tuple((m["role"], m["content"]) for m in messages)
         if messages is not None else None)
-    return request_to_pb(GenerationRequest(request_id=request_id, prompt=prompt,
-                                           params=SamplingParams(**sampling)))
+    return request_to_pb(GenerationRequest(
+        request_id=request_id, prompt=prompt, params=SamplingParams(**sampling),
+        resume=Resume(output_token_ids=tuple(resume.token_ids),
+                      emitted_chars=len(resume.text)) if resume is not None else None))
 
 
 def _sequence_info(msg: router_pb2.SequenceInfo) -> SequenceInfo:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from services.metadata.store import redact_url
 from services.process import ServiceProcess, child_env, spawn_service, spawn_services
 from services.redis_server import RedisServer
 from worker.errors import SlotmeshError
@@ -44,6 +45,7 @@ class LocalCluster:
         self.redis = None if redis_url else RedisServer(install=install_redis)
         self.redis_url = redis_url or self.redis.url
         self.router: ServiceProcess | None = None
+        self.routers: list[ServiceProcess] = []  # the first is `router`; workers drain via it
         self.workers: list[ServiceProcess] = []
         self._logs: list[IO] = []
         self._next_worker = 0
@@ -69,10 +71,7 @@ class LocalCluster:
             if self.redis is not None:
                 self.redis.start()
             # the router first: workers drain through it on SIGTERM
-            self.router = spawn_service("router", [
-                "router", "--port", str(self.router_port), "--redis-url", self.redis_url,
-                "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
-                *self.router_args], stderr=self._log("router"), env=child_env())
+            self.router = self.add_router(self.router_port)
             workers = [self._worker_spec() for _ in range(self.num_workers)]
             self.workers = spawn_services(workers, env=child_env())
             self.wait_for_workers(len(self.workers))
@@ -89,6 +88,16 @@ class LocalCluster:
             "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
             "--router-address", self.router_address,
             *self.worker_args, *(extra_args or [])], self._log(name))
+
+    def add_router(self, port: int = 0) -> ServiceProcess:
+        """Another router replica on the same Redis (any replica serves any client)."""
+        name = "router" if not self.routers else f"router-{len(self.routers)}"
+        proc = spawn_service(name, [
+            "router", "--port", str(port), "--redis-url", self.redis_url,
+            "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
+            *self.router_args], stderr=self._log(name), env=child_env())
+        self.routers.append(proc)
+        return proc
 
     def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:
         name, argv, log = self._worker_spec(extra_args)
@@ -113,8 +122,8 @@ class LocalCluster:
         codes = {}
         for w in self.workers:
             codes[w.name] = w.terminate()
-        if self.router is not None:
-            codes["router"] = self.router.terminate()
+        for r in self.routers:
+            codes[r.name] = r.terminate()
         if self.redis is not None:
             self.redis.close()
         for f in self._logs:
@@ -152,7 +161,8 @@ def add_up_parser(sub, add_model_flags) -> None:
 
 
 def model_worker_args(args: argparse.Namespace) -> list[str]:
-    out = ["--model", args.model, "--dtype", args.dtype, "--slots", str(args.slots)]
+    out = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+           "--slots", str(args.slots)]
     if args.cache_dir is not None:
         out += ["--cache-dir", str(args.cache_dir)]
     if args.ctx is not None:
@@ -188,7 +198,7 @@ def _print_cluster(cluster: LocalCluster) -> None:
     for w in cluster.workers:
         print(f"{w.name} {w.address}"
               + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
-    print(f"redis    {cluster.redis_url}")
+    print(f"redis    {redact_url(cluster.redis_url)}")
     print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
           "\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
 

@@ -51,20 +51,24 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server child process. `restart()` brings it back on the same port."""
 
-    def __init__(self, *, install: bool = True, port: int | None = None) -> None:
+    def __init__(self, *, install: bool = True, port: int | None = None,
+                 password: str | None = None) -> None:
         self.binary = find_redis_server(install)
         self.port = port or free_port()
+        self.password = password  # --requirepass; the URL then carries it
         self._dir = tempfile.TemporaryDirectory(prefix="slotmesh-redis-")
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> RedisServer:
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                "--save", "", "--appendonly", "no", "--dir", self._dir.name,
-               "--logfile", "", "--loglevel", "notice"]
+               "--logfile", "", "--loglevel", "notice",
+               *(["--requirepass", self.password] if self.password else [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self._wait_ready(timeout_s)

@@ -164,12 +164,22 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     return servicer
 
 
+# The health entry that means "the process is alive" (a Kubernetes liveness probe's
+# `service`): SERVING from the first time the server is ready and never NOT_SERVING
+# again, so a draining worker is not restarted. Readiness is "" and the service names.
+LIVENESS_SERVICE = "liveness"
+
+
 async def set_serving(servicer: health.aio.HealthServicer, service_names: Iterable[str],
                       serving: bool) -> None:
+    """Readiness: "" and every service name flip together (NOT_SERVING while draining or
+    shutting down); the liveness entry turns SERVING with the first ready and stays."""
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ["", *service_names]:
         await servicer.set(name, status)
+    if serving:
+        await servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
 
 def channel(address: str) -> grpc.aio.Channel:

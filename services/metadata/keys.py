@@ -4,6 +4,9 @@
     slotmesh:worker:{worker_id}   STRING, JSON WorkerRecord; expires unless heartbeats renew it
     slotmesh:seq:{request_id}     STRING, JSON SequenceRecord while the sequence runs
     slotmesh:prefix:{hash}        STRING, worker id that last served a prompt with this prefix
+    slotmesh:routers              SET of router ids that have registered
+    slotmesh:router:{router_id}   STRING, JSON RouterRecord (its address); expires unless
+                                  the router's heartbeat renews it
 
 The cluster-wide prompt cache, per KV layout (model fingerprint, dtype, block size); the
 hash tag keeps one layout's keys in one Redis Cluster slot, as its scripts need:
@@ -15,9 +18,9 @@ hash tag keeps one layout's keys in one Redis Cluster slot, as its scripts need:
     slotmesh:{pc:LAYOUT}:sizes        HASH, entry key → payload bytes
     slotmesh:{pc:LAYOUT}:bytes        STRING, sum of the sizes: what the budget limits
 
-A worker whose key has expired is dead even if its id is still in the set; readers prune
-such ids. Sequence and prefix keys carry a TTL too, so a crashed router leaks nothing for
-long.
+A worker (or router) whose key has expired is dead even if its id is still in the set;
+readers prune such ids. Sequence and prefix keys carry a TTL too, so a crashed router
+leaks nothing for long.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ def sequence(request_id: str) -> str:
 
 def prefix(prefix_hash: str) -> str:
     return f"{NAMESPACE}:prefix:{prefix_hash}"
+
+
+ROUTERS = f"{NAMESPACE}:routers"
+
+
+def router(router_id: str) -> str:
+    return f"{NAMESPACE}:router:{router_id}"
 
 
 def prompt_cache(layout_id: str) -> str:

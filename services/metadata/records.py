@@ -78,3 +78,13 @@ def decode(cls: type[T], raw: bytes | str) -> T:
                                      f"got {type(value).__name__}")
         values[f.name] = value
     return cls(**values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouterRecord:
+    """A live router: where peers reach it to forward Migrate/Drain for the sequences it
+    relays (a SequenceRecord names its router by id)."""
+
+    router_id: str
+    address: str
+    heartbeat_ms: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -22,6 +23,7 @@ from redis.exceptions import RedisError
 from services.metadata import keys
 from services.metadata.records import (
     CorruptRecordError,
+    RouterRecord,
     SequenceRecord,
     WorkerRecord,
     decode,
@@ -104,9 +106,21 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password (redis://:PASSWORD@host) masked, for logs and errors."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 class RedisStore:
     def __init__(self, url: str, *, timeout_s: float = 1.0) -> None:
-        self.url = url
+        self.url = redact_url(url)  # the password never reaches a log line
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
@@ -142,36 +156,50 @@ class RedisStore:
     async def register_worker(self, record: WorkerRecord, ttl_s: float) -> None:
         """Write (or renew) a worker's record with an expiry; every heartbeat calls this,
         so the registry rebuilds itself after Redis restarts empty."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(keys.worker(record.worker_id), encode(record), px=int(ttl_s * 1000))
-        pipe.sadd(keys.WORKERS, record.worker_id)
-        await self._call("register worker", pipe.execute)
+        await self._register(keys.WORKERS, keys.worker(record.worker_id), record.worker_id,
+                             encode(record), ttl_s)
 
     async def deregister_worker(self, worker_id: str) -> None:
+        await self._deregister(keys.WORKERS, keys.worker(worker_id), worker_id)
+
+    async def _register(self, members: str, key: str, member_id: str, value: str,
+                        ttl_s: float) -> None:
+        """One registry entry: its expiring key and its id in the members set."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(keys.worker(worker_id))
-        pipe.srem(keys.WORKERS, worker_id)
-        await self._call("deregister worker", pipe.execute)
+        pipe.set(key, value, px=int(ttl_s * 1000))
+        pipe.sadd(members, member_id)
+        await self._call(f"register {member_id}", pipe.execute)
+
+    async def _deregister(self, members: str, key: str, member_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.srem(members, member_id)
+        await self._call(f"deregister {member_id}", pipe.execute)
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Live workers (key not expired), by id. Ids whose key expired are pruned."""
+        return await self._list_live(WorkerRecord, keys.WORKERS, keys.worker)
+
+    async def _list_live(self, cls: type[T], members: str, key: Callable[[str], str]
+                         ) -> list[T]:
+        """The records of a registry set whose keys have not expired; prunes the rest."""
+        what = f"list {cls.__name__}s"
         ids = sorted(m.decode() for m in await self._call(
-            "list workers", lambda: self._redis.smembers(keys.WORKERS)))
+            what, lambda: self._redis.smembers(members)))
         if not ids:
             return []
-        raws = await self._call("list workers",
-                                lambda: self._redis.mget([keys.worker(i) for i in ids]))
+        raws = await self._call(what, lambda: self._redis.mget([key(i) for i in ids]))
         records, dead = [], []
-        for worker_id, raw in zip(ids, raws, strict=True):
+        for member_id, raw in zip(ids, raws, strict=True):
             if raw is None:
-                dead.append(worker_id)
+                dead.append(member_id)
                 continue
             try:
-                records.append(decode(WorkerRecord, raw))
+                records.append(decode(cls, raw))
             except CorruptRecordError as e:
-                log.warning("ignoring worker %r: %s", worker_id, e)
+                log.warning("ignoring %s %r: %s", cls.__name__, member_id, e)
         if dead:
-            await self._call("prune workers", lambda: self._redis.srem(keys.WORKERS, *dead))
+            await self._call(f"prune {what}", lambda: self._redis.srem(members, *dead))
         return records
 
     # -- sequences -------------------------------------------------------------------------
@@ -210,6 +238,19 @@ class RedisStore:
         raws = await self._call("prefix lookup", lambda: self._redis.mget(
             [keys.prefix(h) for h in prefix_hashes]))
         return [r.decode(errors="replace") if r is not None else None for r in raws]
+
+    # -- router registry (routers find each other to forward Migrate / Drain) -------------
+
+    async def register_router(self, record: RouterRecord, ttl_s: float) -> None:
+        await self._register(keys.ROUTERS, keys.router(record.router_id), record.router_id,
+                             encode(record), ttl_s)
+
+    async def deregister_router(self, router_id: str) -> None:
+        await self._deregister(keys.ROUTERS, keys.router(router_id), router_id)
+
+    async def list_routers(self) -> list[RouterRecord]:
+        """Live routers (key not expired), by id."""
+        return await self._list_live(RouterRecord, keys.ROUTERS, keys.router)
 
     # -- the cluster-wide prompt cache -----------------------------------------------------
 

@@ -20,6 +20,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     router_id: str | None = None  # default: "router-{hostname}-{port}"
+    advertise_address: str | None = None  # what peer routers dial (default: host:port)
+    heartbeat_ttl_s: float = 6.0  # expiry of this router's key in the router registry
     redis_url: str = "redis://127.0.0.1:6379/0"
     registry_poll_s: float = 1.0
     max_load_imbalance: float = 1.0

@@ -79,6 +79,11 @@ class RelayedStream:
     announce_worker: bool = False  # tag the next chunk with the worker (after a migration)
     last_write: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.request.resume is not None:  # the client resumes: its tokens count as sent
+            self.output_token_ids = list(self.request.resume.output_token_ids)
+            self.emitted_chars = self.request.resume.emitted_chars
+
     @property
     def request_id(self) -> str:
         return self.request.request_id
@@ -98,6 +103,7 @@ class RelayedStream:
         """The request for a failover: same prompt, the seed in use, tokens already sent."""
         msg = common_pb2.GenerateRequest()
         msg.CopyFrom(self.forward)
+        msg.ClearField("resume")  # every token sent so far, the client's resume included
         if self.seed is not None:
             msg.params.seed = self.seed
         if self.output_token_ids:

@@ -42,6 +42,7 @@ from services.metadata.writer import MetadataWriter
 from services.metrics import RouterMetrics, StreamTimer, serve_metrics
 from services.process import announce_ready, wait_for_signal
 from services.router.config import RouterConfig
+from services.router.peers import RouterPeers
 from services.router.policy import (
     Candidate,
     LeastLoaded,
@@ -82,7 +83,7 @@ _STATUS_TO_PB = {"waiting": router_pb2.SEQUENCE_STATUS_WAITING,
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, config: RouterConfig, router_id: str, store: RedisStore,
                  registry: WorkerRegistry, writer: MetadataWriter, policy: RoutingPolicy,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, peers: RouterPeers) -> None:
         self.config = config
         self.router_id = router_id
         self.store = store
@@ -90,6 +91,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.writer = writer
         self.policy = policy
         self.metrics = metrics
+        self.peers = peers
         self.streams: dict[str, RelayedStream] = {}
         self.num_inflight: Counter[str] = Counter()
         self._channels: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
@@ -101,10 +103,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         request_id = req.request_id or f"r-{uuid.uuid4().hex}"
         if request_id in self.streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        req = GenerationRequest(request_id=request_id, prompt=req.prompt, params=req.params)
+        req = GenerationRequest(request_id=request_id, prompt=req.prompt, params=req.params,
+                                resume=req.resume)
         forward = common_pb2.GenerateRequest()
         forward.CopyFrom(request)
         forward.request_id = request_id
+        if req.resume is not None:
+            await self._take_over(req, forward)
         hashes, prompt_hash = prefix_hashes(req.prompt)
         route = RouteRequest(prefix_hashes=tuple(hashes),
                              prefix_owners=tuple(await self._prefix_owners(hashes)))
@@ -141,6 +146,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
             timer.on_finish()
             self.metrics.streams.dec()
             self.metrics.requests.labels(finish_reason).inc()
+
+    async def _take_over(self, req: GenerationRequest, forward) -> None:
+        """A client resumes a stream it lost with its router (the tokens it received in
+        `resume`): any router continues it. Without a seed in the request, the one the
+        worker drew comes from the sequence's Redis record, so the continuation is the
+        one the first worker would have produced."""
+        if req.params.seed is not None or req.params.is_greedy:
+            return
+        record = await self.store.get_sequence(req.request_id)
+        if record is None or not record.seed:
+            raise InvalidRequestError("params.seed", f"resuming {req.request_id!r} needs "
+                                      "the seed it ran with and Redis has no record of it")
+        forward.params.seed = record.seed
+        log.info("taking over %s (relayed by %s) after %d tokens", req.request_id,
+                 record.router_id, len(req.resume.output_token_ids))
 
     async def _open(self, stream: RelayedStream, route: RouteRequest, request,
                     context) -> None:
@@ -284,8 +304,28 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # -- migration ---------------------------------------------------------------------------
 
     async def Migrate(self, request, context):
+        if request.request_id not in self.streams and not request.forwarded:
+            return await self._forward_migrate(request, context)
         return await self.migrate(request.request_id, request.target_worker_id,
                                   kind_from_pb(request.kind))
+
+    async def _forward_migrate(self, request, context) -> router_pb2.MigrateResponse:
+        """Another router relays it: its Redis record names that router; forward once."""
+        record = await self._find(request.request_id)
+        if record.router_id == self.router_id:  # a stale record of a stream that ended
+            raise NotFoundError(f"request_id: no running request {request.request_id!r}")
+        address = await self.peers.address_of(record.router_id)
+        if address is None:
+            raise UnavailableError(f"router {record.router_id} relaying "
+                                   f"{request.request_id!r} is gone")
+        forward = router_pb2.MigrateRequest()
+        forward.CopyFrom(request)
+        forward.forwarded = True
+        try:
+            return await self.peers.stub(address).Migrate(
+                forward, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            raise rpc.UpstreamError.from_rpc(e, f"router {record.router_id}: ") from e
 
     async def migrate(self, request_id: str, target_id: str, kind: SnapshotKind
                       ) -> router_pb2.MigrateResponse:
@@ -373,6 +413,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         worker_id = request.worker_id
         if not worker_id:
             raise InvalidRequestError("worker_id", "must not be empty")
+        parts = [self._drain_local(worker_id)]
+        if not request.forwarded:  # every router moves the streams it relays, at once
+            parts.append(self.peers.drain_others(worker_id, context.time_remaining()))
+        counts = await asyncio.gather(*parts)
+        return router_pb2.DrainResponse(num_migrated=sum(m for m, _ in counts),
+                                        num_failed=sum(f for _, f in counts))
+
+    async def _drain_local(self, worker_id: str) -> tuple[int, int]:
+        """Stop routing to the worker and migrate every stream this router relays on it."""
         self.registry.exclude(worker_id, self.config.drain_exclusion_s)
         record = self.registry.workers.get(worker_id)
         if record is not None:
@@ -387,8 +436,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                   if isinstance(r, BaseException)]
         for request_id, error in failed:
             log.warning("drain of %s: %s stays: %s", worker_id, request_id, error)
-        return router_pb2.DrainResponse(num_migrated=len(ids) - len(failed),
-                                        num_failed=len(failed))
+        return len(ids) - len(failed), len(failed)
 
     async def ListWorkers(self, request, context):
         return router_pb2.ListWorkersResponse(
@@ -406,9 +454,12 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     server = rpc.make_server()
     port = rpc.bind(server, config.host, config.port)
     router_id = config.router_id or f"router-{socket.gethostname()}-{port}"
+    address = config.advertise_address or f"{config.host}:{port}"
+    peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s)
     metrics = RouterMetrics(lambda: len(registry.routable()))
     policy = policy or PrefixAffinity(LeastLoaded(), config.max_load_imbalance)
-    service = RouterService(config, router_id, store, registry, writer, policy, metrics)
+    service = RouterService(config, router_id, store, registry, writer, policy, metrics,
+                            peers)
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME])
     metrics_address = None
@@ -418,12 +469,14 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     await registry.start()
     await writer.start()
     await server.start()
+    await peers.start()
     await rpc.set_serving(health, [SERVICE_NAME], True)
     announce_ready(f"{config.host}:{port}", metrics_address)
     log.info("router %s on %s:%d, %d workers known", router_id, config.host, port,
              len(registry.workers))
     await wait_for_signal()
     await rpc.set_serving(health, [SERVICE_NAME], False)
+    await peers.stop()
     await server.stop(config.shutdown_grace_s)
     await writer.close()
     await registry.stop()

@@ -20,14 +20,16 @@ SEQUENCE_STATUS_RUNNING: SequenceStatus
 SEQUENCE_STATUS_MIGRATING: SequenceStatus
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("request_id", "target_worker_id", "kind")
+    __slots__ = ("request_id", "target_worker_id", "kind", "forwarded")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     target_worker_id: str
     kind: _common_pb2.SnapshotKind
-    def __init__(self, request_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.SnapshotKind, str]] = ...) -> None: ...
+    forwarded: bool
+    def __init__(self, request_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.SnapshotKind, str]] = ..., forwarded: _Optional[bool] = ...) -> None: ...
 
 class MigrateResponse(_message.Message):
     __slots__ = ("source_worker_id", "target_worker_id", "num_tokens_at_migration", "duration_s", "snapshot_bytes")
@@ -44,10 +46,12 @@ class MigrateResponse(_message.Message):
     def __init__(self, source_worker_id: _Optional[str] = ..., target_worker_id: _Optional[str] = ..., num_tokens_at_migration: _Optional[int] = ..., duration_s: _Optional[float] = ..., snapshot_bytes: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "forwarded")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    forwarded: bool
+    def __init__(self, worker_id: _Optional[str] = ..., forwarded: _Optional[bool] = ...) -> None: ...
 
 class DrainResponse(_message.Message):
     __slots__ = ("num_migrated", "num_failed")

@@ -106,14 +106,18 @@ class RouterServicer:
 
     def Migrate(self, request, context):
         """Move a running sequence to another worker; the client's stream continues with no
-        gap, duplicate or reordering. NOT_FOUND for an id this router does not relay.
+        gap, duplicate or reordering. Any router answers: a sequence another router relays
+        is forwarded to that router (found through its Redis record). NOT_FOUND when no
+        running sequence has that id; UNAVAILABLE when the relaying router is gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Drain(self, request, context):
-        """Migrate every sequence this router relays off a worker, and stop routing to it.
+        """Migrate every sequence on a worker off it, and stop routing to it. Any router
+        answers: it drains the streams it relays and forwards the drain to every other live
+        router (from the Redis router registry), and reports the sum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -30,6 +30,7 @@ from services.convert import Chunk, chunk_to_pb, kind_from_pb, record_to_info, r
 from services.metadata.records import WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
 from services.metrics import StreamTimer, WorkerMetrics, serve_metrics
+from services.periodic import Periodic
 from services.process import announce_ready, wait_for_signal
 from worker.async_engine import AsyncEngine
 from worker.checkpoints import PrefixRestore
@@ -280,11 +281,11 @@ class Heartbeat:
     def __init__(self, store: RedisStore, service: WorkerService, ttl_s: float) -> None:
         self.store, self.service, self.ttl_s = store, service, ttl_s
         self.is_registered = False
-        self._task: asyncio.Task | None = None
+        self._periodic = Periodic(self.beat, ttl_s / 3, "heartbeat")
 
     async def start(self) -> None:
         await self.beat()
-        self._task = asyncio.create_task(self._run(), name="heartbeat")
+        self._periodic.start()
 
     async def beat(self) -> None:
         try:
@@ -298,16 +299,8 @@ class Heartbeat:
             log.info("registered as %s at %s", self.service.worker_id, self.service.address)
         self.is_registered = True
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_s / 3)
-            await self.beat()
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.stop()
         try:
             await self.store.deregister_worker(self.service.worker_id)
         except StoreUnavailableError as e:

@@ -210,6 +210,12 @@ def _worker_parser(sub) -> None:
                         "running streams, up to --shutdown-grace)")
     p.add_argument("--max-snapshot-mb", type=int, default=8192,
                    help="largest snapshot this worker imports (default: 8192)")
+    p.add_argument("--cluster-key-file", type=Path,
+                   default=os.environ.get("SLOTMESH_CLUSTER_KEY_FILE") or None,
+                   help="file with the cluster's secret key (>= 32 bytes, raw or hex): "
+                        "snapshots and prompt-cache entries then carry a MAC under it and "
+                        "are refused without one (default: $SLOTMESH_CLUSTER_KEY_FILE; "
+                        "unset: a SHA-256 checksum only)")
     c = p.add_argument_group(
         "cluster-wide prompt cache",
         "Checkpoints of processed prompts go to Redis (the sliding-window layers' state at "
@@ -240,6 +246,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from worker.config import CheckpointConfig, ServerConfig
     from worker.errors import InvalidRequestError
+    from worker.integrity import load_key
     from worker.server import serve
 
     for flag in ("prompt_cache_mb", "swa_checkpoints", "checkpoint_every",
@@ -254,7 +261,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_ttl_s=args.heartbeat_ttl, metrics_port=args.metrics_port,
         shutdown_grace_s=args.shutdown_grace, router_address=args.router_address,
         max_snapshot_bytes=args.max_snapshot_mb << 20,
-        prompt_cache_bytes=args.prompt_cache_mb << 20, prompt_cache_ttl_s=args.prompt_cache_ttl)
+        prompt_cache_bytes=args.prompt_cache_mb << 20, prompt_cache_ttl_s=args.prompt_cache_ttl,
+        cluster_key=load_key(args.cluster_key_file) if args.cluster_key_file else None)
     checkpoints = None
     if args.prompt_cache_mb > 0 and args.swa_checkpoints > 0:
         checkpoints = CheckpointConfig(max_per_sequence=args.swa_checkpoints,

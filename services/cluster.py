@@ -10,8 +10,10 @@ and Redis last, in that order.
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,8 +35,10 @@ class LocalCluster:
                  router_port: int = 0, redis_url: str | None = None,
                  install_redis: bool = True, heartbeat_ttl_s: float = 6.0,
                  registry_poll_s: float = 1.0, metrics: bool = False,
-                 log_dir: Path | None = None, router_args: list[str] | None = None) -> None:
+                 log_dir: Path | None = None, router_args: list[str] | None = None,
+                 cluster_key_file: Path | None = None) -> None:
         self.worker_args = worker_args
+        self.cluster_key_file = cluster_key_file
         self.num_workers = num_workers
         self.router_port = router_port
         self.heartbeat_ttl_s = heartbeat_ttl_s
@@ -86,8 +90,12 @@ class LocalCluster:
         return (name, [
             "worker", "--port", "0", "--worker-id", name, "--redis-url", self.redis_url,
             "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
-            "--router-address", self.router_address,
+            "--router-address", self.router_address, *self._key_flag(),
             *self.worker_args, *(extra_args or [])], self._log(name))
+
+    def _key_flag(self) -> list[str]:
+        return ["--cluster-key-file", str(self.cluster_key_file)] if self.cluster_key_file \
+            else []
 
     def add_router(self, port: int = 0) -> ServiceProcess:
         """Another router replica on the same Redis (any replica serves any client)."""
@@ -157,6 +165,9 @@ def add_up_parser(sub, add_model_flags) -> None:
                    help="serve Prometheus /metrics from every process on free ports")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="write each process's log to DIR/NAME.log (default: this terminal)")
+    p.add_argument("--cluster-key-file", type=Path, default=None,
+                   help="the key snapshots and prompt-cache entries are authenticated with "
+                        "(default: a throwaway key made for this run)")
     p.set_defaults(func=cmd_up)
 
 
@@ -176,10 +187,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cluster = LocalCluster(worker_args=model_worker_args(args), num_workers=args.workers,
-                           router_port=args.port, redis_url=args.redis_url,
-                           install_redis=not args.no_install_redis, metrics=args.metrics,
-                           log_dir=args.log_dir)
+    with tempfile.TemporaryDirectory(prefix="slotmesh-up-") as tmp:
+        key_file = args.cluster_key_file or write_key_file(Path(tmp) / "cluster.key")
+        cluster = LocalCluster(worker_args=model_worker_args(args), num_workers=args.workers,
+                               router_port=args.port, redis_url=args.redis_url,
+                               install_redis=not args.no_install_redis, metrics=args.metrics,
+                               log_dir=args.log_dir, cluster_key_file=key_file)
+        return _run_up(cluster, args, stop)
+
+
+def write_key_file(path: Path) -> Path:
+    """A fresh random cluster key (hex), readable by this user only."""
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def _run_up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event) -> int:
     print(f"slotmesh up: starting {args.workers} worker(s) on {args.model}…", flush=True)
     cluster.start()
     try:

@@ -19,6 +19,7 @@ from worker.errors import (
     DataLossError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     PreconditionError,
     SlotmeshError,
     UnavailableError,
@@ -48,6 +49,7 @@ _STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (DataLossError, grpc.StatusCode.DATA_LOSS),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

@@ -18,6 +18,7 @@ from services.client import Client, RpcError
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 from tests.tiny_models import make_tiny_model
 
+CLUSTER_KEY = bytes(range(100, 132))
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 MAX_TOKENS = 300
 SAMPLING = {
@@ -34,9 +35,14 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(model_dir, redis_server, tmp_path_factory):
+    """Three workers with a cluster key: every snapshot and prompt-cache entry moved
+    here carries a MAC (worker/integrity.py)."""
     logs = tmp_path_factory.mktemp("migration-logs")
+    key_file = logs / "cluster.key"
+    key_file.write_text(CLUSTER_KEY.hex())
     with tiny_cluster(model_dir, redis_server.url, logs, num_workers=3, slots=8,
-                      worker_args=("--ctx", "4096", "--checkpoint-every", "64")) as c:
+                      worker_args=("--ctx", "4096", "--checkpoint-every", "64",
+                                   "--cluster-key-file", str(key_file))) as c:
         yield c
 
 
@@ -176,7 +182,7 @@ def test_save_to_file_and_restore_on_another_worker(cluster, client, reference,
             break
     stream.close()  # the original goes away; the file lives on
     parts = unpack_parts(path.read_bytes())
-    snap = decode(parts[0])
+    snap = decode(parts[0], CLUSTER_KEY)
     done = len(snap.token_ids) - snap.num_prompt_tokens
     other = next(w for w in cluster.workers if w.name != saved["owner"]
                  and w.proc.poll() is None)
@@ -275,7 +281,7 @@ def test_file_keeps_checkpoints_for_a_rollback(cluster, client, redis_server,
             break
     stream.close()
     parts = unpack_parts(path.read_bytes())
-    checkpoints = [decode(p) for p in parts[1:]]
+    checkpoints = [decode(p, CLUSTER_KEY) for p in parts[1:]]
     positions = [c.num_computed_tokens for c in checkpoints]
     assert positions[:3] == [96, 160, 224]
     r = redis.Redis.from_url(redis_server.url)
@@ -284,8 +290,8 @@ def test_file_keeps_checkpoints_for_a_rollback(cluster, client, redis_server,
     restorer, third = [w for w in live_workers(cluster) if w is not owner][:2]
     msgs = restore(restorer.address, parts)
     assert msgs[-1].finish_reason  # the restored sequence ran to its end
-    sequence = decode(parts[0]).token_ids
-    wait_until(lambda: any(decode(r.get(k)).num_computed_tokens == 224
+    sequence = decode(parts[0], CLUSTER_KEY).token_ids
+    wait_until(lambda: any(decode(r.get(k), CLUSTER_KEY).num_computed_tokens == 224
                            for k in r.scan_iter("slotmesh:{pc:*:ckpt:*")), 20,
                "the file's checkpoint at 224 back in Redis")
     # edit the conversation at token 230 (newer checkpoints of the restored sequence
@@ -310,12 +316,15 @@ def test_bad_snapshots_are_refused_and_the_worker_keeps_serving(cluster, client,
                             SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(5):
         other_model.step()
-    good = encode(other_model.export("x", SnapshotKind.FULL, pause=False))
+    exported = other_model.export("x", SnapshotKind.FULL, pause=False)
+    good = encode(exported, CLUSTER_KEY)
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x10
     target = next(w for w in cluster.workers if w.proc.poll() is None)
     damaged = {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT}
     cases = [(good, {grpc.StatusCode.FAILED_PRECONDITION}),  # another model
+             (encode(exported), {grpc.StatusCode.PERMISSION_DENIED}),  # no MAC
+             (encode(exported, bytes(32)), {grpc.StatusCode.DATA_LOSS}),  # another key
              (bytes(flipped), {grpc.StatusCode.DATA_LOSS}),
              (good[: len(good) // 3], damaged),  # truncated
              (good[len(good) // 2:] + good[: len(good) // 2], damaged),  # reordered

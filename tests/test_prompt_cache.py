@@ -63,9 +63,9 @@ class Node:
     """One worker: an engine, its AsyncEngine and the worker's PromptCache on Redis."""
 
     def __init__(self, engine: LLMEngine, redis_url: str, *, max_bytes: int = 256 << 20,
-                 ttl_s: float = 600.0) -> None:
+                 ttl_s: float = 600.0, key: bytes | None = None) -> None:
         self.engine, self.redis_url = engine, redis_url
-        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self.max_bytes, self.ttl_s, self.key = max_bytes, ttl_s, key
         self.metrics = WorkerMetrics(engine.load)
 
     async def __aenter__(self) -> Node:
@@ -73,7 +73,8 @@ class Node:
         await self.aengine.start()
         self.store = RedisStore(self.redis_url)
         self.cache = PromptCache(self.store, self.aengine, self.metrics.prompt_cache,
-                                 max_bytes=self.max_bytes, ttl_s=self.ttl_s, min_tokens=64)
+                                 max_bytes=self.max_bytes, ttl_s=self.ttl_s, min_tokens=64,
+                                 key=self.key)
         self.aengine.on_captures = self.cache.publish
         await self.cache.start()
         return self
@@ -360,6 +361,46 @@ def test_redis_down_falls_back_to_computing(gemma_tiny, caplog) -> None:
     assert "prompt cache unavailable" in caplog.text
     assert run.num_computed_tokens == len(continued)
     assert_same_as_cold(run, reference)
+
+
+def test_entries_carry_the_cluster_key(gemma_tiny, redis_url) -> None:
+    """With a cluster key, entries carry its MAC: a worker with the key restores them; one
+    with another key, or an entry re-signed with a plain checksum (what a forger without
+    the key could write into Redis), falls back to computing."""
+    from worker.snapshot import decode, encode
+
+    key, other_key = b"k" * 32, b"o" * 32
+    a_engine, b_engine, _ = gemma_tiny
+    for e in gemma_tiny:
+        e.block_manager.reset_prefix_cache()
+    prompt = tokens(160, 31)
+    continued = prompt + tokens(16, 32)
+    r = redis.Redis.from_url(redis_url)
+
+    async def main():
+        async with Node(a_engine, redis_url, key=key) as a:
+            await a.run(prompt, request_id="a")
+        runs = {}
+        for name, node_key in (("other key", other_key), ("same key", key)):
+            b_engine.block_manager.reset_prefix_cache()
+            async with Node(b_engine, redis_url, key=node_key) as b:
+                runs[name] = (await b.run(continued, request_id=name), b)
+        ckpt_key = keys.checkpoint(layout_id(a_engine), chain_hashes(prompt, 16)[-1].hex())
+        r.set(ckpt_key, encode(decode(r.get(ckpt_key), key)), keepttl=True)  # plain
+        b_engine.block_manager.reset_prefix_cache()
+        async with Node(b_engine, redis_url, key=key) as b:
+            runs["forged"] = (await b.run(continued, request_id="forged"), b)
+        return runs
+
+    runs = asyncio.run(main())
+    assert runs["same key"][0].num_restored_tokens == len(prompt)
+    assert runs["other key"][1].count("slotmesh_worker_prompt_cache_fallbacks",
+                                      "corrupt") == 1
+    assert runs["forged"][1].count("slotmesh_worker_prompt_cache_fallbacks",
+                                   "unauthenticated") == 1
+    for name in ("other key", "forged"):
+        assert runs[name][0].num_restored_tokens == 0
+        assert runs[name][0].token_ids == runs["same key"][0].token_ids
 
 
 # -- limits ------------------------------------------------------------------------------

@@ -29,12 +29,11 @@ Block record format (little endian):
     16  16  the block's chained hash (binds the record to its key)
     32  N   per full-attention group: [2, layers, block_size, kv_heads, head_dim] in the
             cache dtype
-    …   32  SHA-256 of every byte before it
+    …   32  SHA-256 (or the MAC) of every byte before it (worker/integrity.py)
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from worker import integrity
 from worker.block_manager import chain_hashes
 from worker.errors import DataLossError, InvalidRequestError, PreconditionError
 from worker.kv_transfer import check_layout, gather_blocks
@@ -54,9 +54,8 @@ if TYPE_CHECKING:
     from worker.engine import LLMEngine
 
 BLOCK_MAGIC = b"SMBLOCK\n"
-BLOCK_VERSION = 1
 _BLOCK_PREFIX = struct.Struct("<8sHHI16s")
-_DIGEST_BYTES = 32
+_DIGEST_BYTES = integrity.DIGEST_BYTES
 CHECKPOINT_REQUEST_ID = "checkpoint"
 
 
@@ -98,25 +97,28 @@ class _SeqCheckpoints:
 
 # -- block records ---------------------------------------------------------------------
 
-def encode_block(block_hash: bytes, tensors: list[torch.Tensor]) -> bytes:
+def encode_block(block_hash: bytes, tensors: list[torch.Tensor],
+                 key: bytes | None = None) -> bytes:
     payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)
-    body = _BLOCK_PREFIX.pack(BLOCK_MAGIC, BLOCK_VERSION, len(tensors), len(payload),
-                              block_hash) + payload
-    return body + hashlib.sha256(body).digest()
+    body = _BLOCK_PREFIX.pack(BLOCK_MAGIC, integrity.version_for(key), len(tensors),
+                              len(payload), block_hash) + payload
+    digest = integrity.new_digest(key)
+    digest.update(body)
+    return body + digest.digest()
 
 
 def decode_block(data: bytes, block_hash: bytes, shapes: list[tuple[int, ...]],
-                 dtype: torch.dtype) -> list[torch.Tensor]:
-    """Verify a block record against the hash it is stored under and this worker's
-    layout; DataLossError for any damage, InvalidRequestError for a foreign layout."""
+                 dtype: torch.dtype, key: bytes | None = None) -> list[torch.Tensor]:
+    """Verify a block record against the hash it is stored under, the cluster key and
+    this worker's layout; DataLossError for any damage, PermissionDeniedError when
+    unauthenticated on a keyed cluster, InvalidRequestError for a foreign layout."""
     if len(data) < _BLOCK_PREFIX.size + _DIGEST_BYTES:
         raise DataLossError(f"block record: truncated ({len(data)} bytes)")
     body, digest = memoryview(data)[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
-    if hashlib.sha256(body).digest() != digest:
-        raise DataLossError("block record: checksum mismatch")
     magic, version, num_groups, size, stored_hash = _BLOCK_PREFIX.unpack_from(body, 0)
-    if magic != BLOCK_MAGIC or version != BLOCK_VERSION:
+    if magic != BLOCK_MAGIC or version not in (integrity.PLAIN, integrity.KEYED):
         raise InvalidRequestError("block record", f"bad magic or version {version}")
+    integrity.verify(body, digest, version, key, "block record")
     if stored_hash != block_hash:
         raise DataLossError("block record: stored under another block's hash")
     elem = torch.empty((), dtype=dtype).element_size()

@@ -103,3 +103,6 @@ class ServerConfig:
     # the cluster-wide prompt cache in Redis: 0 bytes turns it off (no reads, no writes)
     prompt_cache_bytes: int = 1 << 30  # payload budget, enforced by slotmesh
     prompt_cache_ttl_s: float = 3600.0
+    # snapshots and prompt-cache entries carry a MAC under this key and must verify
+    # (worker/integrity.py); None: a SHA-256 checksum only
+    cluster_key: bytes | None = field(default=None, repr=False)

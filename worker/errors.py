@@ -49,3 +49,8 @@ class PreconditionError(SlotmeshError):
 
 class DataLossError(SlotmeshError):
     """Data arrived damaged: a snapshot whose checksum or structure does not hold."""
+
+
+class PermissionDeniedError(SlotmeshError):
+    """The caller or the data lacks the cluster's credentials (e.g. an unauthenticated
+    snapshot on a cluster that requires a MAC)."""

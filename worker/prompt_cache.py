@@ -32,7 +32,12 @@ from worker.async_engine import AsyncEngine
 from worker.block_manager import chain_hashes
 from worker.checkpoints import Capture, PrefixRestore, decode_block, encode_block
 from worker.engine import LLMEngine
-from worker.errors import DataLossError, InvalidRequestError, PreconditionError
+from worker.errors import (
+    DataLossError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    PreconditionError,
+)
 from worker.snapshot import decode, encode
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,7 @@ def layout_id(engine: LLMEngine) -> str:
 class PromptCache:
     def __init__(self, store: RedisStore, aengine: AsyncEngine, metrics: PromptCacheMetrics,
                  *, max_bytes: int, ttl_s: float, min_tokens: int,
-                 max_pending: int = 8) -> None:
+                 key: bytes | None = None, max_pending: int = 8) -> None:
         self.store = store
         self.aengine = aengine
         self.engine = aengine.engine
@@ -58,6 +63,7 @@ class PromptCache:
         self.ttl_s = ttl_s
         self.min_tokens = max(min_tokens, self.engine.block_manager.block_size)
         self.max_pending = max_pending
+        self.key = key  # the cluster key: entries carry its MAC (worker/integrity.py)
         self.layout_id = layout_id(self.engine)
         self.block_size = self.engine.block_manager.block_size
         self._full_pools = [p for p in self.engine.block_manager.pools if p.window is None]
@@ -135,9 +141,10 @@ class PromptCache:
                 return "evicted"  # a block left this worker's cache before we copied it
 
         def encode_all() -> list[tuple[str, bytes]]:
-            entries = [(self._block_key(h), encode_block(h, blocks[h])) for h in missing]
+            entries = [(self._block_key(h), encode_block(h, blocks[h], self.key))
+                       for h in missing]
             if not present[0]:
-                entries.append((checkpoint_key, encode(cap.checkpoint)))
+                entries.append((checkpoint_key, encode(cap.checkpoint, self.key)))
             return entries
 
         entries = await asyncio.to_thread(encode_all)
@@ -212,16 +219,19 @@ class PromptCache:
         except (DataLossError, InvalidRequestError) as e:
             log.warning("damaged prompt cache entry; computing the prompt: %s", e)
             return self._fallback("corrupt")
+        except PermissionDeniedError as e:
+            log.warning("unauthenticated prompt cache entry; computing the prompt: %s", e)
+            return self._fallback("unauthenticated")
         self.metrics.lookups.labels("hit").inc()
         return restore
 
     def _decode(self, token_ids: list[int], hashes: list[bytes], need: list[bytes],
                 raws: list[bytes]) -> PrefixRestore:
-        snap = decode(raws[0])
+        snap = decode(raws[0], self.key)
         self.engine.checkpoints.check_checkpoint(snap, token_ids)
         if snap.num_computed_tokens != len(hashes) * self.block_size:
             raise DataLossError("checkpoint: stored under another position's hash")
-        blocks = {h: decode_block(raw, h, self._shapes, self.engine.dtype)
+        blocks = {h: decode_block(raw, h, self._shapes, self.engine.dtype, self.key)
                   for h, raw in zip(need, raws[1:], strict=True)}
         return PrefixRestore(snap.num_computed_tokens, hashes, snap, blocks)
 

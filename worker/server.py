@@ -130,7 +130,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         snap = await self.aengine.export(request.request_id, kind, request.pause)
         sent = False
         try:
-            chunks = await asyncio.to_thread(lambda: list(iter_chunks(snap)))
+            chunks = await asyncio.to_thread(
+                lambda: list(iter_chunks(snap, key=self.config.cluster_key)))
             for data in chunks:
                 yield common_pb2.SnapshotChunk(data=data)
             self.metrics.snapshot_bytes.labels("export").inc(sum(map(len, chunks)))
@@ -166,7 +167,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             yield msg
 
     async def _pull(self, source, request_id: str, kind) -> tuple[Snapshot, int]:
-        assembler = Assembler(self.config.max_snapshot_bytes)
+        assembler = Assembler(self.config.max_snapshot_bytes, self.config.cluster_key)
         export = worker_pb2.ExportSequenceRequest(request_id=request_id, kind=kind,
                                                   pause=True)
         try:
@@ -181,7 +182,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def RestoreSequence(self, request_iterator, context):
         self._check_accepting()
         parts = await _assemble_parts(request_iterator, self.config.max_snapshot_bytes)
-        snap, *checkpoints = await asyncio.to_thread(lambda: [decode(p) for p in parts])
+        key = self.config.cluster_key
+        snap, *checkpoints = await asyncio.to_thread(lambda: [decode(p, key) for p in parts])
         for checkpoint in checkpoints:  # all checked before anything is imported
             self.engine.checkpoints.check_checkpoint(checkpoint, snap.token_ids)
         stream = await self._submit_import(snap)
@@ -344,7 +346,8 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
         service.prompt_cache = PromptCache(
             store, aengine, metrics.prompt_cache, max_bytes=config.prompt_cache_bytes,
             ttl_s=config.prompt_cache_ttl_s,
-            min_tokens=checkpoints.min_step_tokens if checkpoints else 0)
+            min_tokens=checkpoints.min_step_tokens if checkpoints else 0,
+            key=config.cluster_key)
         aengine.on_captures = service.prompt_cache.publish
         await service.prompt_cache.start()
     await heartbeat.start()

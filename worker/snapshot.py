@@ -16,8 +16,9 @@ our own — never pickle — and is checked completely before anything is alloca
     16+H    …     per group with KV: [2, layers, blocks, block_size, kv_heads, head_dim]
                   raw tensor bytes in `dtype` (the decoder's tensors alias them)
     …       4·N   token ids, int32 little endian
-    end-32  32    SHA-256 of every byte before it (SHA-NI makes it ~2.5× faster than
-                  BLAKE2b here, and HMAC-SHA-256 is the natural keyed upgrade)
+    end-32  32    SHA-256 of every byte before it (version 1), or HMAC-SHA-256 under
+                  the cluster key (version 2; worker/integrity.py). SHA-NI makes it ~2.5×
+                  faster than BLAKE2b here.
 
 Sent in bounded chunks (`iter_chunks`), reassembled with a size bound (`Assembler`).
 Structural problems raise InvalidRequestError, a checksum mismatch DataLossError; model
@@ -26,7 +27,6 @@ compatibility is the engine's check (PreconditionError).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -34,13 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.errors import DataLossError, InvalidRequestError
+from worker import integrity
+from worker.errors import InvalidRequestError
 from worker.snapshot_kind import SnapshotKind
 
 MAGIC = b"SMSNAP\r\n"
-VERSION = 1
 _PREFIX = struct.Struct("<8sHHI")
-_DIGEST_BYTES = 32
+_DIGEST_BYTES = integrity.DIGEST_BYTES
 CHUNK_BYTES = 4 << 20
 __all__ = ["Assembler", "GroupKV", "Snapshot", "SnapshotKind", "decode", "encode",
            "iter_chunks"]
@@ -96,10 +96,10 @@ def _header(snap: Snapshot) -> bytes:
     }, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _parts(snap: Snapshot) -> Iterator[bytes | memoryview]:
+def _parts(snap: Snapshot, version: int) -> Iterator[bytes | memoryview]:
     header = _header(snap)
     header += b" " * (-(_PREFIX.size + len(header)) % 64)
-    yield _PREFIX.pack(MAGIC, VERSION, int(snap.kind), len(header))
+    yield _PREFIX.pack(MAGIC, version, int(snap.kind), len(header))
     yield header
     for g in snap.groups:
         if g.data is not None:
@@ -107,11 +107,13 @@ def _parts(snap: Snapshot) -> Iterator[bytes | memoryview]:
     yield torch.tensor(snap.token_ids, dtype=torch.int32).numpy().tobytes()
 
 
-def iter_chunks(snap: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The encoded snapshot in chunks of at most chunk_bytes; the checksum comes last.
-    Each byte of KV is copied once, from the tensor into its chunk."""
-    digest = hashlib.sha256()
-    for part in _parts(snap):
+def iter_chunks(snap: Snapshot, chunk_bytes: int = CHUNK_BYTES,
+                key: bytes | None = None) -> Iterator[bytes]:
+    """The encoded snapshot in chunks of at most chunk_bytes; the checksum (or MAC, with
+    a cluster key) comes last. Each byte of KV is copied once, from the tensor into its
+    chunk."""
+    digest = integrity.new_digest(key)
+    for part in _parts(snap, integrity.version_for(key)):
         digest.update(part)
         view = memoryview(part)
         for i in range(0, len(view), chunk_bytes):
@@ -119,8 +121,8 @@ def iter_chunks(snap: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> Iterator[byte
     yield digest.digest()
 
 
-def encode(snap: Snapshot) -> bytes:
-    return b"".join(iter_chunks(snap))
+def encode(snap: Snapshot, key: bytes | None = None) -> bytes:
+    return b"".join(iter_chunks(snap, key=key))
 
 
 # -- decoding ----------------------------------------------------------------------------
@@ -128,8 +130,9 @@ def encode(snap: Snapshot) -> bytes:
 class Assembler:
     """Collects streamed chunks up to max_bytes (checked as they arrive)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, key: bytes | None = None) -> None:
         self.max_bytes = max_bytes
+        self.key = key
         self.buffer = bytearray()
 
     def add(self, chunk: bytes) -> None:
@@ -139,25 +142,26 @@ class Assembler:
         self.buffer += chunk
 
     def snapshot(self) -> Snapshot:
-        return decode(self.buffer)
+        return decode(self.buffer, self.key)
 
 
 def _bad(message: str) -> InvalidRequestError:
     return InvalidRequestError("snapshot", message)
 
 
-def decode(data: bytes | bytearray) -> Snapshot:
-    """Parse and verify; raises before building any tensor when anything is off."""
+def decode(data: bytes | bytearray, key: bytes | None = None) -> Snapshot:
+    """Parse and verify (under the cluster key, if this process has one); raises before
+    building any tensor when anything is off."""
     if len(data) < _PREFIX.size + _DIGEST_BYTES:
         raise _bad(f"truncated: {len(data)} bytes")
     magic, version, kind, header_len = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise _bad("not a slotmesh snapshot (bad magic)")
-    if version != VERSION:
-        raise _bad(f"format version {version} is not supported (this build reads {VERSION})")
+    if version not in (integrity.PLAIN, integrity.KEYED):
+        raise _bad(f"format version {version} is not supported (this build reads "
+                   f"{integrity.PLAIN} and {integrity.KEYED})")
     body, digest = memoryview(data)[:-_DIGEST_BYTES], bytes(data[-_DIGEST_BYTES:])
-    if hashlib.sha256(body).digest() != digest:
-        raise DataLossError("snapshot: checksum mismatch (damaged in transit or on disk)")
+    integrity.verify(body, digest, version, key, "snapshot")
     if kind not in SnapshotKind._value2member_map_:
         raise _bad(f"unknown kind {kind}")
     end_header = _PREFIX.size + header_len

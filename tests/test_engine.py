@@ -140,6 +140,12 @@ def test_stop_token_ids(llama) -> None:
     ("top_k", SamplingParams(top_k=-1)),
     ("min_p", SamplingParams(min_p=1.5)),
     ("logit_bias", SamplingParams(logit_bias=((10**6, 1.0),))),
+    ("logit_bias", SamplingParams(logit_bias=((5, 101.0),))),
+    ("logit_bias", SamplingParams(logit_bias=((5, float("nan")),))),
+    ("logit_bias", SamplingParams(logit_bias=tuple((t, 1.0) for t in range(1025)))),
+    ("stop", SamplingParams(stop=tuple(f"s{i}" for i in range(17)))),
+    ("stop", SamplingParams(stop=("x" * 257,))),
+    ("stop_token_ids", SamplingParams(stop_token_ids=tuple(range(257)))),
 ])
 def test_bad_sampling_params_name_the_field(llama, field, params) -> None:
     with pytest.raises(InvalidRequestError) as e:

@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass, fields
 
 from worker.errors import InvalidRequestError
 
+# Limits on what one request may carry (each refused with INVALID_ARGUMENT naming the
+# field). OpenAI allows 4 stop strings and 300 logit-bias entries; these are looser.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_ABS_LOGIT_BIAS = 100.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingParams:
@@ -87,9 +95,23 @@ class SamplingParams:
                f"must be in [0, 1024], got {self.num_candidates}")
         if self.seed is not None:
             _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2^63), got {self.seed}")
+        self._check_sizes()
         _check_token_ids((t for t, _bias in self.logit_bias), vocab_size, "logit_bias")
         _check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
         _check(all(self.stop), "stop", "stop strings must be non-empty")
+
+    def _check_sizes(self) -> None:
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS}")
+        _check(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+               f"a stop string is longer than {MAX_STOP_CHARS} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"{len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+               f"{len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        _check(all(-MAX_ABS_LOGIT_BIAS <= b <= MAX_ABS_LOGIT_BIAS for _t, b in self.logit_bias),
+               "logit_bias", f"biases must be in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                             f"{MAX_ABS_LOGIT_BIAS:g}] (NaN is refused)")
 
 
 def _strict(typ, value):

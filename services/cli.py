@@ -262,7 +262,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace, router_address=args.router_address,
         max_snapshot_bytes=args.max_snapshot_mb << 20,
         prompt_cache_bytes=args.prompt_cache_mb << 20, prompt_cache_ttl_s=args.prompt_cache_ttl,
-        cluster_key=load_key(args.cluster_key_file) if args.cluster_key_file else None)
+        cluster_key=load_key(args.cluster_key_file) if args.cluster_key_file else None,
+        router_token=os.environ.get("SLOTMESH_TOKEN") or None)
     checkpoints = None
     if args.prompt_cache_mb > 0 and args.swa_checkpoints > 0:
         checkpoints = CheckpointConfig(max_per_sequence=args.swa_checkpoints,
@@ -292,20 +293,30 @@ def _router_parser(sub) -> None:
     p.add_argument("--max-load-imbalance", type=float, default=1.0,
                    help="prefix affinity yields to least-loaded when the prefix's worker "
                         "has this many more sequences per slot (default: 1.0)")
+    p.add_argument("--auth-tokens-file", type=Path,
+                   default=os.environ.get("SLOTMESH_AUTH_TOKENS_FILE") or None,
+                   help="JSON file of hashed bearer tokens (`slotmesh token new`): every "
+                        "Router call then needs one, Migrate/Drain/ListWorkers an admin "
+                        "one, within each token's stream and tokens-per-minute limits "
+                        "(default: $SLOTMESH_AUTH_TOKENS_FILE; unset: no checks). Peer "
+                        "routers are called with $SLOTMESH_TOKEN")
     p.set_defaults(func=_cmd_router)
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
     import asyncio
 
+    from services.auth import load_tokens
     from services.router.config import RouterConfig
     from services.router.server import serve
 
+    tokens = load_tokens(args.auth_tokens_file) if args.auth_tokens_file else []
     config = RouterConfig(
         host=args.host, port=args.port, router_id=args.router_id, redis_url=args.redis_url,
         advertise_address=args.advertise_address, heartbeat_ttl_s=args.heartbeat_ttl,
         registry_poll_s=args.registry_poll, max_load_imbalance=args.max_load_imbalance,
-        metrics_port=args.metrics_port, shutdown_grace_s=args.shutdown_grace)
+        metrics_port=args.metrics_port, shutdown_grace_s=args.shutdown_grace,
+        auth_tokens=tuple(tokens), peer_token=os.environ.get("SLOTMESH_TOKEN") or None)
     return asyncio.run(serve(config))
 
 
@@ -313,6 +324,35 @@ def _command(sub, name: str, func, help: str, description: str) -> argparse.Argu
     p = sub.add_parser(name, help=help, description=description)
     p.set_defaults(func=func)
     return p
+
+
+def _token_parser(sub) -> None:
+    p = _command(
+        sub, "token", _cmd_token, help="make a bearer token for a router's tokens file",
+        description="Print a new random bearer token (give it to the client; it is not "
+                    "stored anywhere) on stderr, and on stdout the JSON entry for the "
+                    "router's --auth-tokens-file, which holds only its SHA-256.")
+    p.add_argument("action", choices=["new"])
+    p.add_argument("name", help="who the token is for (shown in limit errors)")
+    p.add_argument("--admin", action="store_true",
+                   help="may call Migrate, Drain and ListWorkers (slotmesh's own callers)")
+    p.add_argument("--max-streams", type=int, default=0,
+                   help="concurrent streams; 0 = no limit (default: 0)")
+    p.add_argument("--tokens-per-minute", type=int, default=0,
+                   help="generated tokens per rolling minute; 0 = no limit (default: 0)")
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from services.auth import entry_for, new_token
+
+    if args.max_streams < 0 or args.tokens_per_minute < 0:
+        raise SlotmeshError("--max-streams / --tokens-per-minute: must be 0 or more")
+    token = new_token()
+    print(token, file=sys.stderr)
+    print(json.dumps(entry_for(args.name, token, admin=args.admin,
+                               max_streams=args.max_streams,
+                               tokens_per_minute=args.tokens_per_minute)))
+    return 0
 
 
 def _drain_parser(sub) -> None:
@@ -413,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     _router_parser(sub)
     _up_parser(sub)
     _drain_parser(sub)
+    _token_parser(sub)
     _fetch_model_parser(sub)
     _seq_parser(sub)
     if has_torch():  # the slim router image has no torch: no benchmarks or training there

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos.slotmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
+from services.auth import default_token, sync_token_interceptors, token_interceptors
 from services.convert import (
     Chunk,
     GenerationRequest,
@@ -177,13 +178,17 @@ def _stub(channel, service: str):
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) is each call's deadline; None = no deadline."""
+    """Blocking client. `timeout` (seconds) is each call's deadline; None = no deadline.
+    `token`: the bearer token a router with `--auth-tokens-file` asks for (default
+    $SLOTMESH_TOKEN)."""
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 service: str = "router") -> None:
+                 service: str = "router", token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.intercept_channel(
+            grpc.insecure_channel(address, options=CHANNEL_OPTIONS),
+            *sync_token_interceptors(default_token(token)))
         self._stub = _stub(self._channel, service)
 
     def __enter__(self) -> Client:
@@ -244,10 +249,12 @@ class AsyncClient:
     """The asyncio client; same methods as Client, awaitable."""
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 service: str = "router") -> None:
+                 service: str = "router", token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS,
+            interceptors=token_interceptors(default_token(token)))
         self._stub = _stub(self._channel, service)
 
     async def __aenter__(self) -> AsyncClient:

@@ -143,8 +143,11 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
     return wrapper
 
 
-def make_server() -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+def make_server(interceptors: list | None = None) -> grpc.aio.Server:
+    """A server whose handlers run inside `interceptors` (outermost first, e.g. the
+    router's bearer-token check), then the error mapping."""
+    return grpc.aio.server(interceptors=[*(interceptors or ()), ErrorInterceptor()],
+                           options=SERVER_OPTIONS)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
@@ -184,5 +187,10 @@ async def set_serving(servicer: health.aio.HealthServicer, service_names: Iterab
         await servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
+    """An aio channel; with a token (e.g. $SLOTMESH_TOKEN for a router that checks bearer
+    tokens) every call carries it."""
+    from services.auth import token_interceptors
+
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                     interceptors=token_interceptors(token))

@@ -99,6 +99,7 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     shutdown_grace_s: float = 10.0
     router_address: str | None = None  # SIGTERM drains through this router first
+    router_token: str | None = field(default=None, repr=False)  # its admin bearer token
     max_snapshot_bytes: int = 8 << 30  # larger imports are refused (INVALID_ARGUMENT)
     # the cluster-wide prompt cache in Redis: 0 bytes turns it off (no reads, no writes)
     prompt_cache_bytes: int = 1 << 30  # payload budget, enforced by slotmesh

@@ -371,7 +371,7 @@ async def _drain(service: WorkerService, config: ServerConfig) -> None:
     await service.on_draining(True)
     if config.router_address:
         try:
-            async with rpc.channel(config.router_address) as ch:
+            async with rpc.channel(config.router_address, config.router_token) as ch:
                 resp = await router_pb2_grpc.RouterStub(ch).Drain(
                     router_pb2.DrainRequest(worker_id=service.worker_id),
                     timeout=config.shutdown_grace_s)

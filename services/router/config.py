@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,4 +30,7 @@ class RouterConfig:
     drain_exclusion_s: float = 120.0  # a drained worker gets no new sequences this long
     unreachable_backoff_s: float = 5.0  # skip a worker that refused a connection this long
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    # bearer tokens (services/auth.py): None = every caller may call everything
+    auth_tokens: tuple = ()  # TokenEntry, from --auth-tokens-file; empty = no checks
+    peer_token: str | None = field(default=None, repr=False)  # sent to peer routers
     shutdown_grace_s: float = 10.0

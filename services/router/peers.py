@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 class RouterPeers:
     """This router's entry in the Redis router registry, and calls to the others."""
 
-    def __init__(self, store: RedisStore, router_id: str, address: str, ttl_s: float) -> None:
+    def __init__(self, store: RedisStore, router_id: str, address: str, ttl_s: float,
+                 token: str | None = None) -> None:
         self.store = store
+        self.token = token  # peers that check bearer tokens need an admin one
         self.router_id = router_id
         self.address = address
         self.ttl_s = ttl_s
@@ -77,7 +79,7 @@ class RouterPeers:
 
     def stub(self, address: str) -> router_pb2_grpc.RouterStub:
         if address not in self._channels:
-            ch = rpc.channel(address)
+            ch = rpc.channel(address, self.token)
             self._channels[address] = (ch, router_pb2_grpc.RouterStub(ch))
         return self._channels[address][1]
 

@@ -29,6 +29,7 @@ from protos.slotmesh.v1 import (
     worker_pb2_grpc,
 )
 from services import rpc
+from services.auth import AuthInterceptor
 from services.convert import (
     GenerationRequest,
     kind_from_pb,
@@ -451,11 +452,12 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     registry = WorkerRegistry(store, config.registry_poll_s)
     writer = MetadataWriter(store, sequence_ttl_s=config.sequence_ttl_s,
                             prefix_ttl_s=config.prefix_ttl_s)
-    server = rpc.make_server()
+    auth = [AuthInterceptor(list(config.auth_tokens))] if config.auth_tokens else []
+    server = rpc.make_server(auth)
     port = rpc.bind(server, config.host, config.port)
     router_id = config.router_id or f"router-{socket.gethostname()}-{port}"
     address = config.advertise_address or f"{config.host}:{port}"
-    peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s)
+    peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s, config.peer_token)
     metrics = RouterMetrics(lambda: len(registry.routable()))
     policy = policy or PrefixAffinity(LeastLoaded(), config.max_load_imbalance)
     service = RouterService(config, router_id, store, registry, writer, policy, metrics,

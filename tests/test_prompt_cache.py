@@ -333,7 +333,9 @@ def test_damaged_entry_falls_back_to_computing(gemma_tiny, redis_url, damage,
     with caplog.at_level(logging.WARNING, logger="worker.prompt_cache"):
         run, reference, b = asyncio.run(main())
     assert b.count("slotmesh_worker_prompt_cache_fallbacks", "corrupt") == 1
-    assert "damaged prompt cache entry" in caplog.text
+    assert "damaged prompt cache entry; removing it" in caplog.text
+    damaged = keys.checkpoint(layout_id(a_engine), chain_hashes(prompt, 16)[-1].hex())
+    assert not redis.Redis.from_url(redis_url).exists(damaged)  # a later capture rewrites it
     assert run.num_restored_tokens == 0 and run.num_computed_tokens == len(continued)
     assert_same_as_cold(run, reference)
 
@@ -364,43 +366,49 @@ def test_redis_down_falls_back_to_computing(gemma_tiny, caplog) -> None:
 
 
 def test_entries_carry_the_cluster_key(gemma_tiny, redis_url) -> None:
-    """With a cluster key, entries carry its MAC: a worker with the key restores them; one
-    with another key, or an entry re-signed with a plain checksum (what a forger without
-    the key could write into Redis), falls back to computing."""
+    """With a cluster key, entries carry its MAC: a worker with the key restores them; an
+    entry re-signed with a plain checksum (what a forger without the key could write into
+    Redis), or a worker with another key, falls back to computing (and removes it)."""
     from worker.snapshot import decode, encode
 
     key, other_key = b"k" * 32, b"o" * 32
     a_engine, b_engine, _ = gemma_tiny
-    for e in gemma_tiny:
-        e.block_manager.reset_prefix_cache()
     prompt = tokens(160, 31)
     continued = prompt + tokens(16, 32)
     r = redis.Redis.from_url(redis_url)
+    ckpt_key = keys.checkpoint(layout_id(a_engine), chain_hashes(prompt, 16)[-1].hex())
 
-    async def main():
+    async def publish() -> None:
+        a_engine.block_manager.reset_prefix_cache()
         async with Node(a_engine, redis_url, key=key) as a:
             await a.run(prompt, request_id="a")
-        runs = {}
-        for name, node_key in (("other key", other_key), ("same key", key)):
-            b_engine.block_manager.reset_prefix_cache()
-            async with Node(b_engine, redis_url, key=node_key) as b:
-                runs[name] = (await b.run(continued, request_id=name), b)
-        ckpt_key = keys.checkpoint(layout_id(a_engine), chain_hashes(prompt, 16)[-1].hex())
-        r.set(ckpt_key, encode(decode(r.get(ckpt_key), key)), keepttl=True)  # plain
+        assert r.exists(ckpt_key)
+
+    async def on_b(name: str, node_key: bytes):
         b_engine.block_manager.reset_prefix_cache()
-        async with Node(b_engine, redis_url, key=key) as b:
-            runs["forged"] = (await b.run(continued, request_id="forged"), b)
+        async with Node(b_engine, redis_url, key=node_key) as b:
+            return await b.run(continued, request_id=name), b
+
+    async def main():
+        runs = {}
+        await publish()
+        runs["same key"] = await on_b("same key", key)
+        r.set(ckpt_key, encode(decode(r.get(ckpt_key), key)), keepttl=True)  # plain
+        runs["forged"] = await on_b("forged", key)
+        await publish()
+        runs["other key"] = await on_b("other key", other_key)
         return runs
 
     runs = asyncio.run(main())
     assert runs["same key"][0].num_restored_tokens == len(prompt)
-    assert runs["other key"][1].count("slotmesh_worker_prompt_cache_fallbacks",
-                                      "corrupt") == 1
     assert runs["forged"][1].count("slotmesh_worker_prompt_cache_fallbacks",
                                    "unauthenticated") == 1
+    assert runs["other key"][1].count("slotmesh_worker_prompt_cache_fallbacks",
+                                      "corrupt") == 1
     for name in ("other key", "forged"):
         assert runs[name][0].num_restored_tokens == 0
         assert runs[name][0].token_ids == runs["same key"][0].token_ids
+    assert not r.exists(ckpt_key)
 
 
 # -- limits ------------------------------------------------------------------------------

@@ -216,14 +216,22 @@ class PromptCache:
         except PreconditionError as e:
             log.warning("prompt cache entry of another layout; computing the prompt: %s", e)
             return self._fallback("foreign")
-        except (DataLossError, InvalidRequestError) as e:
-            log.warning("damaged prompt cache entry; computing the prompt: %s", e)
-            return self._fallback("corrupt")
-        except PermissionDeniedError as e:
-            log.warning("unauthenticated prompt cache entry; computing the prompt: %s", e)
-            return self._fallback("unauthenticated")
+        except (DataLossError, InvalidRequestError, PermissionDeniedError) as e:
+            reason = "unauthenticated" if isinstance(e, PermissionDeniedError) else "corrupt"
+            log.warning("%s prompt cache entry; removing it and computing the prompt: %s",
+                        "unauthenticated" if reason == "unauthenticated" else "damaged", e)
+            # else every later lookup would fall back, and writers would keep refreshing it
+            await self._remove([self._checkpoint_key(hashes[found - 1]),
+                                *(self._block_key(h) for h in need)])
+            return self._fallback(reason)
         self.metrics.lookups.labels("hit").inc()
         return restore
+
+    async def _remove(self, entry_keys: list[str]) -> None:
+        try:
+            await self.store.delete_prompt_cache(self.layout_id, entry_keys)
+        except StoreUnavailableError as e:
+            self._warn_unavailable(e)
 
     def _decode(self, token_ids: list[int], hashes: list[bytes], need: list[bytes],
                 raws: list[bytes]) -> PrefixRestore:

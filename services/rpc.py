@@ -79,34 +79,58 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by any handler to a status; nothing else does."""
+    """Maps exceptions raised by any handler to a status; nothing else does. Requests
+    are parsed inside the handler too, so bytes that are not a valid message get
+    INVALID_ARGUMENT instead of gRPC's generic INTERNAL."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        parse = _parser(handler.request_deserializer, method)
+        kwargs = {"request_deserializer": None,
+                  "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                _wrap_unary(_parsed(handler.unary_unary, parse, False), method), **kwargs)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                _wrap_stream(_parsed(handler.unary_stream, parse, False), method), **kwargs)
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                _wrap_stream(_parsed(handler.stream_stream, parse, True), method), **kwargs)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                _wrap_unary(_parsed(handler.stream_unary, parse, True), method), **kwargs)
         return handler
+
+
+def _parser(deserializer: Callable | None, method: str) -> Callable:
+    if deserializer is None:
+        return lambda raw: raw
+    rpc_name = method.rsplit("/", 1)[-1]
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as e:  # protobuf's DecodeError and kin
+            raise InvalidRequestError("request", f"not a valid {rpc_name} request message "
+                                                 f"({type(e).__name__})") from e
+
+    return parse
+
+
+def _parsed(behavior: Callable, parse: Callable, streaming: bool) -> Callable:
+    """behavior, fed parsed requests (each item of a request stream as it comes)."""
+    if not streaming:
+        return lambda request, context: behavior(parse(request), context)
+
+    async def requests(raw_iterator):
+        async for raw in raw_iterator:
+            yield parse(raw)
+
+    return lambda request_iterator, context: behavior(requests(request_iterator), context)
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:

@@ -213,6 +213,32 @@ def test_every_invalid_field_is_invalid_argument_and_others_keep_running(cluster
     assert background.finish_reason == "length" and len(background.token_ids) == 200
 
 
+# bytes that no GenerateRequest / SnapshotChunk parses to (protobuf refuses them)
+UNPARSABLE = {"truncated varint": b"\x08", "bad wire type": b"\x0f\x01",
+              "invalid UTF-8 request_id": b"\x0a\x02\xff\xfe",
+              "length past the end": b"\x12\x7fabc"}
+
+
+def test_unparsable_request_bytes_are_invalid_argument(cluster) -> None:
+    """Raw bytes that are not a message: INVALID_ARGUMENT naming the request, on the
+    router and on a worker (unary-stream and stream-stream), and both keep serving."""
+    worker = cluster.workers[0].address
+    calls = [(cluster.router_address, "/slotmesh.v1.Router/Generate", False),
+             (worker, "/slotmesh.v1.Worker/Generate", False),
+             (worker, "/slotmesh.v1.Worker/RestoreSequence", True)]
+    for address, method, streaming in calls:
+        with grpc.insecure_channel(address) as ch:
+            rpc = (ch.stream_stream if streaming else ch.unary_stream)(method)
+            for what, raw in UNPARSABLE.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    list(rpc(iter([raw]) if streaming else raw, timeout=10))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, what)
+                # \x0a\x02\xff\xfe is a valid SnapshotChunk (bytes) but no snapshot
+                assert e.value.details().startswith(("request: not a valid", "snapshot:"))
+    with Client(cluster.router_address, timeout=30) as client:
+        assert client.generate(text="still serving", max_tokens=2).finish_reason == "length"
+
+
 def test_duplicate_running_request_id_is_rejected(cluster) -> None:
     with Client(cluster.router_address, timeout=30) as client:
         stream = client.stream(text="dup", request_id="dup-1", max_tokens=300,

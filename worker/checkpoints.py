@@ -166,8 +166,10 @@ class Checkpointer:
             position = end // self.block_size * self.block_size
             # a prefix found in a cache has its checkpoint already (a repeated prompt
             # makes none; the publisher also skips one that Redis has)
-            state = self._sequences.setdefault(seq.seq_id, _SeqCheckpoints(
-                last_position=seq.num_cached_tokens))
+            state = self._sequences.get(seq.seq_id)
+            if state is None:  # not setdefault: no object built per sequence per step
+                state = self._sequences[seq.seq_id] = _SeqCheckpoints(
+                    last_position=seq.num_cached_tokens)
             if self._is_due(item.start, end, position, state, seq):
                 self._capture(seq, position, state)  # skipped if a block left the cache
             if seq.status.is_finished:

@@ -12,7 +12,6 @@ import grpc
 import pytest
 import redis
 
-from protos.slotmesh.v1 import common_pb2, router_pb2_grpc
 from services.client import AsyncClient, Client, RpcError
 from services.metadata import keys
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
@@ -148,95 +147,6 @@ def test_abort_by_id_and_not_found(cluster) -> None:
             with pytest.raises(RpcError) as e:
                 call()
             assert e.value.code == grpc.StatusCode.NOT_FOUND and "nope" in e.value.message
-
-
-BAD_REQUESTS = [
-    # (field named in the message, request)
-    ("prompt", dict()),
-    ("text", dict(text="")),
-    ("chat.messages", dict(chat=common_pb2.ChatMessages())),
-    ("chat.messages.role", dict(chat=common_pb2.ChatMessages(
-        messages=[common_pb2.ChatMessage(role="", content="hi")]))),
-    ("token_ids", dict(token_ids=common_pb2.TokenIds())),
-    ("token_ids", dict(token_ids=common_pb2.TokenIds(ids=[1, -5]))),
-    ("token_ids", dict(token_ids=common_pb2.TokenIds(ids=[1, 100_000]))),  # > tiny vocab
-    ("request_id", dict(text="x", request_id="a" * 200)),
-    ("request_id", dict(text="x", request_id="bad\nid")),
-    ("max_tokens", dict(text="x", params=common_pb2.SamplingParams(max_tokens=0))),
-    ("temperature", dict(text="x", params=common_pb2.SamplingParams(temperature=-1))),
-    ("temperature", dict(text="x", params=common_pb2.SamplingParams(temperature=float("nan")))),
-    ("top_k", dict(text="x", params=common_pb2.SamplingParams(top_k=-1))),
-    ("top_p", dict(text="x", params=common_pb2.SamplingParams(top_p=0))),
-    ("top_p", dict(text="x", params=common_pb2.SamplingParams(top_p=1.5))),
-    ("min_p", dict(text="x", params=common_pb2.SamplingParams(min_p=2))),
-    ("typical_p", dict(text="x", params=common_pb2.SamplingParams(typical_p=0))),
-    ("repetition_penalty", dict(text="x", params=common_pb2.SamplingParams(
-        repetition_penalty=0))),
-    ("presence_penalty", dict(text="x", params=common_pb2.SamplingParams(
-        presence_penalty=3))),
-    ("frequency_penalty", dict(text="x", params=common_pb2.SamplingParams(
-        frequency_penalty=-3))),
-    ("logit_bias", dict(text="x", params=common_pb2.SamplingParams(
-        logit_bias=[common_pb2.LogitBias(token_id=100_000, bias=1)]))),
-    ("logit_bias", dict(text="x", params=common_pb2.SamplingParams(
-        logit_bias=[common_pb2.LogitBias(token_id=1, bias=float("inf"))]))),
-    ("seed", dict(text="x", params=common_pb2.SamplingParams(seed=2**63))),
-    ("logprobs", dict(text="x", params=common_pb2.SamplingParams(logprobs=21))),
-    ("stop", dict(text="x", params=common_pb2.SamplingParams(stop=[""]))),
-    ("stop_token_ids", dict(text="x", params=common_pb2.SamplingParams(
-        stop_token_ids=[100_000]))),
-    ("num_candidates", dict(text="x", params=common_pb2.SamplingParams(num_candidates=5000))),
-    ("prompt", dict(text="word " * 600)),  # longer than the tiny model's context
-]
-
-
-def test_every_invalid_field_is_invalid_argument_and_others_keep_running(cluster) -> None:
-    async def run():
-        async with AsyncClient(cluster.router_address, timeout=60) as client, \
-                grpc.aio.insecure_channel(cluster.router_address) as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
-            background = asyncio.create_task(client.generate(
-                text="keep going", max_tokens=200, temperature=0, ignore_eos=True))
-            results = []
-            for field, kwargs in BAD_REQUESTS:
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    async for _ in stub.Generate(common_pb2.GenerateRequest(**kwargs),
-                                                 timeout=10):
-                        pass
-                results.append((field, e.value.code(), e.value.details()))
-            return results, await background
-
-    results, background = asyncio.run(run())
-    for field, code, details in results:
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, code, details)
-        assert details.startswith(field + ":"), (field, details)
-    assert background.finish_reason == "length" and len(background.token_ids) == 200
-
-
-# bytes that no GenerateRequest / SnapshotChunk parses to (protobuf refuses them)
-UNPARSABLE = {"truncated varint": b"\x08", "bad wire type": b"\x0f\x01",
-              "invalid UTF-8 request_id": b"\x0a\x02\xff\xfe",
-              "length past the end": b"\x12\x7fabc"}
-
-
-def test_unparsable_request_bytes_are_invalid_argument(cluster) -> None:
-    """Raw bytes that are not a message: INVALID_ARGUMENT naming the request, on the
-    router and on a worker (unary-stream and stream-stream), and both keep serving."""
-    worker = cluster.workers[0].address
-    calls = [(cluster.router_address, "/slotmesh.v1.Router/Generate", False),
-             (worker, "/slotmesh.v1.Worker/Generate", False),
-             (worker, "/slotmesh.v1.Worker/RestoreSequence", True)]
-    for address, method, streaming in calls:
-        with grpc.insecure_channel(address) as ch:
-            rpc = (ch.stream_stream if streaming else ch.unary_stream)(method)
-            for what, raw in UNPARSABLE.items():
-                with pytest.raises(grpc.RpcError) as e:
-                    list(rpc(iter([raw]) if streaming else raw, timeout=10))
-                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, what)
-                # \x0a\x02\xff\xfe is a valid SnapshotChunk (bytes) but no snapshot
-                assert e.value.details().startswith(("request: not a valid", "snapshot:"))
-    with Client(cluster.router_address, timeout=30) as client:
-        assert client.generate(text="still serving", max_tokens=2).finish_reason == "length"
 
 
 def test_duplicate_running_request_id_is_rejected(cluster) -> None:

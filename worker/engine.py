@@ -33,6 +33,10 @@ from worker.warmup import check_attention_backend, warmup
 
 log = logging.getLogger(__name__)
 
+# Text longer than this many characters per context token cannot fit and is refused
+# before tokenizing. English runs ~4.5 characters a token, 'a' * n about 8; only runs of
+# whitespace pack more (one token can be 100+ spaces).
+MAX_PROMPT_CHARS_PER_TOKEN = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -125,6 +129,7 @@ class LLMEngine:
         if messages is not None:
             if not messages:
                 raise InvalidRequestError("messages", "must not be empty")
+            self._check_prompt_chars("messages", sum(len(m["content"]) + 1 for m in messages))
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             # templates that write BOS themselves get no second one (llama.cpp does the same)
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -134,6 +139,7 @@ class LLMEngine:
         elif prompt is not None:
             if not prompt:
                 raise InvalidRequestError("prompt", "must not be empty")
+            self._check_prompt_chars("prompt", len(prompt))
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt_token_ids)
@@ -149,6 +155,16 @@ class LLMEngine:
                 "prompt", f"{len(ids)} tokens; the context holds {self.max_model_len} "
                           f"(prompt must be at most {self.max_model_len - 1})")
         return ids
+
+    def _check_prompt_chars(self, field: str, chars: int) -> None:
+        """Refuse text that cannot fit the context before paying to tokenize it (about
+        2.5 s per MB on one core, so a 16 MiB message would tie up a worker for 40 s)."""
+        limit = self.max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
+        if chars > limit:
+            raise InvalidRequestError(
+                field, f"{chars} characters; at most {limit} are tokenized "
+                       f"({MAX_PROMPT_CHARS_PER_TOKEN} per token of the {self.max_model_len}"
+                       "-token context)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, *, output_token_ids: list[int] | None = None,

@@ -76,7 +76,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._check_accepting()
         req = request_from_pb(request, vocab_size=self.engine.model.args.vocab_size)
         request_id = req.request_id or f"w-{uuid.uuid4().hex}"
-        prompt_ids = self.engine.encode_prompt(**req.prompt.as_engine_kwargs())
+        # in a thread: a long prompt takes a while and the tokenizer releases the GIL
+        prompt_ids = await asyncio.to_thread(self.engine.encode_prompt,
+                                             **req.prompt.as_engine_kwargs())
         resume = {}
         if req.resume is not None:
             resume = {"output_token_ids": list(req.resume.output_token_ids),
@@ -153,6 +155,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if not request.source_address or not request.request_id:
             raise InvalidRequestError("source_address", "source_address and request_id are "
                                                         "required")
+        _check_address(request.source_address)
         async with rpc.channel(request.source_address) as ch:
             source = worker_pb2_grpc.WorkerStub(ch)
             try:
@@ -264,6 +267,17 @@ def _chunk(chunk: TokenChunk, **first) -> Chunk:
         error=chunk.error or "", seed=chunk.seed or 0,
         num_cached_tokens=chunk.num_cached_tokens or 0, **first,
     )
+
+
+def _check_address(address: str) -> None:
+    """A peer worker's host:port, as workers register it; nothing else is dialled (no
+    schemes, paths or unix sockets)."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (host and port.isdigit() and 0 < int(port) < 65536
+            and all(ch.isalnum() or ch in ".-:" for ch in host)):
+        raise InvalidRequestError("source_address", f"{address[:100]!r} is not a worker's "
+                                                    "host:port")
 
 
 async def _commit(source, request_id: str, commit: bool) -> None:

@@ -305,10 +305,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # -- migration ---------------------------------------------------------------------------
 
     async def Migrate(self, request, context):
+        kind = kind_from_pb(request.kind)
         if request.request_id not in self.streams and not request.forwarded:
             return await self._forward_migrate(request, context)
-        return await self.migrate(request.request_id, request.target_worker_id,
-                                  kind_from_pb(request.kind))
+        return await self.migrate(request.request_id, request.target_worker_id, kind)
 
     async def _forward_migrate(self, request, context) -> router_pb2.MigrateResponse:
         """Another router relays it: its Redis record names that router; forward once."""

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from protos.slotmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.client import Client, RpcError, build_request
+from services.client import AsyncClient, Client, RpcError, build_request
 from services.cluster import LocalCluster, write_key_file
 from services.cluster_auth import UNAUTHENTICATED, caller_metadata
 from services.health_probe import check
@@ -73,32 +73,13 @@ def test_tls_cluster_generates_what_the_engine_generates(cluster, client, model_
     assert done.token_ids == want.token_ids and done.finish_reason == "length"
     assert cluster.redis_url.startswith("rediss://slotmesh:")
 
+    async def with_async_client():
+        async with AsyncClient(cluster.router_address, timeout=60,
+                               root_certificates=cluster.tls.ca.read_bytes()) as c:
+            return await c.generate(text=PROMPT, max_tokens=24, temperature=0.9, seed=7,
+                                    ignore_eos=True)
 
-def test_plaintext_or_a_foreign_ca_cannot_reach_the_router(cluster, tmp_path) -> None:
-    with Client(cluster.router_address, timeout=10) as plain, pytest.raises(RpcError) as e:
-        plain.generate(text=PROMPT, max_tokens=2)
-    assert e.value.code == grpc.StatusCode.UNAVAILABLE
-    other = make_local_pki(tmp_path / "other")
-    with Client(cluster.router_address, timeout=10,
-                root_certificates=other.ca.read_bytes()) as foreign, \
-            pytest.raises(RpcError) as e:
-        foreign.generate(text=PROMPT, max_tokens=2)
-    assert e.value.code == grpc.StatusCode.UNAVAILABLE
-
-
-def test_a_worker_requires_a_client_certificate(cluster) -> None:
-    worker = cluster.workers[0].address
-    no_cert = ChannelTls.from_files(ca=cluster.tls.ca)
-    credential = caller_metadata(load_key(cluster.cluster_key_file))
-    with Client(worker, timeout=10, service="worker", tls=no_cert,
-                metadata=credential) as c, pytest.raises(RpcError) as e:
-        c.generate(text=PROMPT, max_tokens=2)
-    assert e.value.code == grpc.StatusCode.UNAVAILABLE  # no handshake without one
-    with Client(worker, timeout=60, service="worker", tls=cluster.worker_tls()) as c:
-        assert c.generate(text=PROMPT, max_tokens=2).finish_reason == "length"
-    # the exec health probe dials as the server's own container does
-    assert check(worker, tls=cluster.worker_tls())
-    assert not check(worker, tls=no_cert) and not check(worker)
+    assert asyncio.run(with_async_client()).token_ids == want.token_ids
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +201,49 @@ def test_seq_save_and_restore_over_mutual_tls(cluster, client, key_only_worker,
                  "--json"]) == 0
     assert main(["seq", "restore", "--worker", other.address, "--tls-ca", str(pki.ca),
                  str(path)]) == 1  # no client certificate: no handshake
+
+
+def test_slotmesh_generate_and_drain_over_tls(cluster, key_only_worker, capsys) -> None:
+    """Runs after the other tests of the cluster: the drained worker takes no more."""
+    from services.cli import main
+
+    ca = str(cluster.tls.ca)
+    assert main(["generate", "--router", cluster.router_address, "--tls-ca", ca, PROMPT,
+                 "--max-tokens", "3", "--json"]) == 0
+    assert capsys.readouterr().out.count("token_ids") == 1
+    assert main(["generate", "--router", cluster.router_address, PROMPT, "--timeout",
+                 "10"]) == 1  # plaintext to a TLS router
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert main(["drain", "--router", cluster.router_address, "--worker-id", "key-only",
+                 "--tls-ca", ca, "--timeout", "30"]) == 0
+    assert "drained key-only: 0 migrated, 0 stayed" in capsys.readouterr().out
+
+
+def test_plaintext_or_a_foreign_ca_cannot_reach_the_router(cluster, tmp_path) -> None:
+    with Client(cluster.router_address, timeout=10) as plain, pytest.raises(RpcError) as e:
+        plain.generate(text=PROMPT, max_tokens=2)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    other = make_local_pki(tmp_path / "other")
+    with Client(cluster.router_address, timeout=10,
+                root_certificates=other.ca.read_bytes()) as foreign, \
+            pytest.raises(RpcError) as e:
+        foreign.generate(text=PROMPT, max_tokens=2)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_worker_requires_a_client_certificate(cluster) -> None:
+    worker = cluster.workers[0].address
+    no_cert = ChannelTls.from_files(ca=cluster.tls.ca)
+    credential = caller_metadata(load_key(cluster.cluster_key_file))
+    with Client(worker, timeout=10, service="worker", tls=no_cert,
+                metadata=credential) as c, pytest.raises(RpcError) as e:
+        c.generate(text=PROMPT, max_tokens=2)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE  # no handshake without one
+    with Client(worker, timeout=60, service="worker", tls=cluster.worker_tls()) as c:
+        assert c.generate(text=PROMPT, max_tokens=2).finish_reason == "length"
+    # the exec health probe dials as the server's own container does
+    assert check(worker, tls=cluster.worker_tls())
+    assert not check(worker, tls=no_cert) and not check(worker)
 
 
 def test_slotmesh_up_tls_end_to_end(model_dir) -> None:

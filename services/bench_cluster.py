@@ -118,7 +118,7 @@ async def _load(address: str, service: str, tls, prompts: list[str], new_tokens:
     from services.client import AsyncClient
 
     async with AsyncClient(address, service=service, timeout=600,
-                           tls=tls or False) as client:
+                           tls=tls) as client:
         async def one(prompt: str) -> tuple[float, list[float], int]:
             start = time.perf_counter()
             stamps = []

@@ -61,7 +61,7 @@ def run_migration_bench(args: argparse.Namespace) -> int:
             worker_args=worker_args, num_workers=2, log_dir=Path(logs),
             tls=bench_pki(args, logs)) as cluster, \
             Client(cluster.router_address, timeout=3600,
-                   tls=cluster.client_tls() or False) as client:
+                   tls=cluster.client_tls()) as client:
         for n in contexts:
             results[str(n)] = _measure(client, n, args)
     report = {

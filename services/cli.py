@@ -22,7 +22,13 @@ import os
 import sys
 from pathlib import Path
 
-from services.tls import add_redis_tls_flags, add_tls_flags, redis_tls_config, tls_config
+from services.tls import (
+    ChannelTls,
+    add_redis_tls_flags,
+    add_tls_flags,
+    redis_tls_config,
+    tls_config,
+)
 from worker.errors import SlotmeshError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -151,7 +157,7 @@ def _generate_via_router(args: argparse.Namespace) -> int:
     result = Completion()
     tls = client_tls(args)
     try:
-        with Client(args.router, timeout=args.timeout, tls=tls or False) as client:
+        with Client(args.router, timeout=args.timeout, tls=tls) as client:
             for chunk in client.stream(**prompt, **_sampling(args)):
                 result.add(chunk)
                 if not args.json:
@@ -203,7 +209,7 @@ def _cluster_key(args: argparse.Namespace) -> bytes | None:
     return load_key(args.cluster_key_file) if args.cluster_key_file else None
 
 
-def client_tls(args: argparse.Namespace):
+def client_tls(args: argparse.Namespace) -> ChannelTls | None:
     """The ChannelTls of a client command's --tls-* flags; None = plaintext."""
     config = tls_config(args, server=False)
     return config.channel() if config is not None else None
@@ -410,7 +416,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
                             "$SLOTMESH_ROUTER_ADDRESS and $SLOTMESH_WORKER_ID)")
     tls = client_tls(args)
     try:
-        with Client(args.router, timeout=args.timeout, tls=tls or False) as client:
+        with Client(args.router, timeout=args.timeout, tls=tls) as client:
             migrated, failed = client.drain(args.worker_id)
     except RpcError as e:
         print(f"slotmesh: drain of {args.worker_id} failed: {e}", file=sys.stderr)

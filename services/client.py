@@ -14,7 +14,7 @@ clients talk to a worker directly with `service="worker"` (Generate and Abort on
 TLS (docs/security.md): `tls=True` verifies the router against the system's roots;
 `root_certificates=` (PEM bytes, e.g. the CA `slotmesh up --tls` prints) against a
 private CA; a `ChannelTls` also carries a client certificate (mutual TLS) or the name to
-expect in the server's certificate:
+expect in the server's certificate. None or False: plaintext.
 
     Client("127.0.0.1:50051", root_certificates=Path("ca.pem").read_bytes())
     Client(address, tls=ChannelTls.from_files(ca="ca.pem", cert="c.pem", key="c.key"))
@@ -178,7 +178,8 @@ def _worker_summary(w: common_pb2.WorkerInfo) -> WorkerSummary:
         attention_backend=w.attention_backend, version=w.version)
 
 
-def channel_tls(tls: ChannelTls | bool, root_certificates: bytes | None) -> ChannelTls | None:
+def channel_tls(tls: ChannelTls | bool | None, root_certificates: bytes | None
+                ) -> ChannelTls | None:
     """The client's TLS settings: None for plaintext."""
     if isinstance(tls, ChannelTls):
         if root_certificates is not None:
@@ -206,7 +207,7 @@ class Client:
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  service: str = "router", token: str | None = None,
-                 tls: ChannelTls | bool = False, root_certificates: bytes | None = None,
+                 tls: ChannelTls | bool | None = None, root_certificates: bytes | None = None,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.address = address
         self.timeout = timeout
@@ -274,7 +275,7 @@ class AsyncClient:
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  service: str = "router", token: str | None = None,
-                 tls: ChannelTls | bool = False, root_certificates: bytes | None = None,
+                 tls: ChannelTls | bool | None = None, root_certificates: bytes | None = None,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.address = address
         self.timeout = timeout

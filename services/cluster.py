@@ -163,7 +163,7 @@ class LocalCluster:
         from services.client import Client
 
         deadline = time.monotonic() + timeout_s
-        with Client(self.router_address, timeout=5.0, tls=self.client_tls() or False) as client:
+        with Client(self.router_address, timeout=5.0, tls=self.client_tls()) as client:
             while len(client.list_workers()) != count:
                 if time.monotonic() > deadline:
                     raise SlotmeshError(f"router does not list {count} workers after "

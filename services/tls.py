@@ -195,8 +195,12 @@ def _check_pair(cert_path: Path, key_path: Path, cert_flag: str, key_flag: str
         raise InvalidRequestError(cert_flag, f"{cert_path} holds no PEM certificate")
     if b"PRIVATE KEY-----" not in key:
         raise InvalidRequestError(key_flag, f"{key_path} holds no PEM private key")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path)
+    if b"ENCRYPTED" in key:  # gRPC takes no passphrase
+        raise InvalidRequestError(key_flag, f"{key_path} is encrypted; give the key "
+                                            "without a passphrase (a mounted Secret)")
+    try:  # a password callback: OpenSSL must never prompt on a terminal
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path,
+                                                                password=lambda: b"")
     except ssl.SSLError as e:
         raise InvalidRequestError(key_flag, f"{key_path} is not the key of {cert_path} "
                                             f"or not usable ({e.reason or e})") from e

@@ -273,6 +273,8 @@ def pki_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("flag-pki")
     pki = make_local_pki(d / "pki")
     (d / "not.pem").write_text("hello\n")
+    (d / "enc.key").write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n"
+                               "-----END ENCRYPTED PRIVATE KEY-----\n")
     return pki, d / "not.pem"
 
 
@@ -284,6 +286,8 @@ def pki_files(tmp_path_factory):
     (lambda p, bad: ["--tls-cert", bad, "--tls-key", p.server_key], "--tls-cert"),
     (lambda p, bad: ["--tls-cert", p.server_cert, "--tls-key", bad], "--tls-key"),
     (lambda p, bad: ["--tls-cert", p.server_cert, "--tls-key", p.client_key], "--tls-key"),
+    (lambda p, bad: ["--tls-cert", p.server_cert, "--tls-key", bad.with_name("enc.key")],
+     "--tls-key"),
     (lambda p, bad: ["--tls-cert", p.server_cert, "--tls-key", p.server_key,
                      "--tls-ca", bad], "--tls-ca"),
     (lambda p, bad: ["--tls-cert", p.server_cert, "--tls-key", p.server_key,

@@ -13,7 +13,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,7 +24,7 @@ from services.cluster_auth import UNAUTHENTICATED, caller_metadata
 from services.health_probe import check
 from services.local_ca import make_local_pki
 from services.metadata.store import RedisStore, StoreUnavailableError
-from services.process import child_env, spawn_service, wait_for_line
+from services.process import child_env, spawn_service
 from services.rpc import blocking_channel
 from services.tls import ChannelTls, RedisTls
 from tests.tiny_models import make_tiny_model
@@ -246,24 +245,46 @@ def test_a_worker_requires_a_client_certificate(cluster) -> None:
     assert not check(worker, tls=no_cert) and not check(worker)
 
 
-def test_slotmesh_up_tls_end_to_end(model_dir) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--tls", "--workers", "1", "--port", "0",
-         "--model", str(model_dir), "--slots", "2"], stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, env=child_env(), start_new_session=True)
+def test_slotmesh_up_tls_prints_how_to_connect(cluster, capsys) -> None:
+    """What `slotmesh up --tls` prints, for the fixture's cluster (the same LocalCluster
+    it starts): the CA a client needs and the Redis URL with its password masked."""
+    from services.cluster import _print_cluster
+
+    _print_cluster(cluster)
+    out = capsys.readouterr().out
+    password = cluster.redis_url.split("@")[0].rsplit(":", 1)[1]
+    assert f"--tls-ca {cluster.tls.ca}" in out and "rediss://slotmesh:***@" in out
+    assert password not in out
+
+
+def test_slotmesh_up_tls_makes_a_ca_and_a_secured_cluster(monkeypatch) -> None:
+    """`slotmesh up --tls` builds the cluster the fixture above runs: a fresh CA in its
+    temporary directory, mutual TLS, a TLS Redis with an ACL user, a cluster key. (The
+    processes themselves are the fixture's; starting a second cluster here would double
+    this file's runtime.)"""
+    import services.cluster
+    from services.cli import main
+
+    seen = []
+
+    def run_up(cluster, args, stop) -> int:
+        seen.append((cluster.tls, cluster.tls.ca.read_bytes(), cluster.redis_url,
+                     cluster._tls_flags(worker=True), cluster.cluster_key_file.exists()))
+        cluster.redis.close()  # made, never started
+        return 0
+
+    monkeypatch.setattr(services.cluster, "_run_up", run_up)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        seen: list[str] = []
-        ready = wait_for_line(proc.stdout, lambda ln: "slotmesh up: ready" in ln, 120, seen)
-        assert ready is not None, seen
-        router = next(ln.split()[1] for ln in seen if ln.startswith("router "))
-        ca = next(ln.split()[2] for ln in seen if ln.startswith("tls "))
-        assert any(ln.startswith("redis    rediss://slotmesh:***@") for ln in seen)
-        assert f"--tls-ca {ca}" in ready
-        with Client(router, timeout=60, root_certificates=Path(ca).read_bytes()) as c:
-            assert c.generate(text=PROMPT, max_tokens=3).finish_reason == "length"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert main(["up", "--tls", "--workers", "1", "--port", "0"]) == 0
+    finally:  # cmd_up installs its own; pytest's Ctrl-C must work after this test
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    [(pki, ca, redis_url, worker_flags, has_key)] = seen
+    assert ca.startswith(b"-----BEGIN CERTIFICATE-----") and has_key
+    assert redis_url.startswith("rediss://slotmesh:")
+    assert "--tls-require-client-cert" in worker_flags and "--redis-tls-cert" in worker_flags
+    assert not pki.ca.exists()  # the throwaway CA went with the run
 
 
 # -- flags: bad values are refused at startup, naming the flag (exit 2) -------------------

@@ -140,9 +140,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         entry = self.authenticate(handler_call_details.invocation_metadata)
         name = method[len(ROUTER_SERVICE):]
         if entry is None:
-            return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+            return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
         if name in ADMIN_METHODS and not entry.admin:
-            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
+            return refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
                              f"{name} needs an admin token")
         if handler.unary_stream is not None and (entry.max_streams or
                                                  entry.tokens_per_minute):
@@ -180,7 +180,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return ""
 
 
-def _refusing(handler, code: grpc.StatusCode, message: str):
+def refusing(handler, code: grpc.StatusCode, message: str):
     """A handler of the same shape that answers `code` without running the method."""
     async def unary(request, context):
         await context.abort(code, message)
@@ -207,41 +207,56 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                grpc.aio.StreamUnaryClientInterceptor,
-                grpc.aio.StreamStreamClientInterceptor):
-    """Adds the bearer token to every call of an aio channel."""
+class _AddMetadata:
+    """Adds fixed metadata (a bearer token, the cluster credential) to every call of an
+    aio channel."""
 
-    def __init__(self, token: str) -> None:
-        self.metadata = bearer(token)
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
 
     def _details(self, details):
-        metadata = tuple(details.metadata or ()) + self.metadata
+        # a grpc.aio.Metadata, as the call objects expect
+        metadata = grpc.aio.Metadata.from_tuple(tuple(details.metadata or ()) + self.metadata)
         return details._replace(metadata=metadata)
 
+
+# grpc.aio files each channel interceptor under the first of the four kinds it is an
+# instance of (an if/elif), so one class per kind: one subclassing all four would only
+# ever see unary-unary calls, and streams (Generate, ImportSequence) would go without.
+class _UnaryUnary(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _StreamUnary(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _StreamStream(_AddMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
 
-def token_interceptors(token: str | None) -> list:
-    return [_AddToken(token)] if token else []
+def token_interceptors(token: str | None, extra: tuple[tuple[str, str], ...] = ()) -> list:
+    """aio channel interceptors that add the bearer token and `extra` to every call."""
+    metadata = bearer(token) + extra
+    if not metadata:
+        return []
+    return [cls(metadata) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
-class _AddTokenSync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class AddMetadataSync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """The same for a blocking channel (grpc.intercept_channel)."""
 
-    def __init__(self, token: str) -> None:
-        self.metadata = bearer(token)
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
 
     def _details(self, details):
         return _SyncDetails(details.method, details.timeout,
@@ -268,8 +283,10 @@ class _SyncDetails(collections.namedtuple(
     pass
 
 
-def sync_token_interceptors(token: str | None) -> list:
-    return [_AddTokenSync(token)] if token else []
+def sync_token_interceptors(token: str | None, extra: tuple[tuple[str, str], ...] = ()
+                            ) -> list:
+    metadata = bearer(token) + extra
+    return [AddMetadataSync(metadata)] if metadata else []
 
 
 def default_token(token: str | None) -> str | None:

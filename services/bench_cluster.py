@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.cluster import add_bench_tls_flag
+
 _TEXT = ("Distributed systems trade one kind of difficulty for another: a single machine "
          "fails all at once, a cluster fails a little at a time, and most of the work of "
          "building one goes into noticing, containing and recovering from those partial "
@@ -49,11 +51,12 @@ def add_cluster_bench_parser(bench_sub, add_model_flags) -> None:
     p.add_argument("--repeat", type=int, default=2,
                    help="runs per side and concurrency, alternating; best kept (default: 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_bench_tls_flag(p)
     p.set_defaults(func=run_cluster_bench)
 
 
 def run_cluster_bench(args: argparse.Namespace) -> int:
-    from services.cluster import LocalCluster
+    from services.cluster import LocalCluster, bench_pki
 
     levels = [int(c) for c in args.concurrency.split(",")]
     worker_args = ["--model", args.model, "--dtype", args.dtype, "--slots", str(max(levels))]
@@ -62,9 +65,11 @@ def run_cluster_bench(args: argparse.Namespace) -> int:
     if args.ctx is not None:
         worker_args += ["--ctx", str(args.ctx)]
     with tempfile.TemporaryDirectory() as logs, LocalCluster(
-            worker_args=worker_args, num_workers=1, log_dir=Path(logs)) as cluster:
+            worker_args=worker_args, num_workers=1, log_dir=Path(logs),
+            tls=bench_pki(args, logs)) as cluster:
         report = asyncio.run(_measure(cluster, args, levels))
     report["model"] = args.model
+    report["tls"] = args.tls
     report["cpu_count"] = os.cpu_count()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -77,23 +82,25 @@ async def _measure(cluster, args, levels: list[int]) -> dict:
     prompts = [f"{i}. " + " ".join((_TEXT * 8).split()[: args.prompt_words])
                for i in range(max(levels))]
     router, direct = cluster.router_address, cluster.workers[0].address
+    tls = {"router": cluster.client_tls(), "worker": cluster.worker_tls()}
     one = {}
     for c in levels:
         # warm both paths at this batch size (first-call costs are not what we measure)
-        await _load(direct, "worker", prompts[:c], 4)
-        await _load(router, "router", prompts[:c], 4)
+        await _load(direct, "worker", tls["worker"], prompts[:c], 4)
+        await _load(router, "router", tls["router"], prompts[:c], 4)
         best: dict[str, LoadResult] = {}
         for _ in range(args.repeat):
             for side, address, service in (("direct", direct, "worker"),
                                            ("router", router, "router")):
-                r = await _load(address, service, prompts[:c], args.new_tokens)
+                r = await _load(address, service, tls[service], prompts[:c],
+                                args.new_tokens)
                 if side not in best or r.tokens_per_s > best[side].tokens_per_s:
                     best[side] = r
         one[str(c)] = {side: asdict(r) for side, r in best.items()}
     await asyncio.to_thread(cluster.add_worker)
     await asyncio.to_thread(cluster.wait_for_workers, 2)
     top = max(levels)
-    two = max([await _load(router, "router", prompts[:top], args.new_tokens)
+    two = max([await _load(router, "router", tls["router"], prompts[:top], args.new_tokens)
                for _ in range(args.repeat)], key=lambda r: r.tokens_per_s)
     return {
         "new_tokens": args.new_tokens, "repeat": args.repeat, "one_worker": one,
@@ -106,11 +113,12 @@ async def _measure(cluster, args, levels: list[int]) -> dict:
     }
 
 
-async def _load(address: str, service: str, prompts: list[str], new_tokens: int
+async def _load(address: str, service: str, tls, prompts: list[str], new_tokens: int
                 ) -> LoadResult:
     from services.client import AsyncClient
 
-    async with AsyncClient(address, service=service, timeout=600) as client:
+    async with AsyncClient(address, service=service, timeout=600,
+                           tls=tls) as client:
         async def one(prompt: str) -> tuple[float, list[float], int]:
             start = time.perf_counter()
             stamps = []

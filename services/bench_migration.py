@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from services.cluster import add_bench_tls_flag
+
 
 def add_migration_bench_parser(bench_sub, add_model_flags) -> None:
     p = bench_sub.add_parser("migration", help="snapshot vs replay migration, same run",
@@ -39,12 +41,13 @@ def add_migration_bench_parser(bench_sub, add_model_flags) -> None:
     p.add_argument("--migrate-at", type=int, default=8,
                    help="move the sequence after this many tokens (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_bench_tls_flag(p)
     p.set_defaults(func=run_migration_bench)
 
 
 def run_migration_bench(args: argparse.Namespace) -> int:
     from services.client import Client
-    from services.cluster import LocalCluster
+    from services.cluster import LocalCluster, bench_pki
 
     contexts = [int(c) for c in args.contexts.split(",")]
     ctx = max(contexts) + args.new_tokens + 64
@@ -55,8 +58,10 @@ def run_migration_bench(args: argparse.Namespace) -> int:
         worker_args += ["--cache-dir", str(args.cache_dir)]
     results = {}
     with tempfile.TemporaryDirectory() as logs, LocalCluster(
-            worker_args=worker_args, num_workers=2, log_dir=Path(logs)) as cluster, \
-            Client(cluster.router_address, timeout=3600) as client:
+            worker_args=worker_args, num_workers=2, log_dir=Path(logs),
+            tls=bench_pki(args, logs)) as cluster, \
+            Client(cluster.router_address, timeout=3600,
+                   tls=cluster.client_tls()) as client:
         for n in contexts:
             results[str(n)] = _measure(client, n, args)
     report = {

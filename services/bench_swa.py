@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.cluster import add_bench_tls_flag
+
 SUFFIX = 16
 
 
@@ -38,11 +40,12 @@ def add_swa_bench_parser(bench_sub, add_model_flags) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per measurement, best kept (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_bench_tls_flag(p)
     p.set_defaults(func=run_swa_bench)
 
 
 def run_swa_bench(args: argparse.Namespace) -> int:
-    from services.cluster import LocalCluster
+    from services.cluster import LocalCluster, bench_pki
 
     contexts = [int(c) for c in args.contexts.split(",")]
     ctx = max(contexts) + 2 * SUFFIX + 64
@@ -52,12 +55,13 @@ def run_swa_bench(args: argparse.Namespace) -> int:
         worker_args += ["--cache-dir", str(args.cache_dir)]
     results = {}
     with tempfile.TemporaryDirectory() as logs, LocalCluster(
-            worker_args=worker_args, num_workers=2, log_dir=Path(logs)) as cluster:
+            worker_args=worker_args, num_workers=2, log_dir=Path(logs),
+            tls=bench_pki(args, logs)) as cluster:
         a, b = cluster.workers
         for worker in (a, b):  # one-time costs (first request, thread pools) not in "cold"
-            _ttft(worker.address, _prompt(256, salt=1))
+            _ttft(cluster, worker.address, _prompt(256, salt=1))
         for n in contexts:
-            results[str(n)] = _measure(cluster.redis_url, a, b, n, args.repeats)
+            results[str(n)] = _measure(cluster, a, b, n, args.repeats)
     report = {
         "model": args.model, "dtype": args.dtype, "contexts": results,
         "speedup_same_worker": {n: round(r["cold_s"] / r["warm_same_s"], 1)
@@ -75,33 +79,35 @@ def _prompt(n: int, salt: int) -> list[int]:
     return [100 + (i * 7919 + salt * 104729) % 20000 for i in range(n)]
 
 
-def _measure(redis_url: str, a, b, n: int, repeats: int) -> dict:
+def _measure(cluster, a, b, n: int, repeats: int) -> dict:
     best: dict[str, float] = {}
     for r in range(repeats):
         prompt = _prompt(n, salt=1000 * n + r)
-        cold, token_a = _ttft(a.address, prompt)
-        _wait(lambda p=prompt: _entry_bytes(redis_url, p)[0] > 0,
+        cold, token_a = _ttft(cluster, a.address, prompt)
+        _wait(lambda p=prompt: _entry_bytes(cluster, p)[0] > 0,
               "A's checkpoint where the prompt ends, in Redis")
-        warm_same, _ = _ttft(a.address, prompt + _prompt(SUFFIX, salt=7))
-        warm_other, token_b = _ttft(b.address, prompt + _prompt(SUFFIX, salt=7))
+        warm_same, _ = _ttft(cluster, a.address, prompt + _prompt(SUFFIX, salt=7))
+        warm_other, token_b = _ttft(cluster, b.address, prompt + _prompt(SUFFIX, salt=7))
         for key, value in (("cold_s", cold), ("warm_same_s", warm_same),
                            ("warm_other_s", warm_other)):
             best[key] = min(best.get(key, value), value)
-    same_token = _ttft(b.address, prompt)[1] == token_a  # B restores at n - 16 or earlier
-    checkpoint_bytes, block_bytes = _entry_bytes(redis_url, prompt)
+    same_token = _ttft(cluster, b.address, prompt)[1] == token_a  # B restores at n - 16 or earlier
+    checkpoint_bytes, block_bytes = _entry_bytes(cluster, prompt)
     return {**{k: round(v, 4) for k, v in best.items()}, "checkpoint_bytes": checkpoint_bytes,
             "prefix_block_bytes": block_bytes, "same_token": same_token,
             "restored_on_other": token_b is not None}
 
 
-def _ttft(address: str, token_ids: list[int]) -> tuple[float, int | None]:
-    import grpc
-
+def _ttft(cluster, address: str, token_ids: list[int]) -> tuple[float, int | None]:
     from protos.slotmesh.v1 import worker_pb2_grpc
     from services.client import build_request
-    from services.rpc import CHANNEL_OPTIONS
+    from services.cluster_auth import caller_metadata
+    from services.rpc import blocking_channel
+    from worker.integrity import load_key
 
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+    key = load_key(cluster.cluster_key_file) if cluster.cluster_key_file else None
+    with blocking_channel(address, tls=cluster.worker_tls(),
+                          metadata=caller_metadata(key)) as ch:
         stub = worker_pb2_grpc.WorkerStub(ch)
         start = time.perf_counter()
         for msg in stub.Generate(build_request(token_ids=token_ids, max_tokens=1,
@@ -120,13 +126,15 @@ def _wait(condition, what: str, timeout_s: float = 300.0) -> None:
         time.sleep(0.05)
 
 
-def _entry_bytes(redis_url: str, prompt: list[int]) -> tuple[int, int]:
+def _entry_bytes(cluster, prompt: list[int]) -> tuple[int, int]:
     """Sizes in Redis of the checkpoint where the prompt ends and of its blocks."""
     import redis
 
     from worker.block_manager import chain_hashes
 
-    r = redis.Redis.from_url(redis_url)
+    tls = cluster.redis_tls()
+    r = redis.Redis.from_url(cluster.redis_url,
+                             **(tls.connection_kwargs() if tls is not None else {}))
     hashes = [h.hex() for h in chain_hashes(prompt, 16)]
     checkpoint = next((r.strlen(k) for k in r.scan_iter(f"*:ckpt:{hashes[-1]}")), 0)
     blocks = sum(r.strlen(k) for h in hashes for k in r.scan_iter(f"*:blk:{h}"))

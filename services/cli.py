@@ -22,6 +22,13 @@ import os
 import sys
 from pathlib import Path
 
+from services.tls import (
+    ChannelTls,
+    add_redis_tls_flags,
+    add_tls_flags,
+    redis_tls_config,
+    tls_config,
+)
 from worker.errors import SlotmeshError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -90,6 +97,7 @@ def _generate_parser(sub) -> None:
                         "the model flags are then ignored")
     p.add_argument("--timeout", type=float, default=None,
                    help="with --router: deadline of the request in seconds")
+    add_tls_flags(p, server=False)
     add_model_flags(p)
     p.add_argument("--max-tokens", type=int, default=64,
                    help="most tokens to generate (default: 64)")
@@ -147,8 +155,9 @@ def _generate_via_router(args: argparse.Namespace) -> int:
     prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
               else {"text": args.prompt})
     result = Completion()
+    tls = client_tls(args)
     try:
-        with Client(args.router, timeout=args.timeout) as client:
+        with Client(args.router, timeout=args.timeout, tls=tls) as client:
             for chunk in client.stream(**prompt, **_sampling(args)):
                 result.add(chunk)
                 if not args.json:
@@ -184,6 +193,26 @@ def _server_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running streams get to finish on SIGTERM (default: 10)")
     _redis_url_flag(p)
+    add_tls_flags(p, server=True)
+    add_redis_tls_flags(p)
+
+
+def _cluster_key_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--cluster-key-file", type=Path,
+                   default=os.environ.get("SLOTMESH_CLUSTER_KEY_FILE") or None,
+                   help=help + " (default: $SLOTMESH_CLUSTER_KEY_FILE)")
+
+
+def _cluster_key(args: argparse.Namespace) -> bytes | None:
+    from worker.integrity import load_key
+
+    return load_key(args.cluster_key_file) if args.cluster_key_file else None
+
+
+def client_tls(args: argparse.Namespace) -> ChannelTls | None:
+    """The ChannelTls of a client command's --tls-* flags; None = plaintext."""
+    config = tls_config(args, server=False)
+    return config.channel() if config is not None else None
 
 
 def _worker_parser(sub) -> None:
@@ -210,12 +239,12 @@ def _worker_parser(sub) -> None:
                         "running streams, up to --shutdown-grace)")
     p.add_argument("--max-snapshot-mb", type=int, default=8192,
                    help="largest snapshot this worker imports (default: 8192)")
-    p.add_argument("--cluster-key-file", type=Path,
-                   default=os.environ.get("SLOTMESH_CLUSTER_KEY_FILE") or None,
-                   help="file with the cluster's secret key (>= 32 bytes, raw or hex): "
-                        "snapshots and prompt-cache entries then carry a MAC under it and "
-                        "are refused without one (default: $SLOTMESH_CLUSTER_KEY_FILE; "
-                        "unset: a SHA-256 checksum only)")
+    _cluster_key_flag(p, "file with the cluster's secret key (>= 32 bytes, raw or hex): "
+                         "snapshots and prompt-cache entries then carry a MAC under it and "
+                         "are refused without one, and every Worker call needs the "
+                         "cluster credential derived from it or a client certificate "
+                         "(--tls-require-client-cert). Unset: a SHA-256 checksum only, "
+                         "and without --tls-require-client-cert any caller is served")
     c = p.add_argument_group(
         "cluster-wide prompt cache",
         "Checkpoints of processed prompts go to Redis (the sliding-window layers' state at "
@@ -246,7 +275,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from worker.config import CheckpointConfig, ServerConfig
     from worker.errors import InvalidRequestError
-    from worker.integrity import load_key
     from worker.server import serve
 
     for flag in ("prompt_cache_mb", "swa_checkpoints", "checkpoint_every",
@@ -262,8 +290,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace, router_address=args.router_address,
         max_snapshot_bytes=args.max_snapshot_mb << 20,
         prompt_cache_bytes=args.prompt_cache_mb << 20, prompt_cache_ttl_s=args.prompt_cache_ttl,
-        cluster_key=load_key(args.cluster_key_file) if args.cluster_key_file else None,
-        router_token=os.environ.get("SLOTMESH_TOKEN") or None)
+        cluster_key=_cluster_key(args), tls=tls_config(args, server=True),
+        redis_tls=redis_tls_config(args), router_token=os.environ.get("SLOTMESH_TOKEN") or None)
     checkpoints = None
     if args.prompt_cache_mb > 0 and args.swa_checkpoints > 0:
         checkpoints = CheckpointConfig(max_per_sequence=args.swa_checkpoints,
@@ -300,6 +328,8 @@ def _router_parser(sub) -> None:
                         "one, within each token's stream and tokens-per-minute limits "
                         "(default: $SLOTMESH_AUTH_TOKENS_FILE; unset: no checks). Peer "
                         "routers are called with $SLOTMESH_TOKEN")
+    _cluster_key_flag(p, "the workers' --cluster-key-file: calls to workers carry the "
+                         "cluster credential derived from it (unset: none)")
     p.set_defaults(func=_cmd_router)
 
 
@@ -316,7 +346,9 @@ def _cmd_router(args: argparse.Namespace) -> int:
         advertise_address=args.advertise_address, heartbeat_ttl_s=args.heartbeat_ttl,
         registry_poll_s=args.registry_poll, max_load_imbalance=args.max_load_imbalance,
         metrics_port=args.metrics_port, shutdown_grace_s=args.shutdown_grace,
-        auth_tokens=tuple(tokens), peer_token=os.environ.get("SLOTMESH_TOKEN") or None)
+        auth_tokens=tuple(tokens), peer_token=os.environ.get("SLOTMESH_TOKEN") or None,
+        tls=tls_config(args, server=True), redis_tls=redis_tls_config(args),
+        cluster_key=_cluster_key(args))
     return asyncio.run(serve(config))
 
 
@@ -373,6 +405,7 @@ def _drain_parser(sub) -> None:
                    help="the worker to drain (default: $SLOTMESH_WORKER_ID)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds the drain may take (default: 120)")
+    add_tls_flags(p, server=False)
 
 
 def _cmd_drain(args: argparse.Namespace) -> int:
@@ -381,8 +414,9 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     if not args.router or not args.worker_id:
         raise SlotmeshError("drain: --router and --worker-id are required (or "
                             "$SLOTMESH_ROUTER_ADDRESS and $SLOTMESH_WORKER_ID)")
+    tls = client_tls(args)
     try:
-        with Client(args.router, timeout=args.timeout) as client:
+        with Client(args.router, timeout=args.timeout, tls=tls) as client:
             migrated, failed = client.drain(args.worker_id)
     except RpcError as e:
         print(f"slotmesh: drain of {args.worker_id} failed: {e}", file=sys.stderr)

@@ -10,6 +10,14 @@ min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty, logit
 as {token_id: bias}, seed, logprobs, stop, stop_token_ids, ignore_eos, num_candidates).
 Failures raise `RpcError` with the gRPC status code and the server's message. The same
 clients talk to a worker directly with `service="worker"` (Generate and Abort only).
+
+TLS (docs/security.md): `tls=True` verifies the router against the system's roots;
+`root_certificates=` (PEM bytes, e.g. the CA `slotmesh up --tls` prints) against a
+private CA; a `ChannelTls` also carries a client certificate (mutual TLS) or the name to
+expect in the server's certificate. None or False: plaintext.
+
+    Client("127.0.0.1:50051", root_certificates=Path("ca.pem").read_bytes())
+    Client(address, tls=ChannelTls.from_files(ca="ca.pem", cert="c.pem", key="c.key"))
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos.slotmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
-from services.auth import default_token, sync_token_interceptors, token_interceptors
+from services import rpc
+from services.auth import default_token
 from services.convert import (
     Chunk,
     GenerationRequest,
@@ -30,7 +39,7 @@ from services.convert import (
     params_from_pb,
     request_to_pb,
 )
-from services.rpc import CHANNEL_OPTIONS
+from services.tls import ChannelTls
 from worker.sampling_params import SamplingParams
 
 _STATUS_NAMES = {v: k.removeprefix("SEQUENCE_STATUS_").lower()
@@ -169,6 +178,18 @@ def _worker_summary(w: common_pb2.WorkerInfo) -> WorkerSummary:
         attention_backend=w.attention_backend, version=w.version)
 
 
+def channel_tls(tls: ChannelTls | bool | None, root_certificates: bytes | None
+                ) -> ChannelTls | None:
+    """The client's TLS settings: None for plaintext."""
+    if isinstance(tls, ChannelTls):
+        if root_certificates is not None:
+            raise ValueError("give root_certificates inside the ChannelTls, not both")
+        return tls
+    if tls or root_certificates is not None:
+        return ChannelTls(root_certificates=root_certificates)
+    return None
+
+
 def _stub(channel, service: str):
     if service == "router":
         return router_pb2_grpc.RouterStub(channel)
@@ -180,15 +201,19 @@ def _stub(channel, service: str):
 class Client:
     """Blocking client. `timeout` (seconds) is each call's deadline; None = no deadline.
     `token`: the bearer token a router with `--auth-tokens-file` asks for (default
-    $SLOTMESH_TOKEN)."""
+    $SLOTMESH_TOKEN). `tls` / `root_certificates`: see the module docstring (default:
+    plaintext). `metadata`: more call metadata, e.g. the cluster credential
+    (services/cluster_auth.py) when talking to a secured worker directly."""
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 service: str = "router", token: str | None = None) -> None:
+                 service: str = "router", token: str | None = None,
+                 tls: ChannelTls | bool | None = None, root_certificates: bytes | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.intercept_channel(
-            grpc.insecure_channel(address, options=CHANNEL_OPTIONS),
-            *sync_token_interceptors(default_token(token)))
+        self._channel = rpc.blocking_channel(address, default_token(token),
+                                             tls=channel_tls(tls, root_certificates),
+                                             metadata=metadata)
         self._stub = _stub(self._channel, service)
 
     def __enter__(self) -> Client:
@@ -249,12 +274,14 @@ class AsyncClient:
     """The asyncio client; same methods as Client, awaitable."""
 
     def __init__(self, address: str, *, timeout: float | None = None,
-                 service: str = "router", token: str | None = None) -> None:
+                 service: str = "router", token: str | None = None,
+                 tls: ChannelTls | bool | None = None, root_certificates: bytes | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            address, options=CHANNEL_OPTIONS,
-            interceptors=token_interceptors(default_token(token)))
+        self._channel = rpc.channel(address, default_token(token),
+                                    tls=channel_tls(tls, root_certificates),
+                                    metadata=metadata)
         self._stub = _stub(self._channel, service)
 
     async def __aenter__(self) -> AsyncClient:

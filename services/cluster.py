@@ -2,7 +2,11 @@
 --redis-url points at one), a router and N workers, each its own process.
 
 LocalCluster is also what the cluster benchmark and the integration tests start, so they
-exercise exactly the processes a user runs. Children run in their own sessions: Ctrl-C
+exercise exactly the processes a user runs. With `tls` (a LocalPki, services/local_ca.py)
+every gRPC server serves TLS, workers require the cluster CA's client certificates
+(mutual TLS with the router and with each other), and the Redis it starts serves TLS
+only, to clients with a certificate, as an ACL user whose password travels to the
+children in $SLOTMESH_REDIS_URL, never on a command line. Children run in their own sessions: Ctrl-C
 reaches only this supervisor, which then stops workers (they deregister), the router,
 and Redis last, in that order.
 """
@@ -17,12 +21,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from services.metadata.store import redact_url
 from services.process import ServiceProcess, child_env, spawn_service, spawn_services
-from services.redis_server import RedisServer
+from services.redis_server import RedisServer, RedisServerTls
+from services.tls import ChannelTls, RedisTls
 from worker.errors import SlotmeshError
+
+if TYPE_CHECKING:  # services/local_ca.py needs `cryptography`, which the router image lacks
+    from services.local_ca import LocalPki
 
 
 class LocalCluster:
@@ -36,9 +44,10 @@ class LocalCluster:
                  install_redis: bool = True, heartbeat_ttl_s: float = 6.0,
                  registry_poll_s: float = 1.0, metrics: bool = False,
                  log_dir: Path | None = None, router_args: list[str] | None = None,
-                 cluster_key_file: Path | None = None) -> None:
+                 cluster_key_file: Path | None = None, tls: LocalPki | None = None) -> None:
         self.worker_args = worker_args
         self.cluster_key_file = cluster_key_file
+        self.tls = tls
         self.num_workers = num_workers
         self.router_port = router_port
         self.heartbeat_ttl_s = heartbeat_ttl_s
@@ -46,7 +55,7 @@ class LocalCluster:
         self.metrics = metrics
         self.log_dir = log_dir
         self.router_args = router_args or []
-        self.redis = None if redis_url else RedisServer(install=install_redis)
+        self.redis = None if redis_url else _local_redis(install_redis, tls)
         self.redis_url = redis_url or self.redis.url
         self.router: ServiceProcess | None = None
         self.routers: list[ServiceProcess] = []  # the first is `router`; workers drain via it
@@ -77,7 +86,7 @@ class LocalCluster:
             # the router first: workers drain through it on SIGTERM
             self.router = self.add_router(self.router_port)
             workers = [self._worker_spec() for _ in range(self.num_workers)]
-            self.workers = spawn_services(workers, env=child_env())
+            self.workers = spawn_services(workers, env=self._env())
             self.wait_for_workers(len(self.workers))
         except BaseException:
             self.stop()
@@ -88,28 +97,64 @@ class LocalCluster:
         name = f"worker-{self._next_worker}"
         self._next_worker += 1
         return (name, [
-            "worker", "--port", "0", "--worker-id", name, "--redis-url", self.redis_url,
+            "worker", "--port", "0", "--worker-id", name,
             "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
             "--router-address", self.router_address, *self._key_flag(),
-            *self.worker_args, *(extra_args or [])], self._log(name))
+            *self._tls_flags(worker=True), *self.worker_args, *(extra_args or [])],
+            self._log(name))
+
+    def _env(self) -> dict[str, str]:
+        """The children's environment: the Redis URL (and any password in it) goes here,
+        not on their command lines."""
+        return child_env({"SLOTMESH_REDIS_URL": self.redis_url})
 
     def _key_flag(self) -> list[str]:
         return ["--cluster-key-file", str(self.cluster_key_file)] if self.cluster_key_file \
             else []
 
+    def _tls_flags(self, worker: bool) -> list[str]:
+        if self.tls is None:
+            return []
+        pki = self.tls
+        flags = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                 "--tls-ca", str(pki.ca), *(["--tls-require-client-cert"] if worker else [])]
+        if self.redis is not None:  # the Redis we started: TLS with client certificates
+            flags += ["--redis-tls-ca", str(pki.ca), "--redis-tls-cert", str(pki.server_cert),
+                      "--redis-tls-key", str(pki.server_key)]
+        return flags
+
+    def client_tls(self) -> ChannelTls | None:
+        """How a client dials the router (None: plaintext)."""
+        return ChannelTls.from_files(ca=self.tls.ca) if self.tls else None
+
+    def redis_tls(self) -> RedisTls | None:
+        """How a tool connects to the Redis this cluster started (None: plaintext)."""
+        if self.tls is None or self.redis is None:
+            return None
+        return RedisTls(ca_file=str(self.tls.ca), cert_file=str(self.tls.client_cert),
+                        key_file=str(self.tls.client_key))
+
+    def worker_tls(self) -> ChannelTls | None:
+        """How a tool dials a worker directly: the CA and the client certificate."""
+        if self.tls is None:
+            return None
+        return ChannelTls.from_files(ca=self.tls.ca, cert=self.tls.client_cert,
+                                     key=self.tls.client_key)
+
     def add_router(self, port: int = 0) -> ServiceProcess:
         """Another router replica on the same Redis (any replica serves any client)."""
         name = "router" if not self.routers else f"router-{len(self.routers)}"
         proc = spawn_service(name, [
-            "router", "--port", str(port), "--redis-url", self.redis_url,
+            "router", "--port", str(port),
             "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
-            *self.router_args], stderr=self._log(name), env=child_env())
+            *self._key_flag(), *self._tls_flags(worker=False), *self.router_args],
+            stderr=self._log(name), env=self._env())
         self.routers.append(proc)
         return proc
 
     def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:
         name, argv, log = self._worker_spec(extra_args)
-        proc = spawn_service(name, argv, stderr=log, env=child_env())
+        proc = spawn_service(name, argv, stderr=log, env=self._env())
         self.workers.append(proc)
         return proc
 
@@ -118,7 +163,7 @@ class LocalCluster:
         from services.client import Client
 
         deadline = time.monotonic() + timeout_s
-        with Client(self.router_address, timeout=5.0) as client:
+        with Client(self.router_address, timeout=5.0, tls=self.client_tls()) as client:
             while len(client.list_workers()) != count:
                 if time.monotonic() > deadline:
                     raise SlotmeshError(f"router does not list {count} workers after "
@@ -146,6 +191,28 @@ class LocalCluster:
         self.stop()
 
 
+def _local_redis(install: bool, tls: LocalPki | None) -> RedisServer:
+    """Plain, or with a TLS cluster: TLS only, client certificates required, and an ACL
+    user with a random password instead of the default user."""
+    if tls is None:
+        return RedisServer(install=install)
+    return RedisServer(install=install, user=("slotmesh", secrets.token_hex(16)),
+                       tls=RedisServerTls(tls.server_cert, tls.server_key, tls.ca,
+                                          auth_clients=True))
+
+
+def add_bench_tls_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_true",
+                   help="run the cluster as `slotmesh up --tls` does (TLS everywhere, mutual "
+                        "TLS between router and workers), to measure what it costs")
+
+
+def bench_pki(args: argparse.Namespace, directory: str | Path) -> LocalPki | None:
+    from services.local_ca import make_local_pki
+
+    return make_local_pki(Path(directory) / "pki") if args.tls else None
+
+
 def add_up_parser(sub, add_model_flags) -> None:
     p = sub.add_parser(
         "up", help="start a local cluster: Redis, a router and N workers",
@@ -168,6 +235,10 @@ def add_up_parser(sub, add_model_flags) -> None:
     p.add_argument("--cluster-key-file", type=Path, default=None,
                    help="the key snapshots and prompt-cache entries are authenticated with "
                         "(default: a throwaway key made for this run)")
+    p.add_argument("--tls", action="store_true",
+                   help="secure the cluster with a throwaway CA made for this run: TLS on "
+                        "the router, the workers and Redis, mutual TLS between router and "
+                        "workers, Redis with an ACL user; prints the CA a client needs")
     p.set_defaults(func=cmd_up)
 
 
@@ -189,10 +260,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="slotmesh-up-") as tmp:
         key_file = args.cluster_key_file or write_key_file(Path(tmp) / "cluster.key")
+        pki = None
+        if args.tls:
+            from services.local_ca import make_local_pki
+
+            pki = make_local_pki(Path(tmp) / "tls")
         cluster = LocalCluster(worker_args=model_worker_args(args), num_workers=args.workers,
                                router_port=args.port, redis_url=args.redis_url,
                                install_redis=not args.no_install_redis, metrics=args.metrics,
-                               log_dir=args.log_dir, cluster_key_file=key_file)
+                               log_dir=args.log_dir, cluster_key_file=key_file, tls=pki)
         return _run_up(cluster, args, stop)
 
 
@@ -223,8 +299,16 @@ def _print_cluster(cluster: LocalCluster) -> None:
         print(f"{w.name} {w.address}"
               + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
     print(f"redis    {redact_url(cluster.redis_url)}")
+    tls = ""
+    if cluster.tls is not None:
+        pki = cluster.tls
+        print(f"tls      CA {pki.ca} (valid for this run only); client certificate for "
+              f"calling a worker directly: {pki.client_cert} {pki.client_key}")
+        print(f"         Python: Client('{cluster.router_address}', "
+              f"root_certificates=Path('{pki.ca}').read_bytes())")
+        tls = f"--tls-ca {pki.ca} "
     print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
-          "\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
+          f"{tls}\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
 
 
 def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:

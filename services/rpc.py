@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.tls import ChannelTls, TlsConfig
 from worker.errors import (
     CapacityError,
     DataLossError,
@@ -174,9 +175,12 @@ def make_server(interceptors: list | None = None) -> grpc.aio.Server:
                            options=SERVER_OPTIONS)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listen on host:port (0 = any free port); return the port actually bound."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, tls: TlsConfig | None = None) -> int:
+    """Listen on host:port (0 = any free port), with TLS when `tls` is given (mutual TLS
+    when it requires client certificates); return the port actually bound."""
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, tls.server_credentials()) if tls is not None
+             else server.add_insecure_port(address))
     if bound == 0:
         raise UnavailableError(f"cannot listen on {host}:{port} (in use or not permitted)")
     return bound
@@ -211,10 +215,36 @@ async def set_serving(servicer: health.aio.HealthServicer, service_names: Iterab
         await servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
 
-def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
-    """An aio channel; with a token (e.g. $SLOTMESH_TOKEN for a router that checks bearer
-    tokens) every call carries it."""
+def channel(address: str, token: str | None = None, *, tls: ChannelTls | None = None,
+            metadata: tuple[tuple[str, str], ...] = ()) -> grpc.aio.Channel:
+    """An aio channel, over TLS when `tls` is given. Every call carries the token (e.g.
+    $SLOTMESH_TOKEN for a router that checks bearer tokens) and `metadata` (the cluster
+    credential a secured worker asks for, services/cluster_auth.py)."""
     from services.auth import token_interceptors
 
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
-                                     interceptors=token_interceptors(token))
+    interceptors = token_interceptors(token, metadata)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                         interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.credentials(),
+                                   options=CHANNEL_OPTIONS + tls.options(),
+                                   interceptors=interceptors)
+
+
+def dial_tls(tls: TlsConfig | None) -> ChannelTls | None:
+    """How a process with these server settings dials the other slotmesh servers."""
+    return tls.channel() if tls is not None else None
+
+
+def blocking_channel(address: str, token: str | None = None, *, tls: ChannelTls | None = None,
+                     metadata: tuple[tuple[str, str], ...] = ()) -> grpc.Channel:
+    """The same for blocking callers (the Client, `slotmesh seq`, benchmarks)."""
+    from services.auth import sync_token_interceptors
+
+    if tls is None:
+        ch = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        ch = grpc.secure_channel(address, tls.credentials(),
+                                 options=CHANNEL_OPTIONS + tls.options())
+    interceptors = sync_token_interceptors(token, metadata)
+    return grpc.intercept_channel(ch, *interceptors) if interceptors else ch

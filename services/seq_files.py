@@ -5,6 +5,9 @@ the same model (llama.cpp's slot save/restore, as snapshots in slotmesh's own fo
                       [--no-checkpoints]
     slotmesh seq restore --worker HOST:PORT FILE [--json]
 
+On a secured worker (docs/security.md) both take the cluster key (--cluster-key-file) or
+a client certificate (--tls-cert/--tls-key), and --tls-ca for a TLS worker.
+
 Save takes a snapshot at the next step boundary and lets the sequence run on; the file is
 written to FILE.tmp and renamed, so a failed save leaves nothing behind. The file also
 keeps the sequence's prompt-cache checkpoints (unlike llama.cpp's slot files, which lose
@@ -75,13 +78,37 @@ def add_seq_parser(sub) -> None:
                         "only; tokens_only: no KV (the restorer recomputes it)")
     s.add_argument("--no-checkpoints", action="store_true",
                    help="leave the sequence's prompt-cache checkpoints out of the file")
+    _security_flags(s)
     s.set_defaults(func=cmd_save)
     r = seq_sub.add_parser("restore", help="continue the sequence in FILE on a worker")
     r.add_argument("--worker", required=True, metavar="HOST:PORT")
     r.add_argument("file", type=Path)
     r.add_argument("--json", action="store_true",
                    help="print one JSON object with text, token_ids, finish_reason")
+    _security_flags(r)
     r.set_defaults(func=cmd_restore)
+
+
+def _security_flags(p: argparse.ArgumentParser) -> None:
+    """A secured worker asks for the cluster credential or a client certificate."""
+    from services.tls import add_tls_flags
+
+    add_tls_flags(p, server=False)
+    p.add_argument("--cluster-key-file", type=Path,
+                   default=os.environ.get("SLOTMESH_CLUSTER_KEY_FILE") or None,
+                   help="the workers' cluster key: the call carries the credential derived "
+                        "from it (default: $SLOTMESH_CLUSTER_KEY_FILE)")
+
+
+def _worker_channel(args: argparse.Namespace):
+    """A blocking channel to --worker with the command's TLS and cluster credential."""
+    from services.cli import client_tls
+    from services.cluster_auth import caller_metadata
+    from services.rpc import blocking_channel
+    from worker.integrity import load_key
+
+    key = load_key(args.cluster_key_file) if args.cluster_key_file else None
+    return blocking_channel(args.worker, tls=client_tls(args), metadata=caller_metadata(key))
 
 
 def _kind(name: str) -> int:
@@ -94,12 +121,12 @@ def cmd_save(args: argparse.Namespace) -> int:
     import grpc
 
     from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
-    from services.rpc import CHANNEL_OPTIONS
 
     tmp = args.file.with_name(args.file.name + ".tmp")
     parts: list[bytearray] = []
+    channel = _worker_channel(args)
     try:
-        with grpc.insecure_channel(args.worker, options=CHANNEL_OPTIONS) as ch:
+        with channel as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
             for chunk in stub.ExportSequence(worker_pb2.ExportSequenceRequest(
                     request_id=args.request_id, kind=_kind(args.kind), pause=False,
@@ -130,7 +157,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from protos.slotmesh.v1 import common_pb2, worker_pb2_grpc
     from services.client import Completion
     from services.convert import chunk_from_pb
-    from services.rpc import CHANNEL_OPTIONS
     from worker.snapshot import CHUNK_BYTES
 
     try:
@@ -140,8 +166,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     chunks = (common_pb2.SnapshotChunk(data=data[i:i + CHUNK_BYTES], part=part)
               for part, data in enumerate(parts) for i in range(0, len(data), CHUNK_BYTES))
     result = Completion()
+    channel = _worker_channel(args)
     try:
-        with grpc.insecure_channel(args.worker, options=CHANNEL_OPTIONS) as ch:
+        with channel as ch:
             for msg in worker_pb2_grpc.WorkerStub(ch).RestoreSequence(chunks):
                 chunk = chunk_from_pb(msg)
                 result.add(chunk)

@@ -13,13 +13,17 @@ from services.cluster import LocalCluster
 
 def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers: int = 2,
                  heartbeat_ttl_s: float = 6.0, registry_poll_s: float = 0.25,
-                 slots: int = 4, worker_args: tuple[str, ...] = ()) -> LocalCluster:
-    """Router + workers on a tiny model, against an already running Redis."""
+                 slots: int = 4, worker_args: tuple[str, ...] = (),
+                 cluster_key_file: Path | None = None) -> LocalCluster:
+    """Router + workers on a tiny model, against an already running Redis. With a
+    cluster key, the router and the workers have it (workers then take calls only with
+    the credential derived from it, services/cluster_auth.py)."""
     return LocalCluster(
         worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16",
                      *worker_args],
         num_workers=num_workers, redis_url=redis_url, heartbeat_ttl_s=heartbeat_ttl_s,
-        registry_poll_s=registry_poll_s, metrics=True, log_dir=log_dir)
+        registry_poll_s=registry_poll_s, metrics=True, log_dir=log_dir,
+        cluster_key_file=cluster_key_file)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
@@ -34,21 +38,22 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
     return time.monotonic() - start
 
 
-def worker_info(address: str):
-    """The Worker.Info of one worker (kv blocks, load)."""
+def worker_info(address: str, metadata: tuple[tuple[str, str], ...] = ()):
+    """The Worker.Info of one worker (kv blocks, load). metadata: the cluster credential
+    of a worker with a cluster key."""
     from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
     from services.rpc import channel
 
     async def call():
-        async with channel(address) as ch:
+        async with channel(address, metadata=metadata) as ch:
             return await worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(),
                                                              timeout=5)
 
     return asyncio.run(call())
 
 
-def is_idle(address: str) -> bool:
-    info = worker_info(address)
+def is_idle(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> bool:
+    info = worker_info(address, metadata)
     return (info.load.num_running == 0 and info.load.num_waiting == 0
             and info.load.kv_blocks_free == info.load.kv_blocks_total)
 

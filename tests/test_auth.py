@@ -58,6 +58,20 @@ def test_calls_without_a_valid_token_are_unauthenticated(router) -> None:
     assert generate(router, USER, max_tokens=2).finish_reason == "length"
 
 
+def test_the_async_client_sends_its_token_on_streams(router) -> None:
+    """grpc.aio files a channel interceptor under one call kind only: the token must
+    reach the Generate stream, not just unary calls."""
+    import asyncio
+
+    from services.client import AsyncClient
+
+    async def stream() -> str:
+        async with AsyncClient(router, timeout=60, token=USER) as c:
+            return (await c.generate(text="Once upon a time", max_tokens=2)).finish_reason
+
+    assert asyncio.run(stream()) == "length"
+
+
 def test_health_stays_open(router) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -27,12 +27,14 @@ from protos.slotmesh.v1 import common_pb2 as c
 from protos.slotmesh.v1 import router_pb2 as r
 from protos.slotmesh.v1 import worker_pb2 as w
 from services.client import Client
+from services.cluster_auth import CREDENTIAL_METADATA, UNAUTHENTICATED, caller_metadata
 from services.metadata import keys
 from services.rpc import channel
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 
 CLUSTER_KEY = bytes(range(7, 39))
 OTHER_KEY = bytes(32)
+CREDENTIAL = caller_metadata(CLUSTER_KEY)  # what the workers ask their callers for
 MAX_SNAPSHOT_MB = 1
 SLOTS, MAX_WAITING = 4, 2  # tiny_cluster's slots; a short queue to fill
 CTX = 512  # the tiny model's context
@@ -52,6 +54,7 @@ class Case:
     payload: bytes | list[bytes]  # a list: the request stream of a client-streaming call
     code: grpc.StatusCode
     message: str | tuple[str, ...]  # what the status message starts with
+    metadata: tuple[tuple[str, str], ...] | None = None  # None: the cluster credential
 
 
 def gen(**request) -> bytes:
@@ -139,7 +142,8 @@ UNPARSABLE = {"truncated varint": b"\x08", "bad wire type": b"\x0f\x01",
 
 
 def wire_cases() -> list[Case]:
-    """Bytes that are no message, wrong types, unknown enum values, oversize messages."""
+    """Bytes that are no message, wrong types, unknown enum values, oversize messages,
+    callers of a worker without the cluster's credential."""
     cases = []
     for what, raw in UNPARSABLE.items():
         cases.append(Case(f"router Generate: {what}", "router", ROUTER_GENERATE, raw, INVALID,
@@ -170,6 +174,20 @@ def wire_cases() -> list[Case]:
              grpc.StatusCode.RESOURCE_EXHAUSTED,
              "SERVER: Received message larger than max"),
     ]
+    stranger = caller_metadata(OTHER_KEY)
+    for method, payload in [
+            (WORKER_GENERATE, gen(token_ids=c.TokenIds(ids=[5, 6]))),
+            ("/slotmesh.v1.Worker/ExportSequence",
+             w.ExportSequenceRequest(request_id="x", kind=1).SerializeToString()),
+            ("/slotmesh.v1.Worker/ImportSequence",
+             w.ImportSequenceRequest(source_address="127.0.0.1:1", request_id="x",
+                                     kind=1).SerializeToString())]:
+        rpc_name = method.rsplit("/", 1)[1]
+        for who, metadata in [("no", ()), ("another cluster's", stranger),
+                              ("a mangled", ((CREDENTIAL_METADATA, "x" * 64),))]:
+            cases.append(Case(f"worker {rpc_name} with {who} credential", "worker", method,
+                              payload, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED,
+                              metadata))
     return cases
 
 
@@ -283,9 +301,10 @@ def cluster(model_dir, redis_server, tmp_path_factory):
     key_file = logs / "cluster.key"
     key_file.write_text(CLUSTER_KEY.hex())
     with tiny_cluster(model_dir, redis_server.url, logs, num_workers=2,
-                      worker_args=("--cluster-key-file", str(key_file), "--max-snapshot-mb",
-                                   str(MAX_SNAPSHOT_MB), "--checkpoint-min-step", "32",
-                                   "--max-waiting", str(MAX_WAITING))) as c:
+                      worker_args=("--max-snapshot-mb", str(MAX_SNAPSHOT_MB),
+                                   "--checkpoint-min-step", "32",
+                                   "--max-waiting", str(MAX_WAITING)),
+                      cluster_key_file=key_file) as c:
         yield c
 
 
@@ -327,7 +346,7 @@ def background(cluster):
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    wait_until(lambda: any(not is_idle(x.address) for x in cluster.workers), 60,
+    wait_until(lambda: any(not is_idle(x.address, CREDENTIAL) for x in cluster.workers), 60,
                "the background stream to start")
     yield stop, thread, runs, fds
     stop.set()
@@ -345,16 +364,17 @@ def send(cluster, case: Case) -> tuple[grpc.StatusCode, str]:
                else cluster.workers[0].address)
 
     async def call():
+        metadata = CREDENTIAL if case.metadata is None else case.metadata
+        call = {"timeout": 60, "metadata": metadata if case.target == "worker" else ()}
         async with grpc.aio.insecure_channel(address, options=OVERSIZE_OPTIONS) as ch:
             try:
                 if isinstance(case.payload, list):
-                    async for _ in ch.stream_stream(case.method)(iter(case.payload),
-                                                                 timeout=60):
+                    async for _ in ch.stream_stream(case.method)(iter(case.payload), **call):
                         pass
                 elif case.method.endswith(UNARY):
-                    await ch.unary_unary(case.method)(case.payload, timeout=60)
+                    await ch.unary_unary(case.method)(case.payload, **call)
                 else:
-                    async for _ in ch.unary_stream(case.method)(case.payload, timeout=60):
+                    async for _ in ch.unary_stream(case.method)(case.payload, **call):
                         pass
             except grpc.aio.AioRpcError as e:
                 return e.code(), e.details() or ""
@@ -403,7 +423,7 @@ def test_streams_beyond_slots_and_queue_are_resource_exhausted(cluster, backgrou
         max_tokens=CTX - 8, temperature=0.0, ignore_eos=True)).SerializeToString()
 
     async def main():
-        async with channel(worker.address) as ch:
+        async with channel(worker.address, metadata=CREDENTIAL) as ch:
             generate = ch.unary_stream(WORKER_GENERATE)
             info = ch.unary_unary("/slotmesh.v1.Worker/Info",
                                   response_deserializer=c.WorkerInfo.FromString)
@@ -470,7 +490,7 @@ def worker_tokens(address: str, token_ids: list[int], max_tokens: int):
 
     async def call():
         done = Completion()
-        async with channel(address) as ch:
+        async with channel(address, metadata=CREDENTIAL) as ch:
             rpc = ch.unary_stream(WORKER_GENERATE,
                                   response_deserializer=c.GenerateResponse.FromString)
             async for msg in rpc(build_request(token_ids=token_ids, max_tokens=max_tokens,
@@ -527,7 +547,8 @@ def test_everything_still_serves_and_nothing_leaked(cluster, background, model_d
         assert client.generate(text="still serving", max_tokens=3).finish_reason == "length"
     for x in cluster.workers:
         assert x.proc.poll() is None, x.name
-        wait_until(lambda x=x: is_idle(x.address), 10, f"{x.name} idle with all blocks free")
+        wait_until(lambda x=x: is_idle(x.address, CREDENTIAL), 10,
+                   f"{x.name} idle with all blocks free")
         done = worker_tokens(x.address, [5, 6, 7, 8], 3)
         assert done.finish_reason == "length"
     rdb = redis.Redis.from_url(redis_server.url)

@@ -287,6 +287,24 @@ def test_ports_and_probes_agree_with_the_processes(rendered, overlay, monkeypatc
     assert components == {"router", "worker"}
 
 
+def test_routers_hold_the_workers_cluster_key(rendered, monkeypatch) -> None:
+    """A worker with a cluster key takes calls only with the credential derived from it
+    (services/cluster_auth.py): the router must read the same key file."""
+    objs = rendered["cpu"]
+    keys = []
+    for kind, name in (("Deployment", "slotmesh-router"), ("StatefulSet", "slotmesh-worker")):
+        workload, c = container(objs, kind, name)
+        monkeypatch.setenv("SLOTMESH_CLUSTER_KEY_FILE",
+                           environment(objs, c)["SLOTMESH_CLUSTER_KEY_FILE"])
+        path = slotmesh_args(objs, c, monkeypatch).cluster_key_file
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"]
+                   for v in workload["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+        assert str(path.parent) == mounts["cluster-key"], name
+        keys.append(secrets["cluster-key"])
+    assert len(set(keys)) == 1 and keys[0].startswith("slotmesh-cluster-key")  # + hash
+
+
 def test_the_worker_advertises_its_headless_service_name(rendered, monkeypatch) -> None:
     objs = rendered["cpu"]
     _, c = container(objs, "StatefulSet", "slotmesh-worker")

@@ -15,10 +15,13 @@ import pytest
 
 from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.client import Client, RpcError
+from services.cluster_auth import caller_metadata
+from services.rpc import blocking_channel
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 from tests.tiny_models import make_tiny_model
 
 CLUSTER_KEY = bytes(range(100, 132))
+CREDENTIAL = caller_metadata(CLUSTER_KEY)  # what a worker with the key asks its callers for
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 MAX_TOKENS = 300
 SAMPLING = {
@@ -36,13 +39,15 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(model_dir, redis_server, tmp_path_factory):
     """Three workers with a cluster key: every snapshot and prompt-cache entry moved
-    here carries a MAC (worker/integrity.py)."""
+    here carries a MAC (worker/integrity.py), and every call to a worker needs the
+    credential derived from the key (the router has it; the direct calls here send
+    CREDENTIAL)."""
     logs = tmp_path_factory.mktemp("migration-logs")
     key_file = logs / "cluster.key"
     key_file.write_text(CLUSTER_KEY.hex())
     with tiny_cluster(model_dir, redis_server.url, logs, num_workers=3, slots=8,
-                      worker_args=("--ctx", "4096", "--checkpoint-every", "64",
-                                   "--cluster-key-file", str(key_file))) as c:
+                      worker_args=("--ctx", "4096", "--checkpoint-every", "64"),
+                      cluster_key_file=key_file) as c:
         yield c
 
 
@@ -168,7 +173,8 @@ def test_save_to_file_and_restore_on_another_worker(cluster, client, reference,
 
     def save(chunk) -> None:
         owner = next(w for w in cluster.workers if w.name == chunk.worker_id)
-        assert main(["seq", "save", "--worker", owner.address, "file-1", str(path)]) == 0
+        assert main(["seq", "save", "--worker", owner.address, "--cluster-key-file",
+                     str(cluster.cluster_key_file), "file-1", str(path)]) == 0
         saved["owner"] = owner.name
 
     stream = client.stream(text=PROMPT, request_id="file-1", max_tokens=MAX_TOKENS,
@@ -198,7 +204,7 @@ def restore(address: str, parts: list[bytes]) -> list:
 
     chunks = [common_pb2.SnapshotChunk(data=data[i:i + 65536], part=part)
               for part, data in enumerate(parts) for i in range(0, len(data), 65536)]
-    with grpc.insecure_channel(address) as ch:
+    with blocking_channel(address, metadata=CREDENTIAL) as ch:
         return list(worker_pb2_grpc.WorkerStub(ch).RestoreSequence(iter(chunks),
                                                                    timeout=120))
 
@@ -211,7 +217,7 @@ def worker_generate(address: str, **request):
     from services.convert import chunk_from_pb
 
     done = Completion()
-    with grpc.insecure_channel(address) as ch:
+    with blocking_channel(address, metadata=CREDENTIAL) as ch:
         for msg in worker_pb2_grpc.WorkerStub(ch).Generate(build_request(**request),
                                                           timeout=120):
             done.add(chunk_from_pb(msg))
@@ -276,8 +282,8 @@ def test_file_keeps_checkpoints_for_a_rollback(cluster, client, redis_server,
         owner = owner or next(w for w in cluster.workers if w.name == chunk.worker_id)
         seen += len(chunk.token_ids)
         if seen >= 140:  # checkpoints at 96 (prompt end), 160 and 224 by now
-            assert main(["seq", "save", "--worker", owner.address, "ckpt-file",
-                         str(path)]) == 0
+            assert main(["seq", "save", "--worker", owner.address, "--cluster-key-file",
+                         str(cluster.cluster_key_file), "ckpt-file", str(path)]) == 0
             break
     stream.close()
     parts = unpack_parts(path.read_bytes())
@@ -345,11 +351,11 @@ def test_drain_moves_eight_running_sequences(cluster, client) -> None:
         assert all(c.worker_id != keep.name for c in chunks[1:] if c.worker_id)
         tokens = [t for c in chunks for t in c.token_ids]
         assert (tokens, "".join(c.text for c in chunks)) == (want.token_ids, want.text)
-    wait_until(lambda: is_idle(keep.address), 10, "drained worker idle")
+    wait_until(lambda: is_idle(keep.address, CREDENTIAL), 10, "drained worker idle")
 
 
 def set_draining(address: str, draining: bool) -> None:
-    with grpc.insecure_channel(address) as ch:
+    with blocking_channel(address, metadata=CREDENTIAL) as ch:
         worker_pb2_grpc.WorkerStub(ch).SetDraining(
             worker_pb2.SetDrainingRequest(draining=draining), timeout=5)
 

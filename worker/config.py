@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.tls import RedisTls, TlsConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,3 +111,8 @@ class ServerConfig:
     # snapshots and prompt-cache entries carry a MAC under this key and must verify
     # (worker/integrity.py); None: a SHA-256 checksum only
     cluster_key: bytes | None = field(default=None, repr=False)
+    # TLS of the gRPC server and of this worker's calls (services/tls.py); None: plaintext.
+    # With require_client_cert and/or cluster_key, callers need cluster credentials
+    # (services/cluster_auth.py).
+    tls: TlsConfig | None = field(default=None, repr=False)
+    redis_tls: RedisTls | None = None  # a rediss:// redis_url's CA and client certificate

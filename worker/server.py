@@ -26,6 +26,7 @@ from protos.slotmesh.v1 import (
     worker_pb2_grpc,
 )
 from services import rpc
+from services.cluster_auth import CallerAuthInterceptor, caller_metadata
 from services.convert import Chunk, chunk_to_pb, kind_from_pb, record_to_info, request_from_pb
 from services.metadata.records import WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
@@ -156,7 +157,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise InvalidRequestError("source_address", "source_address and request_id are "
                                                         "required")
         _check_address(request.source_address)
-        async with rpc.channel(request.source_address) as ch:
+        async with rpc.channel(request.source_address, tls=rpc.dial_tls(self.config.tls),
+                               metadata=caller_metadata(self.config.cluster_key)) as ch:
             source = worker_pb2_grpc.WorkerStub(ch)
             try:
                 snap, size = await self._pull(source, request.request_id, kind)
@@ -325,7 +327,8 @@ class Heartbeat:
 
 async def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
     """Run the worker until SIGTERM/SIGINT; return the process exit code."""
-    store = await RedisStore.connect(config.redis_url)  # fail fast, before loading
+    store = await RedisStore.connect(config.redis_url,  # fail fast, before loading
+                                     tls=config.redis_tls)
     try:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
         return await _serve_engine(AsyncEngine(engine), store, config)
@@ -334,8 +337,8 @@ async def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
 
 
 async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerConfig) -> int:
-    server = rpc.make_server()
-    port = rpc.bind(server, config.host, config.port)
+    server = rpc.make_server(_caller_auth(config))
+    port = rpc.bind(server, config.host, config.port, config.tls)
     address = config.advertise_address or f"{config.host}:{port}"
     worker_id = config.worker_id or f"{socket.gethostname()}-{port}"
     metrics = WorkerMetrics(aengine.engine.load)
@@ -377,6 +380,15 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
     return 0
 
 
+def _caller_auth(config: ServerConfig) -> list:
+    """The caller check of a secured worker; none on an open one (local development)."""
+    require_cert = config.tls is not None and config.tls.require_client_cert
+    if not (config.cluster_key or require_cert):
+        return []
+    return [CallerAuthInterceptor(cluster_key=config.cluster_key,
+                                  require_client_cert=require_cert)]
+
+
 async def _drain(service: WorkerService, config: ServerConfig) -> None:
     """SIGTERM: take no new work, ask the router to migrate what runs here (Kubernetes'
     preStop path), then wait for what is left, up to the grace period."""
@@ -385,7 +397,8 @@ async def _drain(service: WorkerService, config: ServerConfig) -> None:
     await service.on_draining(True)
     if config.router_address:
         try:
-            async with rpc.channel(config.router_address, config.router_token) as ch:
+            async with rpc.channel(config.router_address, config.router_token,
+                                   tls=rpc.dial_tls(config.tls)) as ch:
                 resp = await router_pb2_grpc.RouterStub(ch).Drain(
                     router_pb2.DrainRequest(worker_id=service.worker_id),
                     timeout=config.shutdown_grace_s)

@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -30,6 +30,9 @@ from services.metadata.records import (
     encode,
 )
 from worker.errors import UnavailableError
+
+if TYPE_CHECKING:
+    from services.tls import RedisTls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,18 +122,25 @@ def redact_url(url: str) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, *, timeout_s: float = 1.0) -> None:
+    """`url`: redis:// or rediss:// (TLS), with an optional user and password (Redis
+    ACLs) that never reach a log line; `tls`: the CA and client certificate of a
+    rediss:// URL (services/tls.py)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None
+                 ) -> None:
         self.url = redact_url(url)  # the password never reaches a log line
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
+            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
+            **(tls.connection_kwargs() if tls is not None else {}))
         self._put = self._redis.register_script(_PUT)
         self._delete = self._redis.register_script(_DELETE)
 
     @classmethod
-    async def connect(cls, url: str, *, timeout_s: float = 1.0) -> RedisStore:
+    async def connect(cls, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None
+                      ) -> RedisStore:
         """Open and ping; a store that cannot be reached now is a startup error."""
-        store = cls(url, timeout_s=timeout_s)
+        store = cls(url, timeout_s=timeout_s, tls=tls)
         try:
             await store.ping()
         except StoreUnavailableError:

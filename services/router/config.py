@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.tls import RedisTls, TlsConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,3 +38,11 @@ class RouterConfig:
     auth_tokens: tuple = ()  # TokenEntry, from --auth-tokens-file; empty = no checks
     peer_token: str | None = field(default=None, repr=False)  # sent to peer routers
     shutdown_grace_s: float = 10.0
+    # TLS of the server and of the calls to workers and peers (services/tls.py); None:
+    # plaintext. The router's certificate is its client certificate for workers that
+    # require one (mutual TLS).
+    tls: TlsConfig | None = field(default=None, repr=False)
+    redis_tls: RedisTls | None = None
+    # the cluster key: calls to workers carry the credential derived from it
+    # (services/cluster_auth.py); None: no credential sent
+    cluster_key: bytes | None = field(default=None, repr=False)

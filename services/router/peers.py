@@ -32,9 +32,10 @@ class RouterPeers:
     """This router's entry in the Redis router registry, and calls to the others."""
 
     def __init__(self, store: RedisStore, router_id: str, address: str, ttl_s: float,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tls: rpc.ChannelTls | None = None) -> None:
         self.store = store
         self.token = token  # peers that check bearer tokens need an admin one
+        self.tls = tls
         self.router_id = router_id
         self.address = address
         self.ttl_s = ttl_s
@@ -79,7 +80,7 @@ class RouterPeers:
 
     def stub(self, address: str) -> router_pb2_grpc.RouterStub:
         if address not in self._channels:
-            ch = rpc.channel(address, self.token)
+            ch = rpc.channel(address, self.token, tls=self.tls)
             self._channels[address] = (ch, router_pb2_grpc.RouterStub(ch))
         return self._channels[address][1]
 

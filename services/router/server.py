@@ -30,6 +30,7 @@ from protos.slotmesh.v1 import (
 )
 from services import rpc
 from services.auth import AuthInterceptor
+from services.cluster_auth import caller_metadata
 from services.convert import (
     GenerationRequest,
     kind_from_pb,
@@ -250,7 +251,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         if address not in self._channels:
-            ch = rpc.channel(address)
+            ch = rpc.channel(address, tls=rpc.dial_tls(self.config.tls),
+                             metadata=caller_metadata(self.config.cluster_key))
             self._channels[address] = (ch, worker_pb2_grpc.WorkerStub(ch))
         return self._channels[address][1]
 
@@ -448,16 +450,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
 async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> int:
     """Run the router until SIGTERM/SIGINT; return the process exit code."""
-    store = await RedisStore.connect(config.redis_url)  # unreachable at start: an error
+    # unreachable at start: an error
+    store = await RedisStore.connect(config.redis_url, tls=config.redis_tls)
     registry = WorkerRegistry(store, config.registry_poll_s)
     writer = MetadataWriter(store, sequence_ttl_s=config.sequence_ttl_s,
                             prefix_ttl_s=config.prefix_ttl_s)
     auth = [AuthInterceptor(list(config.auth_tokens))] if config.auth_tokens else []
     server = rpc.make_server(auth)
-    port = rpc.bind(server, config.host, config.port)
+    port = rpc.bind(server, config.host, config.port, config.tls)
     router_id = config.router_id or f"router-{socket.gethostname()}-{port}"
     address = config.advertise_address or f"{config.host}:{port}"
-    peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s, config.peer_token)
+    peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s, config.peer_token,
+                        tls=rpc.dial_tls(config.tls))
     metrics = RouterMetrics(lambda: len(registry.routable()))
     policy = policy or PrefixAffinity(LeastLoaded(), config.max_load_imbalance)
     service = RouterService(config, router_id, store, registry, writer, policy, metrics,

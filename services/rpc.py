@@ -7,6 +7,7 @@ into statuses at the edge. Every server also serves grpc.health.v1 and reflectio
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -158,7 +159,11 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
 def _wrap_stream(behavior: Callable, method: str) -> Callable:
     async def wrapper(request, context) -> AsyncIterator:
         try:
-            async for response in behavior(request, context):
+            responses = behavior(request, context)
+            if inspect.isawaitable(responses):  # writes through context.write (health Watch)
+                await responses
+                return
+            async for response in responses:
                 yield response
         except grpc.aio.AbortError:
             raise

@@ -173,6 +173,9 @@ def test_health_and_reflection_on_every_server(cluster) -> None:
             for name in ("", service):
                 resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
                 assert resp.status == health_pb2.HealthCheckResponse.SERVING
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                watch.cancel()
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)
             [resp] = list(refl.ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))

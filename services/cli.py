@@ -41,7 +41,8 @@ def _cache_dir() -> Path:
     return default_cache_dir(os.environ)
 
 
-def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
+def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
+                    default_slots: int = 4) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="known name (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), "
                         "a GGUF file or a Hugging Face directory (default: %(default)s)")
@@ -53,8 +54,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True) -> None:
                    help="where model files are fetched to (default: $SLOTMESH_CACHE or "
                         "~/.cache/slotmesh)")
     if slots:
-        p.add_argument("--slots", type=int, default=4,
-                       help="concurrent sequences (default: 4)")
+        p.add_argument("--slots", type=int, default=default_slots,
+                       help="concurrent sequences (default: %(default)s)")
         p.add_argument("--kv-cache-mb", type=int, default=512,
                        help="memory for the full-attention KV pool in MiB (default: 512)")
         p.add_argument("--max-waiting", type=int, default=1024,
@@ -453,6 +454,12 @@ def _up_parser(sub) -> None:
     add_up_parser(sub, add_model_flags)
 
 
+def _chaos_parser(sub) -> None:
+    from services.chaos import add_chaos_parser
+
+    add_chaos_parser(sub, add_model_flags)
+
+
 def _seq_parser(sub) -> None:
     from services.seq_files import add_seq_parser
 
@@ -494,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         from worker.training.cli import add_finetune_parser
 
         _bench_parser(sub)
+        _chaos_parser(sub)
         add_finetune_parser(sub)
     return parser
 

@@ -18,11 +18,28 @@ expect in the server's certificate. None or False: plaintext.
 
     Client("127.0.0.1:50051", root_certificates=Path("ca.pem").read_bytes())
     Client(address, tls=ChannelTls.from_files(ca="ca.pem", cert="c.pem", key="c.key"))
+
+Retries (off unless asked for): `Client(["127.0.0.1:50051", "127.0.0.1:50052"],
+retry=RetryPolicy())` makes `stream()` and `generate()` survive a router that dies or
+restarts, and a cluster with no worker to take the request for a moment. When a call
+fails with UNAVAILABLE (and only then: every other status is the request's own answer),
+the client waits the policy's backoff (initial_backoff_s, times multiplier per retry, at
+most max_backoff_s), moves to the next address of its list (round robin; one address =
+the same router again) and sends the request again with `resume=` every token it has
+received, under the same request_id (one is made, `c-<hex>`, when the caller gave none)
+and the seed the first chunk reported, so the continuation is exactly the tokens the
+broken stream would have delivered: no token is repeated or lost. After max_attempts
+calls in all it raises the last UNAVAILABLE. Unary calls are not retried.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,6 +58,8 @@ from services.convert import (
 )
 from services.tls import ChannelTls
 from worker.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 _STATUS_NAMES = {v: k.removeprefix("SEQUENCE_STATUS_").lower()
                  for k, v in router_pb2.SequenceStatus.items()}
@@ -83,6 +102,68 @@ class Completion:
         self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         self.worker_id = chunk.worker_id or self.worker_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When and how often stream()/generate() send a request again (module docstring).
+
+    max_attempts: calls in all, the first included (1 = never retry).
+    initial_backoff_s, multiplier, max_backoff_s: the wait before retry n is
+        min(max_backoff_s, initial_backoff_s * multiplier ** (n - 1)); no jitter.
+    The defaults wait 0.2 + 0.4 + 0.8 + 1.6 + 3.2 + 5 + 5 s: a router restart fits.
+    """
+
+    max_attempts: int = 8
+    initial_backoff_s: float = 0.2
+    multiplier: float = 2.0
+    max_backoff_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.initial_backoff_s < 0 or self.multiplier < 1 \
+                or self.max_backoff_s < 0:
+            raise ValueError(f"invalid retry policy {self}")
+
+    def backoff_s(self, retry: int) -> float:
+        """The wait before retry number `retry` (1 for the first)."""
+        return min(self.max_backoff_s,
+                   self.initial_backoff_s * self.multiplier ** (retry - 1))
+
+
+class _Attempts:
+    """One stream's retry state: what it received (resumed from), its seed, its address."""
+
+    def __init__(self, policy: RetryPolicy, request: dict, num_addresses: int) -> None:
+        self.policy = policy
+        self.request = dict(request)
+        self.request["request_id"] = request.get("request_id") or f"c-{uuid.uuid4().hex}"
+        resume = self.request.pop("resume", None)
+        self.received = Completion(token_ids=list(resume.token_ids),
+                                   text=resume.text) if resume is not None else Completion()
+        self.num_addresses = num_addresses
+        self.address_index = 0
+        self.num_retries = 0
+
+    def message(self) -> common_pb2.GenerateRequest:
+        resume = self.received if self.received.token_ids else None
+        return build_request(**self.request, resume=resume)
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        self.received.add(chunk)
+        if self.request.get("seed") is None and chunk.seed:
+            self.request["seed"] = chunk.seed  # the resumed call samples with the same one
+
+    def on_error(self, error: RpcError) -> float:
+        """Raise `error` when it is final; else move on and return the wait before the
+        next call."""
+        if error.code != grpc.StatusCode.UNAVAILABLE \
+                or self.num_retries + 1 >= self.policy.max_attempts:
+            raise error
+        self.num_retries += 1
+        self.address_index = (self.address_index + 1) % self.num_addresses
+        log.info("retry %d of %s after %d tokens: %s", self.num_retries,
+                 self.request["request_id"], len(self.received.token_ids), error)
+        return self.policy.backoff_s(self.num_retries)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,23 +279,47 @@ def _stub(channel, service: str):
     raise ValueError(f"service must be 'router' or 'worker', got {service!r}")
 
 
-class Client:
-    """Blocking client. `timeout` (seconds) is each call's deadline; None = no deadline.
-    `token`: the bearer token a router with `--auth-tokens-file` asks for (default
-    $SLOTMESH_TOKEN). `tls` / `root_certificates`: see the module docstring (default:
-    plaintext). `metadata`: more call metadata, e.g. the cluster credential
-    (services/cluster_auth.py) when talking to a secured worker directly."""
+def _addresses(address: str | Sequence[str]) -> list[str]:
+    addresses = [address] if isinstance(address, str) else list(address)
+    if not addresses:
+        raise ValueError("at least one address is needed")
+    return addresses
 
-    def __init__(self, address: str, *, timeout: float | None = None,
+
+class Client:
+    """Blocking client. `address`: one router (or worker), or a list of routers that
+    retries go round (the first serves every other call). `timeout` (seconds) is each
+    call's deadline; None = no deadline. `retry`: a RetryPolicy for stream()/generate()
+    (module docstring); None = a failure raises at once. `token`: the bearer token a
+    router with `--auth-tokens-file` asks for (default $SLOTMESH_TOKEN). `tls` /
+    `root_certificates`: see the module docstring (default: plaintext). `metadata`: more
+    call metadata, e.g. the cluster credential (services/cluster_auth.py) when talking
+    to a secured worker directly. `num_retries` counts the retries made so far."""
+
+    def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
                  service: str = "router", token: str | None = None,
-                 tls: ChannelTls | bool | None = None, root_certificates: bytes | None = None,
+                 retry: RetryPolicy | None = None, tls: ChannelTls | bool | None = None,
+                 root_certificates: bytes | None = None,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.address = address
+        self.addresses = _addresses(address)
+        self.address = self.addresses[0]
         self.timeout = timeout
-        self._channel = rpc.blocking_channel(address, default_token(token),
-                                             tls=channel_tls(tls, root_certificates),
-                                             metadata=metadata)
-        self._stub = _stub(self._channel, service)
+        self.retry = retry
+        self.num_retries = 0
+        self._service = service
+        self._token = default_token(token)
+        self._tls = channel_tls(tls, root_certificates)
+        self._metadata = metadata
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, object] = {}
+        self._stub = self._stub_for(self.address)
+
+    def _stub_for(self, address: str):
+        if address not in self._stubs:
+            self._channels[address] = rpc.blocking_channel(
+                address, self._token, tls=self._tls, metadata=self._metadata)
+            self._stubs[address] = _stub(self._channels[address], self._service)
+        return self._stubs[address]
 
     def __enter__(self) -> Client:
         return self
@@ -223,11 +328,31 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
     def stream(self, **request) -> Iterator[Chunk]:
-        """Yield chunks as they arrive. Breaking out of the loop cancels the request."""
-        call = self._stub.Generate(build_request(**request), timeout=self.timeout)
+        """Yield chunks as they arrive. Breaking out of the loop cancels the request.
+        With a retry policy, a stream broken by UNAVAILABLE continues where it broke."""
+        if self.retry is None:
+            yield from self._call(self._stub, build_request(**request))
+            return
+        attempts = _Attempts(self.retry, request, len(self.addresses))
+        while True:
+            stub = self._stub_for(self.addresses[attempts.address_index])
+            try:
+                with contextlib.closing(self._call(stub, attempts.message())) as chunks:
+                    for chunk in chunks:
+                        attempts.on_chunk(chunk)
+                        yield chunk
+                return
+            except RpcError as e:
+                wait_s = attempts.on_error(e)
+                self.num_retries += 1
+            time.sleep(wait_s)
+
+    def _call(self, stub, message) -> Iterator[Chunk]:
+        call = stub.Generate(message, timeout=self.timeout)
         try:
             for msg in call:
                 yield chunk_from_pb(msg)
@@ -271,18 +396,32 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio client; same methods as Client, awaitable."""
+    """The asyncio client; same arguments and methods as Client, awaitable."""
 
-    def __init__(self, address: str, *, timeout: float | None = None,
+    def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
                  service: str = "router", token: str | None = None,
-                 tls: ChannelTls | bool | None = None, root_certificates: bytes | None = None,
+                 retry: RetryPolicy | None = None, tls: ChannelTls | bool | None = None,
+                 root_certificates: bytes | None = None,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.address = address
+        self.addresses = _addresses(address)
+        self.address = self.addresses[0]
         self.timeout = timeout
-        self._channel = rpc.channel(address, default_token(token),
-                                    tls=channel_tls(tls, root_certificates),
-                                    metadata=metadata)
-        self._stub = _stub(self._channel, service)
+        self.retry = retry
+        self.num_retries = 0
+        self._service = service
+        self._token = default_token(token)
+        self._tls = channel_tls(tls, root_certificates)
+        self._metadata = metadata
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, object] = {}
+        self._stub = self._stub_for(self.address)
+
+    def _stub_for(self, address: str):
+        if address not in self._stubs:
+            self._channels[address] = rpc.channel(address, self._token, tls=self._tls,
+                                                  metadata=self._metadata)
+            self._stubs[address] = _stub(self._channels[address], self._service)
+        return self._stubs[address]
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -291,10 +430,32 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels.values():
+            await channel.close()
 
     async def stream(self, **request) -> AsyncIterator[Chunk]:
-        call = self._stub.Generate(build_request(**request), timeout=self.timeout)
+        if self.retry is None:
+            async with contextlib.aclosing(self._call(self._stub,
+                                                      build_request(**request))) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        attempts = _Attempts(self.retry, request, len(self.addresses))
+        while True:
+            stub = self._stub_for(self.addresses[attempts.address_index])
+            try:
+                async with contextlib.aclosing(self._call(stub, attempts.message())) as chunks:
+                    async for chunk in chunks:
+                        attempts.on_chunk(chunk)
+                        yield chunk
+                return
+            except RpcError as e:
+                wait_s = attempts.on_error(e)
+                self.num_retries += 1
+            await asyncio.sleep(wait_s)
+
+    async def _call(self, stub, message) -> AsyncIterator[Chunk]:
+        call = stub.Generate(message, timeout=self.timeout)
         try:
             async for msg in call:
                 yield chunk_from_pb(msg)

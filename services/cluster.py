@@ -144,12 +144,32 @@ class LocalCluster:
     def add_router(self, port: int = 0) -> ServiceProcess:
         """Another router replica on the same Redis (any replica serves any client)."""
         name = "router" if not self.routers else f"router-{len(self.routers)}"
-        proc = spawn_service(name, [
+        proc = self._spawn_router(name, port)
+        self.routers.append(proc)
+        return proc
+
+    def _spawn_router(self, name: str, port: int) -> ServiceProcess:
+        return spawn_service(name, [
             "router", "--port", str(port),
             "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
             *self._key_flag(), *self._tls_flags(worker=False), *self.router_args],
             stderr=self._log(name), env=self._env())
-        self.routers.append(proc)
+
+    def kill_router(self, index: int = 0) -> ServiceProcess:
+        """SIGKILL router `index` (a crash: no clean shutdown); restart_router brings it
+        back."""
+        self.routers[index].kill()
+        return self.routers[index]
+
+    def restart_router(self, index: int = 0) -> ServiceProcess:
+        """Start router `index` again on its port (after kill_router, or it is killed
+        first); clients that retry find it at the same address."""
+        old = self.routers[index]
+        old.kill()
+        proc = self._spawn_router(old.name, int(old.address.rsplit(":", 1)[1]))
+        self.routers[index] = proc
+        if index == 0:
+            self.router = proc
         return proc
 
     def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:

@@ -51,7 +51,16 @@ def test_help_lists_commands(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "generate" in out and "bench" in out
+    assert "generate" in out and "bench" in out and "chaos" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--scenarios", "kill_worker,typo"], "--scenarios: unknown ['typo']"),
+    (["--workers", "1"], "--workers: at least 2"),
+])
+def test_chaos_refuses_bad_flags_before_starting_anything(argv, message, capsys) -> None:
+    assert main(["chaos", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:

@@ -216,6 +216,33 @@ def test_async_engine_streams_and_aborts(llama) -> None:
     assert all_blocks_free(llama)
 
 
+def test_a_caller_cancelled_before_its_control_task_runs_leaves_the_loop_serving(
+        llama) -> None:
+    """Cancelling generate()/call() while its control task is still queued (a client
+    that goes away at once) used to kill the engine loop with InvalidStateError, and
+    every later request waited forever."""
+    async def main():
+        engine = AsyncEngine(llama)
+        await engine.start()
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        gone = asyncio.create_task(anext(engine.generate("gone", prompts(1)[0], params)))
+        aborted = asyncio.create_task(engine.abort("nothing"))
+        await asyncio.sleep(0)  # both control tasks are queued, not yet run
+        gone.cancel()
+        aborted.cancel()
+        async def after():
+            return [c async for c in engine.generate("after", prompts(1)[0], params)]
+
+        got = await asyncio.wait_for(after(), 60)  # the dead loop never answered
+        assert sum(len(c.token_ids) for c in got) == 8
+        assert llama.scheduler.get("gone") is None  # never added: nothing runs for nobody
+        await engine.stop()
+
+    asyncio.run(main())
+    assert not llama.has_unfinished
+    assert all_blocks_free(llama)
+
+
 def test_one_device_to_host_copy_per_step(llama, monkeypatch) -> None:
     """Everything that can move device data to the host is counted during steps."""
     calls = []

@@ -36,6 +36,7 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
+        self._task.add_done_callback(_log_death)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -81,6 +82,8 @@ class AsyncEngine:
         queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
         def control() -> None:
+            if added.cancelled():  # the caller went away while queued: add nothing, or
+                return             # the sequence would run (and hold KV) for nobody
             try:
                 add()
             except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -129,9 +132,17 @@ class AsyncEngine:
 
         def control() -> None:
             try:
-                done.set_result(fn())
+                result = fn()
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                done.set_exception(e)
+                result, error = None, e
+            else:
+                error = None
+            if done.cancelled():  # the caller went away; fn ran all the same
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
 
         self._submit(control)
         return await done
@@ -180,3 +191,10 @@ class AsyncEngine:
             chunks.append(TokenChunk(request_id, [], "", "error",
                                      error=f"{type(error).__name__}: {error}"))
         return chunks
+
+
+def _log_death(task: asyncio.Task) -> None:
+    """The loop never returns: if it raised, every stream now waits forever, so say why."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("engine loop died; no sequence will make progress",
+                     exc_info=task.exception())

@@ -239,6 +239,16 @@ class RedisStore:
             log.warning("ignoring sequence %r: %s", request_id, e)
             return None
 
+    async def list_sequence_ids(self) -> list[str]:
+        """Every sequence with a record (SCAN, not KEYS: safe on a busy Redis)."""
+        prefix = keys.sequence("")
+
+        async def op() -> list[str]:
+            return [k.decode().removeprefix(prefix)
+                    async for k in self._redis.scan_iter(match=prefix + "*", count=1000)]
+
+        return await self._call("list sequences", op)
+
     # -- prefix affinity -------------------------------------------------------------------
 
     async def prefix_owners(self, prefix_hashes: list[str]) -> list[str | None]:

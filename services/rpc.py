@@ -31,16 +31,23 @@ log = logging.getLogger(__name__)
 
 # Generous but bounded: a prompt of 128k token ids is ~0.7 MB on the wire.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+KEEPALIVE_MS = 30_000
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
     ("grpc.keepalive_timeout_ms", 10_000),
 )
 SERVER_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    # Our callers ping every KEEPALIVE_MS while a call is open. gRPC servers by default
+    # count a ping less than 5 minutes after the last one as a strike when no data flows
+    # (a stream queued behind others, a long prefill, a reader that stopped) and, after
+    # two, close the connection with GOAWAY too_many_pings: every stream on it would
+    # end. Accept our cadence.
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS * 2 // 3),
 )
 
 # Most specific class first: the first isinstance match wins.

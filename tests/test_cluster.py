@@ -220,3 +220,13 @@ def test_prefix_affinity_sends_a_continuation_to_the_same_worker(cluster) -> Non
                                   temperature=0).worker_id for i in range(4)}
     assert owners == {first.worker_id}
 
+
+
+def test_servers_accept_the_keepalive_pings_of_our_channels() -> None:
+    """A stream with no data for minutes (queued, long prefill, a reader that stopped)
+    must not lose its connection to GOAWAY too_many_pings: servers allow pings at least
+    as often as slotmesh's channels send them (gRPC's default allows one per 5 min)."""
+    from services.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
+
+    allowed = dict(SERVER_OPTIONS)["grpc.http2.min_ping_interval_without_data_ms"]
+    assert allowed < dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"]

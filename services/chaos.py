@@ -304,7 +304,8 @@ class Chaos:
     async def _loads(self) -> list:
         from services.chaos_load import worker_load
 
-        return [await worker_load(w.address) for w in self.cluster.workers
+        credential = self.cluster.worker_credential()
+        return [await worker_load(w.address, credential) for w in self.cluster.workers
                 if w.proc.poll() is None]
 
     async def _until_running(self, count: int, timeout_s: float) -> bool:

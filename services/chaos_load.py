@@ -138,11 +138,12 @@ def sample(cluster) -> dict[str, tuple[int, int]]:
 
 # -- leaks ----------------------------------------------------------------------------------
 
-async def worker_load(address: str):
+async def worker_load(address: str, metadata: tuple[tuple[str, str], ...] = ()):
+    """A worker's load; metadata: the cluster credential of a worker with a key."""
     from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
     from services.rpc import channel
 
-    async with channel(address) as ch:
+    async with channel(address, metadata=metadata) as ch:
         info = await worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5)
     return info.load
 
@@ -173,7 +174,7 @@ async def leaks(cluster, timeout_s: float = 30.0) -> dict:
             for w in cluster.workers:
                 if w.proc.poll() is not None:
                     continue
-                load = await worker_load(w.address)
+                load = await worker_load(w.address, cluster.worker_credential())
                 left["kv_blocks_leaked"] += load.kv_blocks_total - load.kv_blocks_free
                 left["sequences_left"] += load.num_running + load.num_waiting
             left["redis_sequence_records"] = len(await store.list_sequence_ids())

@@ -141,6 +141,15 @@ class LocalCluster:
         return ChannelTls.from_files(ca=self.tls.ca, cert=self.tls.client_cert,
                                      key=self.tls.client_key)
 
+    def worker_credential(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata a direct caller of these workers sends: the credential
+        derived from the cluster key (services/cluster_auth.py); none without a key."""
+        from services.cluster_auth import caller_metadata
+        from worker.integrity import load_key
+
+        return caller_metadata(load_key(self.cluster_key_file) if self.cluster_key_file
+                               else None)
+
     def add_router(self, port: int = 0) -> ServiceProcess:
         """Another router replica on the same Redis (any replica serves any client)."""
         name = "router" if not self.routers else f"router-{len(self.routers)}"

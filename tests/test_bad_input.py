@@ -320,6 +320,12 @@ def reference_tokens(model_dir: Path, prompt: str, max_tokens: int) -> list[int]
     return engine.generate([ids], params)[0].token_ids
 
 
+# Connections opened on demand after the first count: the router's channel to each
+# worker, a worker's channel to its peer, Redis pool connections under concurrency (CI
+# under load saw +5). A descriptor leaked per bad request would add about 90.
+FD_MARGIN = 8
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -537,7 +543,7 @@ def test_forged_prompt_cache_entry_is_recomputed(cluster, background, redis_serv
 def test_everything_still_serves_and_nothing_leaked(cluster, background, model_dir,
                                                     redis_server) -> None:
     """Runs last (file order): every background stream was exact, processes are up,
-    idle, and hold no more descriptors than before (a margin of 4 for gRPC's own)."""
+    idle, and hold no more descriptors than before, give or take FD_MARGIN."""
     stop, thread, runs, fds = background
     stop.set()
     thread.join(timeout=300)
@@ -554,4 +560,4 @@ def test_everything_still_serves_and_nothing_leaked(cluster, background, model_d
     rdb = redis.Redis.from_url(redis_server.url)
     assert not list(rdb.scan_iter(f"{keys.NAMESPACE}:seq:*"))
     for p in [*cluster.routers, *cluster.workers]:
-        assert open_fds(p.proc.pid) <= fds[p.name] + 4, (p.name, fds[p.name])
+        assert open_fds(p.proc.pid) <= fds[p.name] + FD_MARGIN, (p.name, fds[p.name])

@@ -36,6 +36,7 @@ CLUSTER_KEY = bytes(range(7, 39))
 OTHER_KEY = bytes(32)
 CREDENTIAL = caller_metadata(CLUSTER_KEY)  # what the workers ask their callers for
 MAX_SNAPSHOT_MB = 1
+BLOCK_SIZE = 16  # the workers' KV block size (the default)
 SLOTS, MAX_WAITING = 4, 2  # tiny_cluster's slots; a short queue to fill
 CTX = 512  # the tiny model's context
 OK = grpc.StatusCode.OK
@@ -457,33 +458,26 @@ def test_streams_beyond_slots_and_queue_are_resource_exhausted(cluster, backgrou
 
 # -- the prompt cache: forged entries are recomputed, counted, and removed --------------
 
-def _pc_keys(rdb: redis.Redis, kind: str) -> list[bytes]:
-    return sorted(rdb.scan_iter(f"{keys.NAMESPACE}:{{pc:*}}:{kind}:*", count=1000))
+def _flip_checkpoint(rdb: redis.Redis, checkpoint: str, blocks: list[str]) -> None:
+    rdb.setrange(checkpoint, rdb.strlen(checkpoint) // 2, b"\xff\x00")
 
 
-def _flip_checkpoint(rdb: redis.Redis) -> None:
-    key = _pc_keys(rdb, "ckpt")[0]
-    rdb.setrange(key, rdb.strlen(key) // 2, b"\xff\x00")
+def _flip_block(rdb: redis.Redis, checkpoint: str, blocks: list[str]) -> None:
+    rdb.setrange(blocks[0], 40, b"\x01")
 
 
-def _flip_block(rdb: redis.Redis) -> None:
-    key = _pc_keys(rdb, "blk")[0]
-    rdb.setrange(key, 40, b"\x01")
-
-
-def _unsigned_checkpoint(rdb: redis.Redis) -> None:
+def _unsigned_checkpoint(rdb: redis.Redis, checkpoint: str, blocks: list[str]) -> None:
     """Re-encoded with a plain checksum: what someone without the key could write."""
     from worker.snapshot import decode, encode
 
-    key = _pc_keys(rdb, "ckpt")[0]
-    rdb.set(key, encode(decode(rdb.get(key), CLUSTER_KEY)), keepttl=True)
+    rdb.set(checkpoint, encode(decode(rdb.get(checkpoint), CLUSTER_KEY)), keepttl=True)
 
 
-def _swap_blocks(rdb: redis.Redis) -> None:
-    k1, k2 = _pc_keys(rdb, "blk")[:2]
-    v1, v2 = rdb.get(k1), rdb.get(k2)
-    rdb.set(k1, v2, keepttl=True)
-    rdb.set(k2, v1, keepttl=True)
+def _swap_blocks(rdb: redis.Redis, checkpoint: str, blocks: list[str]) -> None:
+    """Two valid records under each other's keys."""
+    v1, v2 = rdb.get(blocks[0]), rdb.get(blocks[1])
+    rdb.set(blocks[0], v2, keepttl=True)
+    rdb.set(blocks[1], v1, keepttl=True)
 
 
 PROMPT_CACHE_CASES = [(_flip_checkpoint, "corrupt"), (_flip_block, "corrupt"),
@@ -519,17 +513,27 @@ def test_forged_prompt_cache_entry_is_recomputed(cluster, background, redis_serv
                                                  damage, reason) -> None:
     import random
 
+    from worker.block_manager import chain_hashes
+
     rdb = redis.Redis.from_url(redis_server.url)
-    for key in rdb.scan_iter(f"{keys.NAMESPACE}:{{pc:*", count=1000):
-        rdb.delete(key)  # entries and books together: an empty, consistent cache
     rng = random.Random(damage.__name__)
     prompt = [rng.randrange(3, 500) for _ in range(96)]
     continued = prompt + [rng.randrange(3, 500) for _ in range(16)]
     a, b = cluster.workers
-    worker_tokens(a.address, prompt, 1)
-    wait_until(lambda: _pc_keys(rdb, "ckpt") and len(_pc_keys(rdb, "blk")) >= 2, 30,
-               "the prompt's checkpoint in Redis")
-    damage(rdb)
+    worker_tokens(a.address, prompt, 1)  # ends at 97 tokens: a checkpoint at 96
+    hashes = [h.hex() for h in chain_hashes(prompt, BLOCK_SIZE)]
+
+    def entry_keys() -> tuple[str, list[str]] | None:
+        """This prompt's checkpoint and block records (the background stream has its own)."""
+        for key in rdb.scan_iter(f"{keys.NAMESPACE}:{{pc:*}}:ckpt:{hashes[-1]}"):
+            layout = key.decode().split("{pc:", 1)[1].split("}", 1)[0]
+            blocks = [keys.block(layout, h) for h in hashes]
+            if rdb.exists(*blocks) == len(blocks):
+                return key.decode(), blocks
+        return None
+
+    wait_until(lambda: entry_keys() is not None, 30, "the prompt's checkpoint in Redis")
+    damage(rdb, *entry_keys())
     before = fallbacks(b, reason)
     done = worker_tokens(b.address, continued, 8)
     assert done.num_cached_tokens == 0

@@ -286,15 +286,9 @@ def _addresses(address: str | Sequence[str]) -> list[str]:
     return addresses
 
 
-class Client:
-    """Blocking client. `address`: one router (or worker), or a list of routers that
-    retries go round (the first serves every other call). `timeout` (seconds) is each
-    call's deadline; None = no deadline. `retry`: a RetryPolicy for stream()/generate()
-    (module docstring); None = a failure raises at once. `token`: the bearer token a
-    router with `--auth-tokens-file` asks for (default $SLOTMESH_TOKEN). `tls` /
-    `root_certificates`: see the module docstring (default: plaintext). `metadata`: more
-    call metadata, e.g. the cluster credential (services/cluster_auth.py) when talking
-    to a secured worker directly. `num_retries` counts the retries made so far."""
+class _Connections:
+    """What Client and AsyncClient share: their arguments, and one channel and stub per
+    address, opened on first use (`_open` makes the blocking or the aio channel)."""
 
     def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
                  service: str = "router", token: str | None = None,
@@ -310,16 +304,33 @@ class Client:
         self._token = default_token(token)
         self._tls = channel_tls(tls, root_certificates)
         self._metadata = metadata
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[str, grpc.Channel | grpc.aio.Channel] = {}
         self._stubs: dict[str, object] = {}
         self._stub = self._stub_for(self.address)
 
+    def _open(self, address: str):
+        raise NotImplementedError
+
     def _stub_for(self, address: str):
         if address not in self._stubs:
-            self._channels[address] = rpc.blocking_channel(
-                address, self._token, tls=self._tls, metadata=self._metadata)
+            self._channels[address] = self._open(address)
             self._stubs[address] = _stub(self._channels[address], self._service)
         return self._stubs[address]
+
+
+class Client(_Connections):
+    """Blocking client. `address`: one router (or worker), or a list of routers that
+    retries go round (the first serves every other call). `timeout` (seconds) is each
+    call's deadline; None = no deadline. `retry`: a RetryPolicy for stream()/generate()
+    (module docstring); None = a failure raises at once. `token`: the bearer token a
+    router with `--auth-tokens-file` asks for (default $SLOTMESH_TOKEN). `tls` /
+    `root_certificates`: see the module docstring (default: plaintext). `metadata`: more
+    call metadata, e.g. the cluster credential (services/cluster_auth.py) when talking
+    to a secured worker directly. `num_retries` counts the retries made so far."""
+
+    def _open(self, address: str) -> grpc.Channel:
+        return rpc.blocking_channel(address, self._token, tls=self._tls,
+                                    metadata=self._metadata)
 
     def __enter__(self) -> Client:
         return self
@@ -395,33 +406,11 @@ class Client:
         return resp.num_migrated, resp.num_failed
 
 
-class AsyncClient:
+class AsyncClient(_Connections):
     """The asyncio client; same arguments and methods as Client, awaitable."""
 
-    def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
-                 service: str = "router", token: str | None = None,
-                 retry: RetryPolicy | None = None, tls: ChannelTls | bool | None = None,
-                 root_certificates: bytes | None = None,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.addresses = _addresses(address)
-        self.address = self.addresses[0]
-        self.timeout = timeout
-        self.retry = retry
-        self.num_retries = 0
-        self._service = service
-        self._token = default_token(token)
-        self._tls = channel_tls(tls, root_certificates)
-        self._metadata = metadata
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, object] = {}
-        self._stub = self._stub_for(self.address)
-
-    def _stub_for(self, address: str):
-        if address not in self._stubs:
-            self._channels[address] = rpc.channel(address, self._token, tls=self._tls,
-                                                  metadata=self._metadata)
-            self._stubs[address] = _stub(self._channels[address], self._service)
-        return self._stubs[address]
+    def _open(self, address: str) -> grpc.aio.Channel:
+        return rpc.channel(address, self._token, tls=self._tls, metadata=self._metadata)
 
     async def __aenter__(self) -> AsyncClient:
         return self

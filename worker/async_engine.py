@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from worker.checkpoints import Capture, PrefixRestore
@@ -30,11 +31,15 @@ class AsyncEngine:
         self._wakeup = asyncio.Event()
         self._streams: dict[str, asyncio.Queue[TokenChunk]] = {}
         self._task: asyncio.Task | None = None
+        # the step's own thread: asyncio.to_thread's shared pool also runs tokenizing and
+        # snapshot encoding, and a pool busy with those must not delay the next step
+        self._stepper: ThreadPoolExecutor | None = None
         # gets the prompt-cache checkpoints each step captured (the worker publishes
         # them); without one, the engine should be configured to capture none
         self.on_captures: Callable[[list[Capture]], None] | None = None
 
     async def start(self) -> None:
+        self._stepper = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
         self._task.add_done_callback(_log_death)
 
@@ -44,6 +49,9 @@ class AsyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._stepper is not None:
+            self._stepper.shutdown(wait=False)
+            self._stepper = None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
@@ -171,7 +179,8 @@ class AsyncEngine:
                     await self._wakeup.wait()
                 continue
             try:
-                chunks = await asyncio.to_thread(self.engine.step)
+                chunks = await asyncio.get_running_loop().run_in_executor(
+                    self._stepper, self.engine.step)
             except Exception as e:  # a bug outside the model step
                 log.exception("engine step raised outside the model; failing open streams")
                 chunks = self._fail_all(e)

@@ -73,6 +73,9 @@ class ChaosConfig:
     sample_s: float = 5.0  # RSS / fd sampling period in the soak
     outage_s: float = 4.0  # Redis down (longer than the heartbeat TTL) / router down
     heartbeat_ttl_s: float = 2.0
+    # the routers' sequence-record lease: a router killed on purpose leaves its records
+    # this long at most, so the leak check after its scenario (30 s) sees them gone
+    sequence_ttl_s: float = 10.0
     max_rss_growth_mb: float = 64.0  # per process, soak (after warm-up) and slow reader
     max_fd_growth: int = 8  # per process, soak
     seed: int = 0  # cancel points and start times of the storm
@@ -526,7 +529,8 @@ def start_cluster(config: ChaosConfig, log_dir: Path):
     key = write_key_file(log_dir / "cluster.key")
     return LocalCluster(worker_args=list(config.worker_args), num_workers=config.num_workers,
                         heartbeat_ttl_s=config.heartbeat_ttl_s, registry_poll_s=0.25,
-                        metrics=True, log_dir=log_dir, cluster_key_file=key).start()
+                        metrics=True, log_dir=log_dir, cluster_key_file=key,
+                        router_args=["--sequence-ttl", str(config.sequence_ttl_s)]).start()
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:

@@ -238,6 +238,9 @@ def _worker_parser(sub) -> None:
                    help="on SIGTERM, ask this router to migrate every sequence away before "
                         "exiting (default: $SLOTMESH_ROUTER_ADDRESS; unset: only wait for "
                         "running streams, up to --shutdown-grace)")
+    p.add_argument("--min-step-ms", type=float, default=0.0, metavar="MS",
+                   help="testing aid: every engine step lasts at least this long, so a "
+                        "test can act on a stream before it ends (default: 0, off)")
     p.add_argument("--max-snapshot-mb", type=int, default=8192,
                    help="largest snapshot this worker imports (default: 8192)")
     _cluster_key_flag(p, "file with the cluster's secret key (>= 32 bytes, raw or hex): "
@@ -289,7 +292,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id, redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl, metrics_port=args.metrics_port,
         shutdown_grace_s=args.shutdown_grace, router_address=args.router_address,
-        max_snapshot_bytes=args.max_snapshot_mb << 20,
+        max_snapshot_bytes=args.max_snapshot_mb << 20, min_step_s=args.min_step_ms / 1000,
         prompt_cache_bytes=args.prompt_cache_mb << 20, prompt_cache_ttl_s=args.prompt_cache_ttl,
         cluster_key=_cluster_key(args), tls=tls_config(args, server=True),
         redis_tls=redis_tls_config(args), router_token=os.environ.get("SLOTMESH_TOKEN") or None)
@@ -319,6 +322,10 @@ def _router_parser(sub) -> None:
                         "(default: 6)")
     p.add_argument("--registry-poll", type=float, default=1.0,
                    help="seconds between registry refreshes from Redis (default: 1)")
+    p.add_argument("--sequence-ttl", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                   help="lease of a stream's record in Redis, renewed every third of it "
+                        "while the stream runs: a router that dies leaves its records "
+                        "this long at most (default: 60)")
     p.add_argument("--max-load-imbalance", type=float, default=1.0,
                    help="prefix affinity yields to least-loaded when the prefix's worker "
                         "has this many more sequences per slot (default: 1.0)")
@@ -334,6 +341,13 @@ def _router_parser(sub) -> None:
     p.set_defaults(func=_cmd_router)
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -346,6 +360,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, router_id=args.router_id, redis_url=args.redis_url,
         advertise_address=args.advertise_address, heartbeat_ttl_s=args.heartbeat_ttl,
         registry_poll_s=args.registry_poll, max_load_imbalance=args.max_load_imbalance,
+        sequence_ttl_s=args.sequence_ttl,
         metrics_port=args.metrics_port, shutdown_grace_s=args.shutdown_grace,
         auth_tokens=tuple(tokens), peer_token=os.environ.get("SLOTMESH_TOKEN") or None,
         tls=tls_config(args, server=True), redis_tls=redis_tls_config(args),

@@ -147,7 +147,8 @@ def _usage(load) -> float:
 
 
 class RouterMetrics:
-    def __init__(self, num_workers: Callable[[], int]) -> None:
+    def __init__(self, num_workers: Callable[[], int],
+                 num_metadata_pending: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = LatencyHistograms.create(r, "slotmesh_router")
@@ -164,6 +165,9 @@ class RouterMetrics:
                                 ["finish_reason"], registry=r)
         Gauge("slotmesh_router_workers", "Routable workers",
               registry=r).set_function(num_workers)
+        Gauge("slotmesh_router_metadata_pending",
+              "Sequence and prefix writes not yet in Redis (written behind; 0 = flushed)",
+              registry=r).set_function(num_metadata_pending)
         self.migrations = Counter("slotmesh_router_migrations", "Migrations by result",
                                   ["result"], registry=r)
         self.migration_seconds = Histogram(

@@ -14,16 +14,20 @@ from services.cluster import LocalCluster
 def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers: int = 2,
                  heartbeat_ttl_s: float = 6.0, registry_poll_s: float = 0.25,
                  slots: int = 4, worker_args: tuple[str, ...] = (),
+                 router_args: tuple[str, ...] = (), min_step_ms: float = 0.0,
                  cluster_key_file: Path | None = None) -> LocalCluster:
     """Router + workers on a tiny model, against an already running Redis. With a
     cluster key, the router and the workers have it (workers then take calls only with
-    the credential derived from it, services/cluster_auth.py)."""
+    the credential derived from it, services/cluster_auth.py). min_step_ms: every engine
+    step lasts at least this long, so a stream of N tokens outlives N * min_step_ms on a
+    machine of any speed and a test can act on it mid-stream."""
+    pace = ["--min-step-ms", str(min_step_ms)] if min_step_ms else []
     return LocalCluster(
         worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16",
-                     *worker_args],
+                     *pace, *worker_args],
         num_workers=num_workers, redis_url=redis_url, heartbeat_ttl_s=heartbeat_ttl_s,
         registry_poll_s=registry_poll_s, metrics=True, log_dir=log_dir,
-        cluster_key_file=cluster_key_file)
+        router_args=list(router_args), cluster_key_file=cluster_key_file)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
@@ -71,3 +75,22 @@ def metric_value(text: str, name: str) -> float:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
+
+
+def wait_metadata_flushed(cluster, timeout_s: float = 30.0) -> None:
+    """Until every live router has written all its pending sequence metadata to Redis
+    (its write-behind gauge is 0): what Redis holds then is what the routers meant."""
+    routers = [r for r in cluster.routers if r.proc.poll() is None]
+    wait_until(lambda: all(metric_value(scrape(r.metrics_address),
+                                        "slotmesh_router_metadata_pending") == 0
+                           for r in routers), timeout_s, "routers' metadata flushed")
+
+
+def sequence_keys(redis_url: str) -> list[str]:
+    """Every sequence record in Redis (slotmesh:seq:*)."""
+    import redis
+
+    from services.metadata import keys
+
+    with redis.Redis.from_url(redis_url) as rdb:
+        return sorted(k.decode() for k in rdb.scan_iter(keys.sequence("*")))

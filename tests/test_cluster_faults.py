@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -19,6 +18,7 @@ from tests.cluster_harness import tiny_cluster, wait_until
 
 TTL_S = 2.0  # heartbeat expiry of the workers in these tests
 POLL_S = 0.25  # the router's registry poll
+MIN_STEP_MS = 10  # a 300-token stream lasts >= 3 s: long enough to stop Redis under it
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +74,17 @@ def test_stopped_and_killed_workers_leave_routing(model_dir, tmp_path) -> None:
 def test_redis_outage_under_load(model_dir, tmp_path) -> None:
     with RedisServer() as redis_server, tiny_cluster(
             model_dir, redis_server.url, tmp_path, heartbeat_ttl_s=TTL_S,
-            registry_poll_s=POLL_S) as cluster, Client(cluster.router_address,
-                                                       timeout=60) as client:
-        outcomes: list = []
-
-        def stream(i: int) -> None:
-            outcomes.append(client.generate(text=f"in flight {i}", max_tokens=300,
-                                            temperature=0, ignore_eos=True))
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        wait_until(lambda: sum(w.num_running for w in client.list_workers()) >= 1, 10,
-                   "streams running")
+            registry_poll_s=POLL_S, min_step_ms=MIN_STEP_MS) as cluster, Client(
+            cluster.router_address, timeout=60) as client:
+        streams = [client.stream(text=f"in flight {i}", max_tokens=300, temperature=0,
+                                 ignore_eos=True) for i in range(4)]
+        # each has its first token: running, and (paced) at least 3 s from its end
+        firsts = [next(s) for s in streams]
         redis_server.stop()
-        for t in threads:
-            t.join(60)
+        outcomes = [[first, *s] for first, s in zip(firsts, streams, strict=True)]
         # in-flight requests finished
-        assert len(outcomes) == 4
-        assert all(r.finish_reason == "length" and len(r.token_ids) == 300 for r in outcomes)
+        assert all(chunks[-1].finish_reason == "length" for chunks in outcomes)
+        assert all(sum(len(c.token_ids) for c in chunks) == 300 for chunks in outcomes)
         # new requests are still routed to the workers the router knew, for longer than a
         # heartbeat expiry
         time.sleep(TTL_S)  # the outage itself is the test: let heartbeats lapse
@@ -111,7 +103,7 @@ def test_redis_outage_under_load(model_dir, tmp_path) -> None:
                    "router to log the recovery")
         rdb = redis.Redis.from_url(redis_server.url)
         stream = client.stream(text="metadata again", request_id="after-outage",
-                               max_tokens=300, temperature=0, ignore_eos=True)
+                               max_tokens=300, temperature=0, ignore_eos=True)  # >= 3 s
         next(stream)
         wait_until(lambda: rdb.get(keys.sequence("after-outage")) is not None, 5,
                    "slot metadata written to Redis again")
@@ -151,12 +143,12 @@ def test_full_queues_are_resource_exhausted_and_other_streams_continue(model_dir
     """One slot and no queue per worker, two workers: two requests run, the third finds
     every worker full (the router tries both) and is refused."""
     with RedisServer() as redis_server, tiny_cluster(
-            model_dir, redis_server.url, tmp_path, slots=1,
+            model_dir, redis_server.url, tmp_path, slots=1, min_step_ms=MIN_STEP_MS,
             worker_args=("--max-waiting", "0")) as cluster, Client(
             cluster.router_address, timeout=60) as client:
         streams = [client.stream(text=f"long {i}", max_tokens=480, temperature=0,
                                  ignore_eos=True) for i in range(2)]
-        firsts = [next(s) for s in streams]  # both running, one on each worker
+        firsts = [next(s) for s in streams]  # both running (>= 4.8 s), one on each worker
         assert {c.worker_id for c in firsts} == {"worker-0", "worker-1"}
         with pytest.raises(RpcError) as e:
             client.generate(text="one too many", max_tokens=4)

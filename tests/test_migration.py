@@ -24,6 +24,9 @@ CLUSTER_KEY = bytes(range(100, 132))
 CREDENTIAL = caller_metadata(CLUSTER_KEY)  # what a worker with the key asks its callers for
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 MAX_TOKENS = 300
+# every worker step lasts >= 10 ms, so a stream lasts >= 3 s on any machine: the tests
+# below act on streams mid-way (migrate, kill, drain) and must never find them over
+MIN_STEP_MS = 10
 SAMPLING = {
     "greedy": {"temperature": 0.0},
     "seeded": {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "min_p": 0.02, "seed": 1234},
@@ -47,7 +50,7 @@ def cluster(model_dir, redis_server, tmp_path_factory):
     key_file.write_text(CLUSTER_KEY.hex())
     with tiny_cluster(model_dir, redis_server.url, logs, num_workers=3, slots=8,
                       worker_args=("--ctx", "4096", "--checkpoint-every", "64"),
-                      cluster_key_file=key_file) as c:
+                      min_step_ms=MIN_STEP_MS, cluster_key_file=key_file) as c:
         yield c
 
 
@@ -132,6 +135,7 @@ def test_migrate_unknown_and_bad_target(client) -> None:
 
 
 def test_failover_after_sigkill_continues_token_exact(cluster, client, reference) -> None:
+    failovers = router_counter(cluster, "slotmesh_router_failovers_total")
     workers_seen: list[str] = []
     tokens, text, killed = [], "", False
     for chunk in client.stream(text=PROMPT, request_id="failover-1", max_tokens=MAX_TOKENS,
@@ -145,7 +149,12 @@ def test_failover_after_sigkill_continues_token_exact(cluster, client, reference
             killed = True
     assert (tokens, text) == reference["seeded"]
     assert len(workers_seen) == 2 and workers_seen[0] != workers_seen[1]
+    assert router_counter(cluster, "slotmesh_router_failovers_total") == failovers + 1
     cluster.add_worker()  # back to three live workers for the next tests
+
+
+def router_counter(cluster, name: str) -> float:
+    return metric_value(scrape(cluster.router.metrics_address), name)
 
 
 def test_sigterm_drains_through_the_router(cluster, client, reference) -> None:
@@ -360,15 +369,29 @@ def set_draining(address: str, draining: bool) -> None:
             worker_pb2.SetDrainingRequest(draining=draining), timeout=5)
 
 
-def test_migration_metrics(cluster) -> None:
-    from tests.cluster_harness import metric_value, scrape
+def test_migration_metrics(cluster, client) -> None:
+    """One migration of its own moves every migration metric (the counts are deltas, so
+    the test passes alone and in any order)."""
+    def snapshot() -> dict[str, float]:
+        router = scrape(cluster.router.metrics_address)
+        workers = "".join(scrape(w.metrics_address) for w in live_workers(cluster))
+        return {
+            "ok": metric_value(router, 'slotmesh_router_migrations_total{result="ok"}'),
+            "bytes": metric_value(router, "slotmesh_router_migration_bytes_total"),
+            "timed": metric_value(router, "slotmesh_router_migration_duration_seconds_count"),
+            "imported": metric_value(workers, "slotmesh_worker_imported_sequences_total"),
+            "exported": metric_value(
+                workers, 'slotmesh_worker_snapshot_bytes_total{direction="export"}'),
+        }
 
-    text = scrape(cluster.router.metrics_address)
-    assert metric_value(text, 'slotmesh_router_migrations_total{result="ok"}') >= 14
-    assert metric_value(text, "slotmesh_router_failovers_total") >= 1
-    assert metric_value(text, "slotmesh_router_migration_bytes_total") > 0
-    assert metric_value(text, "slotmesh_router_migration_duration_seconds_count") >= 14
-    workers = "".join(scrape(w.metrics_address) for w in cluster.workers
-                      if w.proc.poll() is None)
-    assert metric_value(workers, "slotmesh_worker_imported_sequences_total") >= 1
-    assert 'slotmesh_worker_snapshot_bytes_total{direction="export"}' in workers
+    before = snapshot()
+    moves = []
+    run(client, "mig-metrics", SAMPLING["greedy"], [5],
+        lambda _seen: moves.append(client.migrate("mig-metrics")))
+    after = snapshot()
+    assert len(moves) == 1
+    assert after["ok"] == before["ok"] + 1
+    assert after["timed"] == before["timed"] + 1
+    assert after["imported"] == before["imported"] + 1
+    assert after["bytes"] - before["bytes"] == moves[0].snapshot_bytes > 0
+    assert after["exported"] > before["exported"]

@@ -22,7 +22,7 @@ from services.client import Client, Completion, RpcError
 from services.health_probe import check
 from services.rpc import LIVENESS_SERVICE
 from tests.cluster_harness import tiny_cluster, wait_until
-from tests.test_migration import PROMPT, SAMPLING, set_draining
+from tests.test_migration import MIN_STEP_MS, PROMPT, SAMPLING, set_draining
 from tests.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
@@ -42,7 +42,8 @@ def seeded(i: int) -> dict:
 def cluster(model_dir, redis_server, tmp_path_factory):
     logs = tmp_path_factory.mktemp("rolling-logs")
     with tiny_cluster(model_dir, redis_server.url, logs, num_workers=2, slots=NUM_STREAMS,
-                      worker_args=("--ctx", "4096", "--shutdown-grace", str(GRACE_S))) as c:
+                      worker_args=("--ctx", "4096", "--shutdown-grace", str(GRACE_S)),
+                      min_step_ms=MIN_STEP_MS) as c:
         c.add_router()
         yield c
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, min_step_s: float = 0.0) -> None:
         self.engine = engine
+        self.min_step_s = min_step_s  # a testing aid (ServerConfig.min_step_s); 0: off
         self._control: list[Callable[[], None]] = []
         self._wakeup = asyncio.Event()
         self._streams: dict[str, asyncio.Queue[TokenChunk]] = {}
@@ -178,6 +180,7 @@ class AsyncEngine:
                 if not self._control:
                     await self._wakeup.wait()
                 continue
+            started = time.monotonic()
             try:
                 chunks = await asyncio.get_running_loop().run_in_executor(
                     self._stepper, self.engine.step)
@@ -191,6 +194,8 @@ class AsyncEngine:
             captures = self.engine.checkpoints.take_captures()
             if captures and self.on_captures is not None:
                 self.on_captures(captures)
+            if self.min_step_s > 0:
+                await asyncio.sleep(self.min_step_s - (time.monotonic() - started))
 
     def _fail_all(self, error: Exception) -> list[TokenChunk]:
         """Abort every request so no stream waits forever; the loop keeps serving."""

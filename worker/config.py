@@ -116,3 +116,7 @@ class ServerConfig:
     # (services/cluster_auth.py).
     tls: TlsConfig | None = field(default=None, repr=False)
     redis_tls: RedisTls | None = None  # a rediss:// redis_url's CA and client certificate
+    # a testing aid: every engine step lasts at least this long (0: off), so a stream of
+    # N tokens lasts at least N of them whatever the machine's speed, and a test can act
+    # on it mid-stream (migrate, kill, stop Redis) without racing its end
+    min_step_s: float = 0.0

@@ -331,7 +331,8 @@ async def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
                                      tls=config.redis_tls)
     try:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
-        return await _serve_engine(AsyncEngine(engine), store, config)
+        return await _serve_engine(AsyncEngine(engine, min_step_s=config.min_step_s),
+                                   store, config)
     finally:
         await store.close()
 

@@ -4,6 +4,13 @@ Streams never wait on Redis: `put`, `delete` and `record_prefixes` only update a
 map (the latest state per key wins), and one task flushes it in a single pipeline every
 `interval_s`. While Redis is down the pending writes are kept (bounded) and retried; one
 warning is logged per outage, and one line when it is back.
+
+A record's TTL is a lease: the relaying router renews it (RouterService re-puts every
+live stream's record every third of `sequence_ttl_s`), so a record outlives its
+sequence only when its router died, and then by at most `sequence_ttl_s`. The last
+word on a sequence is its delete: nothing is put after it (callers check that the
+stream is still relayed), and a flush that is cancelled (shutdown) keeps its batch
+pending for the final flush instead of dropping it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class MetadataWriter:
         self.max_pending = max_pending
         self._sequences: dict[str, SequenceRecord | None] = {}
         self._prefixes: dict[str, str] = {}
+        self._in_flight = 0  # records and prefixes of the flush being written
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.is_healthy = True
@@ -50,7 +58,8 @@ class MetadataWriter:
 
     @property
     def num_pending(self) -> int:
-        return len(self._sequences) + len(self._prefixes)
+        """Writes not yet in Redis, the batch being written included (0: all flushed)."""
+        return len(self._sequences) + len(self._prefixes) + self._in_flight
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="metadata-writer")
@@ -81,15 +90,21 @@ class MetadataWriter:
         self._sequences, self._prefixes = {}, {}
         puts = [r for r in sequences.values() if r is not None]
         deletes = [i for i, r in sequences.items() if r is None]
+        self._in_flight = len(sequences) + len(prefixes)
         try:
             await self.store.write_batch(puts, deletes, prefixes, self.sequence_ttl_s,
                                          self.prefix_ttl_s)
+        except asyncio.CancelledError:  # shutdown mid-write: close() flushes it again
+            self._requeue(sequences, prefixes)
+            raise
         except StoreUnavailableError as e:
             self._requeue(sequences, prefixes)
             if self.is_healthy:
                 log.warning("metadata writes are pending until Redis is back: %s", e)
             self.is_healthy = False
             return False
+        finally:
+            self._in_flight = 0
         if not self.is_healthy:
             log.warning("Redis is back; pending metadata written")
         self.is_healthy = True
@@ -97,6 +112,7 @@ class MetadataWriter:
 
     def _requeue(self, sequences: dict, prefixes: dict) -> None:
         """Newer states (set while the flush was in flight) win over the failed batch."""
+        self._in_flight = 0
         self._sequences = {**sequences, **self._sequences}
         self._prefixes = {**prefixes, **self._prefixes}
         if self.num_pending > self.max_pending:

@@ -17,8 +17,10 @@ class RouterConfig:
     max_load_imbalance: prefix affinity gives way to least-loaded when the prefix's owner
         carries this many more sequences per slot than the least loaded worker (SGLang's
         cache-aware router has the same kind of balance threshold).
-    sequence_ttl_s / prefix_ttl_s: expiry of slot metadata and prefix-owner keys, so a
-        crashed router leaks nothing for long.
+    sequence_ttl_s: a sequence record is a lease the relaying router renews every third
+        of this; a router that dies leaves its records for at most this long (a client
+        resuming on another router without a seed reads the seed from it meanwhile).
+    prefix_ttl_s: expiry of prefix-owner keys (hints, never renewed).
     """
 
     host: str = "127.0.0.1"
@@ -29,7 +31,7 @@ class RouterConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     registry_poll_s: float = 1.0
     max_load_imbalance: float = 1.0
-    sequence_ttl_s: float = 3600.0
+    sequence_ttl_s: float = 60.0
     prefix_ttl_s: float = 600.0
     drain_exclusion_s: float = 120.0  # a drained worker gets no new sequences this long
     unreachable_backoff_s: float = 5.0  # skip a worker that refused a connection this long

@@ -42,6 +42,7 @@ from services.metadata.records import SequenceRecord, WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError
 from services.metadata.writer import MetadataWriter
 from services.metrics import RouterMetrics, StreamTimer, serve_metrics
+from services.periodic import Periodic
 from services.process import announce_ready, wait_for_signal
 from services.router.config import RouterConfig
 from services.router.peers import RouterPeers
@@ -215,6 +216,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if worker is not None:
             self.num_inflight[worker.worker_id] += delta
 
+    def _put_if_relayed(self, stream: RelayedStream) -> None:
+        """Write the stream's record unless the stream has ended: its delete is final."""
+        if self.streams.get(stream.request_id) is stream:
+            self.writer.put(stream.record(self.router_id))
+
+    async def renew_leases(self) -> None:
+        """Re-put every relayed stream's record: each is a lease that expires
+        `sequence_ttl_s` after its last renewal, so a router that dies leaves its records
+        for at most that long (clients resuming elsewhere read them until then)."""
+        for stream in list(self.streams.values()):
+            self._put_if_relayed(stream)
+
     def _write_progress(self, stream: RelayedStream) -> None:
         now = time.monotonic()
         if stream.status != "running" or now - stream.last_write >= METADATA_INTERVAL_S:
@@ -346,7 +359,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         migration = Migration(target=target, call=call,
                               ready=asyncio.get_running_loop().create_future())
         stream.migration, stream.status = migration, "migrating"
-        self.writer.put(stream.record(self.router_id))
+        self._put_if_relayed(stream)
         try:
             ack = await call.read()
             if ack is grpc.aio.EOF:
@@ -364,7 +377,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         await migration.adopted  # the relay has switched to the target
         self._count(source, -1)
         self._count(target, +1)
-        self.writer.put(stream.record(self.router_id))
+        self._put_if_relayed(stream)  # it may have ended meanwhile: no record after that
         duration = time.perf_counter() - t0
         self.metrics.migrations.labels("ok").inc()
         self.metrics.migration_seconds.observe(duration)
@@ -462,7 +475,7 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     address = config.advertise_address or f"{config.host}:{port}"
     peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s, config.peer_token,
                         tls=rpc.dial_tls(config.tls))
-    metrics = RouterMetrics(lambda: len(registry.routable()))
+    metrics = RouterMetrics(lambda: len(registry.routable()), lambda: writer.num_pending)
     policy = policy or PrefixAffinity(LeastLoaded(), config.max_load_imbalance)
     service = RouterService(config, router_id, store, registry, writer, policy, metrics,
                             peers)
@@ -472,8 +485,10 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     if config.metrics_port is not None:
         _httpd, mport = serve_metrics(metrics.registry, config.host, config.metrics_port)
         metrics_address = f"{config.host}:{mport}"
+    leases = Periodic(service.renew_leases, config.sequence_ttl_s / 3, "sequence-leases")
     await registry.start()
     await writer.start()
+    leases.start()
     await server.start()
     await peers.start()
     await rpc.set_serving(health, [SERVICE_NAME], True)
@@ -484,6 +499,7 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     await rpc.set_serving(health, [SERVICE_NAME], False)
     await peers.stop()
     await server.stop(config.shutdown_grace_s)
+    await leases.stop()
     await writer.close()
     await registry.stop()
     await service.close_channels()

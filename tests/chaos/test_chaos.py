@@ -16,8 +16,10 @@ from services.chaos import SCENARIOS, ChaosConfig, format_report, run_chaos, sta
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> ChaosConfig:
     model = tiny_model_dir("llama")
+    # paced steps (>= 10 ms): a 48-token stream lasts >= 0.5 s on any machine, so the
+    # faults, injected once half the streams are a quarter through, find them running
     return ChaosConfig(worker_args=("--model", str(model), "--slots", "8",
-                                    "--kv-cache-mb", "16"),
+                                    "--kv-cache-mb", "16", "--min-step-ms", "10"),
                        num_workers=2, slots=8, num_streams=16, max_tokens=48,
                        num_cancels=200, num_slow_streams=8, slow_max_tokens=256,
                        soak_s=15.0, sample_s=1.0)

@@ -32,8 +32,9 @@ def router(tiny_model_dir, redis_server, tmp_path_factory):
     saved = os.environ.get("SLOTMESH_TOKEN")
     os.environ["SLOTMESH_TOKEN"] = ADMIN  # slotmesh's own callers (the harness, workers)
     try:
+        # paced steps: a 200-token stream holds its token's one stream for >= 2 s
         with LocalCluster(worker_args=["--model", str(tiny_model_dir("llama")), "--slots",
-                                       "4", "--kv-cache-mb", "16"],
+                                       "4", "--kv-cache-mb", "16", "--min-step-ms", "10"],
                           num_workers=1, redis_url=redis_server.url, registry_poll_s=0.25,
                           log_dir=logs, router_args=["--auth-tokens-file", str(tokens)]) as c:
             yield c.router_address

@@ -313,6 +313,7 @@ def cluster(model_dir, redis_server, tmp_path_factory):
                       worker_args=("--max-snapshot-mb", str(MAX_SNAPSHOT_MB),
                                    "--checkpoint-min-step", "32",
                                    "--max-waiting", str(MAX_WAITING)),
+                      min_step_ms=10,  # held streams are still held when checked, anywhere
                       cluster_key_file=key_file) as c:
         yield c
 

@@ -14,7 +14,14 @@ import redis
 
 from services.client import AsyncClient, Client, RpcError
 from services.metadata import keys
-from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
+from tests.cluster_harness import (
+    is_idle,
+    metric_value,
+    scrape,
+    tiny_cluster,
+    wait_metadata_flushed,
+    wait_until,
+)
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
 from worker.sampling_params import SamplingParams
@@ -30,7 +37,9 @@ def model_dir(tiny_model_dir):
 @pytest.fixture(scope="module")
 def cluster(model_dir, redis_server, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster-logs")
-    with tiny_cluster(model_dir, redis_server.url, logs) as c:
+    # paced steps (>= 10 ms): the 300-480-token streams below are still running when a
+    # test looks at, cancels, aborts or times them out, on a machine of any speed
+    with tiny_cluster(model_dir, redis_server.url, logs, min_step_ms=10) as c:
         yield c
 
 
@@ -216,6 +225,8 @@ def test_prefix_affinity_sends_a_continuation_to_the_same_worker(cluster) -> Non
     base = "A long shared system prompt that both turns start with. " * 4
     with Client(cluster.router_address, timeout=30) as client:
         first = client.generate(text=base, max_tokens=2, temperature=0)
+        # the owner of the prefix is written behind: routing reads it once it is in Redis
+        wait_metadata_flushed(cluster)
         owners = {client.generate(text=base + f" Turn {i}.", max_tokens=2,
                                   temperature=0).worker_id for i in range(4)}
     assert owners == {first.worker_id}

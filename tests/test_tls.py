@@ -45,8 +45,11 @@ def cluster(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("tls-logs")
     pki = make_local_pki(logs / "pki")
     key_file = write_key_file(logs / "cluster.key")
+    # paced steps: a MAX_TOKENS stream lasts >= 3 s, so it is still running when the
+    # tests below migrate or save it, on a machine of any speed
     with LocalCluster(worker_args=["--model", str(model_dir), "--slots", "4",
-                                   "--kv-cache-mb", "16", "--ctx", "4096"],
+                                   "--kv-cache-mb", "16", "--ctx", "4096",
+                                   "--min-step-ms", "10"],
                       num_workers=2, registry_poll_s=0.25, metrics=False, log_dir=logs,
                       cluster_key_file=key_file, tls=pki) as c:
         yield c
@@ -88,7 +91,7 @@ def key_only_worker(cluster, model_dir, tmp_path_factory):
     pki = cluster.tls
     proc = spawn_service("key-only", [
         "worker", "--port", "0", "--worker-id", "key-only", "--model", str(model_dir),
-        "--slots", "2", "--kv-cache-mb", "16", "--ctx", "4096",
+        "--slots", "2", "--kv-cache-mb", "16", "--ctx", "4096", "--min-step-ms", "10",
         "--cluster-key-file", str(cluster.cluster_key_file),
         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
         "--tls-ca", str(pki.ca), "--redis-tls-ca", str(pki.ca),

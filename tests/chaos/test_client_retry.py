@@ -28,9 +28,11 @@ def test_backoff_grows_to_its_cap_and_bad_policies_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
+    # paced steps: the 200-token stream below lasts >= 2 s, so the router restart at its
+    # 20th token breaks it on a machine of any speed
     with RedisServer() as redis, tiny_cluster(tiny_model_dir("llama"), redis.url,
                                               tmp_path_factory.mktemp("retry-logs"),
-                                              num_workers=1) as c:
+                                              num_workers=1, min_step_ms=10) as c:
         yield c
 
 

@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory) -> callable:
 @pytest.fixture(scope="module")
 def redis_server():
     """A real redis-server on a free loopback port (installed with apt-get if missing)."""
-    from services.redis_server import RedisServer
+    from services.local.redis_server import RedisServer
 
     server = RedisServer(install=True).start()
     yield server

@@ -11,17 +11,17 @@ import os
 import grpc
 import pytest
 
-from services.auth import UNAUTHENTICATED, entry_for, load_tokens, new_token
-from services.client import Client, RpcError
+from services.client.clients import Client, RpcError
+from services.security.auth import UNAUTHENTICATED, entry_for, load_tokens, new_token
 from tests.cluster_harness import wait_until
-from worker.errors import InvalidRequestError
+from worker.vocab.errors import InvalidRequestError
 
 ADMIN, USER, ONE_STREAM, TEN_PER_MINUTE = (new_token() for _ in range(4))
 
 
 @pytest.fixture(scope="module")
 def router(tiny_model_dir, redis_server, tmp_path_factory):
-    from services.cluster import LocalCluster
+    from services.local.cluster import LocalCluster
 
     logs = tmp_path_factory.mktemp("auth")
     tokens = logs / "tokens.json"
@@ -63,7 +63,7 @@ def test_the_async_client_sends_its_token_on_streams(router) -> None:
     reach the Generate stream, not just unary calls."""
     import asyncio
 
-    from services.client import AsyncClient
+    from services.client.clients import AsyncClient
 
     async def stream() -> str:
         async with AsyncClient(router, timeout=60, token=USER) as c:

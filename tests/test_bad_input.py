@@ -26,10 +26,10 @@ import redis
 from protos.slotmesh.v1 import common_pb2 as c
 from protos.slotmesh.v1 import router_pb2 as r
 from protos.slotmesh.v1 import worker_pb2 as w
-from services.client import Client
-from services.cluster_auth import CREDENTIAL_METADATA, UNAUTHENTICATED, caller_metadata
+from services.client.clients import Client
 from services.metadata import keys
-from services.rpc import channel
+from services.rpc.plumbing import channel
+from services.security.cluster_auth import CREDENTIAL_METADATA, UNAUTHENTICATED, caller_metadata
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 
 CLUSTER_KEY = bytes(range(7, 39))
@@ -237,8 +237,8 @@ def exported(model_dir: Path, prompt: str = "The quick brown fox jumps over the 
     """A running sequence of `model_dir`, exported after a few steps."""
     from worker.config import EngineConfig, ModelConfig
     from worker.engine import LLMEngine
-    from worker.sampling_params import SamplingParams
     from worker.snapshot import SnapshotKind
+    from worker.vocab.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(model_dir)), warmup=False))
     engine.add_request("forged", engine.encode_prompt(prompt=prompt),
@@ -312,7 +312,7 @@ def cluster(model_dir, redis_server, tmp_path_factory):
 def reference_tokens(model_dir: Path, prompt: str, max_tokens: int) -> list[int]:
     from worker.config import CacheConfig, EngineConfig, ModelConfig
     from worker.engine import LLMEngine
-    from worker.sampling_params import SamplingParams
+    from worker.vocab.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(model_dir)), warmup=False,
                                     cache=CacheConfig(enable_prefix_caching=False)))
@@ -361,7 +361,7 @@ def background(cluster):
 
 CASES = [*field_cases(), *wire_cases(), *call_cases()]
 UNARY = ("Abort", "GetSequence", "Migrate", "Drain", "CommitExport")
-# room to send what the servers must refuse (their limit is services/rpc.py's 16 MiB)
+# room to send what the servers must refuse (their limit is services/rpc/plumbing.py's 16 MiB)
 OVERSIZE_OPTIONS = (("grpc.max_send_message_length", 64 << 20),)
 
 
@@ -485,8 +485,8 @@ PROMPT_CACHE_CASES = [(_flip_checkpoint, "corrupt"), (_flip_block, "corrupt"),
 
 
 def worker_tokens(address: str, token_ids: list[int], max_tokens: int):
-    from services.client import Completion, build_request
-    from services.convert import chunk_from_pb
+    from services.client.clients import Completion, build_request
+    from services.rpc.convert import chunk_from_pb
 
     async def call():
         done = Completion()
@@ -513,7 +513,7 @@ def test_forged_prompt_cache_entry_is_recomputed(cluster, background, redis_serv
                                                  damage, reason) -> None:
     import random
 
-    from worker.block_manager import chain_hashes
+    from worker.vocab.block_hash import chain_hashes
 
     rdb = redis.Redis.from_url(redis_server.url)
     rng = random.Random(damage.__name__)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.cli import main
+from services.cli.main import main
 
 
 def test_generate_json(tiny_model_dir, capsys) -> None:
@@ -78,13 +78,13 @@ def test_python_dash_m_worker_is_slotmesh_worker() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "services.worker", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--heartbeat-ttl" in out.stdout
 
 
 def test_generate_via_unreachable_router_is_a_clear_error(capsys) -> None:
-    from services.redis_server import free_port
+    from services.local.redis_server import free_port
 
     rc = main(["generate", "--router", f"127.0.0.1:{free_port()}", "hi", "--timeout", "5"])
     assert rc == 1

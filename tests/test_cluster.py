@@ -12,12 +12,12 @@ import grpc
 import pytest
 import redis
 
-from services.client import AsyncClient, Client, RpcError
+from services.client.clients import AsyncClient, Client, RpcError
 from services.metadata import keys
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
-from worker.sampling_params import SamplingParams
+from worker.vocab.sampling_params import SamplingParams
 
 PROMPTS = [f"Request number {i}: the quick brown fox jumps over" for i in range(8)]
 
@@ -226,7 +226,7 @@ def test_servers_accept_the_keepalive_pings_of_our_channels() -> None:
     """A stream with no data for minutes (queued, long prefill, a reader that stopped)
     must not lose its connection to GOAWAY too_many_pings: servers allow pings at least
     as often as slotmesh's channels send them (gRPC's default allows one per 5 min)."""
-    from services.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
+    from services.rpc.plumbing import CHANNEL_OPTIONS, SERVER_OPTIONS
 
     allowed = dict(SERVER_OPTIONS)["grpc.http2.min_ping_interval_without_data_ms"]
     assert allowed < dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"]

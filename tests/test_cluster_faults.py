@@ -12,9 +12,9 @@ import grpc
 import pytest
 import redis
 
-from services.client import Client, RpcError
+from services.client.clients import Client, RpcError
+from services.local.redis_server import RedisServer, free_port
 from services.metadata import keys
-from services.redis_server import RedisServer, free_port
 from tests.cluster_harness import tiny_cluster, wait_until
 
 TTL_S = 2.0  # heartbeat expiry of the workers in these tests
@@ -120,8 +120,8 @@ def test_redis_outage_under_load(model_dir, tmp_path) -> None:
 
 
 def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> None:
-    from services.cli import main
-    from services.process import LineReader
+    from services.cli.main import main
+    from services.local.process import LineReader
 
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--workers", "2", "--port", "0",

@@ -120,8 +120,8 @@ def test_final_stage_is_non_root_and_builds_nothing(dockerfile) -> None:
 
 @pytest.mark.parametrize("dockerfile", list(IMAGES))
 def test_stop_signal_health_check_and_ports_match_the_process(dockerfile) -> None:
-    from services.cli import build_parser
-    from services.health_probe import main as probe_main
+    from services.cli.main import build_parser
+    from services.rpc.health_probe import main as probe_main
 
     _, process, _ = IMAGES[dockerfile]
     final = parse(DOCKER / dockerfile)[1][-1]
@@ -133,7 +133,7 @@ def test_stop_signal_health_check_and_ports_match_the_process(dockerfile) -> Non
     assert final.all("STOPSIGNAL") == ["SIGTERM"]
     [health] = final.all("HEALTHCHECK")
     probe = exec_form(health.split(" CMD ", 1)[1])
-    assert probe[:3] == ["python", "-m", "services.health_probe"]
+    assert probe[:3] == ["python", "-m", "services.rpc.health_probe"]
     assert probe[3] == f"127.0.0.1:{args.port}"
     assert probe_main([*probe[3:], "--timeout", "0.2"]) in (0, 1)  # its flags parse
     exposed = {int(p) for arg in final.all("EXPOSE") for p in arg.split()}
@@ -173,8 +173,8 @@ def test_router_install_target_runs_the_router_without_torch(tmp_path) -> None:
     out = subprocess.run(["bash", "scripts/install-python.sh", str(python), "router"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    code = ("import importlib.util, sys; import services.router.server, services.health_probe; "
-            "from services.cli import main; "
+    code = ("import importlib.util, sys; import services.router.server, services.rpc.health_probe; "
+            "from services.cli.main import main; "
             "assert importlib.util.find_spec('torch') is None; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules; "
             "sys.exit(main(['router', '--help']))")

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.rpc import LIVENESS_SERVICE
+from services.rpc.plumbing import LIVENESS_SERVICE
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -119,7 +119,7 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 def slotmesh_args(objs: list[dict], c: dict, monkeypatch, argv: list[str] | None = None):
     """Parse the container's slotmesh command line as the process would, in its env."""
-    from services.cli import build_parser
+    from services.cli.main import build_parser
 
     env = environment(objs, c)
     for key in ("SLOTMESH_REDIS_URL", "SLOTMESH_ROUTER_ADDRESS", "SLOTMESH_WORKER_ID",
@@ -257,7 +257,7 @@ def selects(selector: dict, labels: dict) -> bool:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_and_probes_agree_with_the_processes(rendered, overlay, monkeypatch) -> None:
     from services.router.server import SERVICE_NAME as ROUTER_SERVICE
-    from worker.server import SERVICE_NAME as WORKER_SERVICE
+    from services.worker.server import SERVICE_NAME as WORKER_SERVICE
 
     objs = rendered[overlay]
     policies = {p["metadata"]["name"]: p for p in objects(objs, "NetworkPolicy")}
@@ -289,7 +289,7 @@ def test_ports_and_probes_agree_with_the_processes(rendered, overlay, monkeypatc
 
 def test_routers_hold_the_workers_cluster_key(rendered, monkeypatch) -> None:
     """A worker with a cluster key takes calls only with the credential derived from it
-    (services/cluster_auth.py): the router must read the same key file."""
+    (services/security/cluster_auth.py): the router must read the same key file."""
     objs = rendered["cpu"]
     keys = []
     for kind, name in (("Deployment", "slotmesh-router"), ("StatefulSet", "slotmesh-worker")):

@@ -11,9 +11,14 @@ import torch
 from worker.async_engine import AsyncEngine
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine import LLMEngine
-from worker.errors import CapacityError, InvalidRequestError, ModelLoadError, UnknownModelError
 from worker.loaders import load_checkpoint
-from worker.sampling_params import SamplingParams
+from worker.vocab.errors import (
+    CapacityError,
+    InvalidRequestError,
+    ModelLoadError,
+    UnknownModelError,
+)
+from worker.vocab.sampling_params import SamplingParams
 
 
 def make_engine(path, *, num_blocks=None, slots=4, budget=64, block_size=8) -> LLMEngine:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.cli import main
+from services.cli.main import main
 from tests.conftest import REPO
 from tests.tiny_models import tiny_config, write_tokenizer
 from worker.loaders.hf import load_hf_dir

@@ -12,9 +12,9 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from tests.paths import model_cache_dir
-from worker.errors import ModelLoadError
 from worker.loaders.gguf import dequantize_tensor, load_gguf, read_gguf_header
 from worker.loaders.hub import fetch_model
+from worker.vocab.errors import ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, COLS = 8, 512

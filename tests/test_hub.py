@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.paths import model_cache_dir
-from worker.errors import ModelLoadError, UnknownModelError
 from worker.loaders import hub
+from worker.vocab.errors import ModelLoadError, UnknownModelError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from worker.checkpoints import decode_block, encode_block
-from worker.errors import (
+from worker.snapshot import GroupKV, Snapshot, SnapshotKind, decode, encode
+from worker.vocab.errors import (
     DataLossError,
     InvalidRequestError,
     PermissionDeniedError,
     PreconditionError,
 )
-from worker.integrity import load_key
-from worker.snapshot import GroupKV, Snapshot, SnapshotKind, decode, encode
+from worker.vocab.integrity import load_key
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
-from services.client import Client, RpcError
-from services.cluster_auth import caller_metadata
-from services.rpc import blocking_channel
+from services.client.clients import Client, RpcError
+from services.rpc.plumbing import blocking_channel
+from services.security.cluster_auth import caller_metadata
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 from tests.tiny_models import make_tiny_model
 
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(model_dir, redis_server, tmp_path_factory):
     """Three workers with a cluster key: every snapshot and prompt-cache entry moved
-    here carries a MAC (worker/integrity.py), and every call to a worker needs the
+    here carries a MAC (worker/vocab/integrity.py), and every call to a worker needs the
     credential derived from the key (the router has it; the direct calls here send
     CREDENTIAL)."""
     logs = tmp_path_factory.mktemp("migration-logs")
@@ -164,8 +164,8 @@ def test_sigterm_drains_through_the_router(cluster, client, reference) -> None:
 
 def test_save_to_file_and_restore_on_another_worker(cluster, client, reference,
                                                     tmp_path) -> None:
-    from services.cli import main
-    from services.seq_files import unpack_parts
+    from services.cli.main import main
+    from services.cli.seq_files import unpack_parts
     from worker.snapshot import decode
 
     path = tmp_path / "seq.snap"
@@ -213,8 +213,8 @@ def restore(address: str, parts: list[bytes]) -> list:
 
 def worker_generate(address: str, **request):
     """Generate straight from one worker (no routing); returns the Completion."""
-    from services.client import Completion, build_request
-    from services.convert import chunk_from_pb
+    from services.client.clients import Completion, build_request
+    from services.rpc.convert import chunk_from_pb
 
     done = Completion()
     with blocking_channel(address, metadata=CREDENTIAL) as ch:
@@ -227,7 +227,7 @@ def worker_generate(address: str, **request):
 def cold_tokens(model_dir, token_ids: list[int], max_tokens: int) -> list[int]:
     from worker.config import CacheConfig, EngineConfig, ModelConfig
     from worker.engine import LLMEngine
-    from worker.sampling_params import SamplingParams
+    from worker.vocab.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(model_dir)), warmup=False,
                                     cache=CacheConfig(enable_prefix_caching=False)))
@@ -269,8 +269,8 @@ def test_file_keeps_checkpoints_for_a_rollback(cluster, client, redis_server,
     request that rolls the conversation back reuses one on a third worker."""
     import redis
 
-    from services.cli import main
-    from services.seq_files import unpack_parts
+    from services.cli.main import main
+    from services.cli.seq_files import unpack_parts
     from worker.snapshot import decode
 
     path = tmp_path / "ckpt.seq"

@@ -17,13 +17,13 @@ import pytest
 import redis
 import torch
 
+from services.local.redis_server import RedisServer
 from services.metadata import keys
 from services.metadata.store import RedisStore
-from services.metrics import WorkerMetrics
-from services.redis_server import RedisServer
+from services.rpc.metrics import WorkerMetrics
+from services.worker.prompt_cache import PromptCache, layout_id
 from tests.paths import model_cache_dir
 from worker.async_engine import AsyncEngine
-from worker.block_manager import chain_hashes
 from worker.config import (
     CacheConfig,
     CheckpointConfig,
@@ -33,8 +33,8 @@ from worker.config import (
 )
 from worker.engine import LLMEngine
 from worker.loaders import load_checkpoint
-from worker.prompt_cache import PromptCache, layout_id
-from worker.sampling_params import SamplingParams
+from worker.vocab.block_hash import chain_hashes
+from worker.vocab.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 CHECKPOINTS = CheckpointConfig(max_per_sequence=4, every_tokens=1024, min_step_tokens=64)
@@ -154,7 +154,7 @@ def redis_url(redis_server) -> str:
 def entry_bytes(url: str, engine: LLMEngine) -> tuple[int, int, int]:
     """(checkpoint keys, payload bytes actually stored, bytes the books record)."""
     r = redis.Redis.from_url(url)
-    layout = layout_id(engine)
+    layout = layout_id(engine.kv)
     entries = [k for k in r.scan_iter(f"{keys.prompt_cache(layout)}:*")
                if b":ckpt:" in k or b":blk:" in k]
     num_checkpoints = sum(1 for k in entries if b":ckpt:" in k)
@@ -281,7 +281,7 @@ def test_evicted_window_comes_from_redis_with_local_blocks(tiny_model_dir,
     run, reference, node = asyncio.run(main())
     assert run.num_restored_tokens == run.num_cached_tokens == len(prompt)
     # only the checkpoint came from Redis: the full-attention blocks were still here
-    checkpoint = keys.checkpoint(layout_id(engine), chain_hashes(prompt, 16)[-1].hex())
+    checkpoint = keys.checkpoint(layout_id(engine.kv), chain_hashes(prompt, 16)[-1].hex())
     read = node.metrics.registry.get_sample_value("slotmesh_worker_checkpoint_read_bytes_total")
     assert read == redis.Redis.from_url(redis_url).strlen(checkpoint)
     assert_same_as_cold(run, reference)
@@ -327,14 +327,14 @@ def test_damaged_entry_falls_back_to_computing(gemma_tiny, redis_url, damage,
         async with Node(a_engine, redis_url) as a, Node(b_engine, redis_url) as b, \
                 Node(cold_engine, redis_url) as cold:
             await a.run(prompt, request_id="a")
-            damage(redis.Redis.from_url(redis_url), layout_id(a_engine))
+            damage(redis.Redis.from_url(redis_url), layout_id(a_engine.kv))
             return await b.run(continued, request_id="b"), await cold.run(continued), b
 
-    with caplog.at_level(logging.WARNING, logger="worker.prompt_cache"):
+    with caplog.at_level(logging.WARNING, logger="services.worker.prompt_cache"):
         run, reference, b = asyncio.run(main())
     assert b.count("slotmesh_worker_prompt_cache_fallbacks", "corrupt") == 1
     assert "damaged prompt cache entry; removing it" in caplog.text
-    damaged = keys.checkpoint(layout_id(a_engine), chain_hashes(prompt, 16)[-1].hex())
+    damaged = keys.checkpoint(layout_id(a_engine.kv), chain_hashes(prompt, 16)[-1].hex())
     assert not redis.Redis.from_url(redis_url).exists(damaged)  # a later capture rewrites it
     assert run.num_restored_tokens == 0 and run.num_computed_tokens == len(continued)
     assert_same_as_cold(run, reference)
@@ -356,7 +356,7 @@ def test_redis_down_falls_back_to_computing(gemma_tiny, caplog) -> None:
             run = await b.run(continued, request_id="b")  # its checkpoint write fails too
             return run, await cold.run(continued), b
 
-    with caplog.at_level(logging.WARNING, logger="worker.prompt_cache"):
+    with caplog.at_level(logging.WARNING, logger="services.worker.prompt_cache"):
         run, reference, b = asyncio.run(main())
     assert b.count("slotmesh_worker_prompt_cache_fallbacks", "unavailable") == 1
     assert b.count("slotmesh_worker_checkpoint_writes", "failed") >= 1
@@ -376,7 +376,7 @@ def test_entries_carry_the_cluster_key(gemma_tiny, redis_url) -> None:
     prompt = tokens(160, 31)
     continued = prompt + tokens(16, 32)
     r = redis.Redis.from_url(redis_url)
-    ckpt_key = keys.checkpoint(layout_id(a_engine), chain_hashes(prompt, 16)[-1].hex())
+    ckpt_key = keys.checkpoint(layout_id(a_engine.kv), chain_hashes(prompt, 16)[-1].hex())
 
     async def publish() -> None:
         a_engine.block_manager.reset_prefix_cache()

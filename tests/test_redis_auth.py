@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from services.local.process import child_env, spawn_service
+from services.local.redis_server import RedisServer
 from services.metadata.store import RedisStore, StoreUnavailableError
-from services.process import child_env, spawn_service
-from services.redis_server import RedisServer
 
 PASSWORD = "0f3a9c1d2e4b5a6978877665"
 

@@ -18,15 +18,15 @@ import time
 import grpc
 import pytest
 
-from services.client import Client, Completion, RpcError
-from services.health_probe import check
-from services.rpc import LIVENESS_SERVICE
+from services.client.clients import Client, Completion, RpcError
+from services.rpc.health_probe import check
+from services.rpc.plumbing import LIVENESS_SERVICE
 from tests.cluster_harness import tiny_cluster, wait_until
 from tests.test_migration import PROMPT, SAMPLING, set_draining
 from tests.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
-from worker.sampling_params import SamplingParams
+from worker.vocab.sampling_params import SamplingParams
 
 NUM_STREAMS = 8
 MAX_TOKENS = 600  # outlives the drain below on a slow machine
@@ -151,7 +151,7 @@ def test_rolling_update_of_a_worker_keeps_every_stream(cluster, routers, referen
 
 def probe(address: str) -> int:
     """The containers' HEALTHCHECK command (deploy/docker) against a live process."""
-    return subprocess.run([sys.executable, "-m", "services.health_probe", address],
+    return subprocess.run([sys.executable, "-m", "services.rpc.health_probe", address],
                           timeout=30).returncode
 
 

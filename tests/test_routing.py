@@ -8,7 +8,10 @@ import dataclasses
 import pytest
 
 from protos.slotmesh.v1 import common_pb2
-from services.convert import (
+from services.metadata.records import CorruptRecordError, WorkerRecord, decode, encode
+from services.router.policy import Candidate, LeastLoaded, PrefixAffinity, RouteRequest
+from services.router.prefix import BYTE_BLOCK, MAX_BLOCKS, TOKEN_BLOCK, prefix_hashes
+from services.rpc.convert import (
     Chunk,
     Prompt,
     chunk_from_pb,
@@ -17,11 +20,8 @@ from services.convert import (
     params_to_pb,
     request_from_pb,
 )
-from services.metadata.records import CorruptRecordError, WorkerRecord, decode, encode
-from services.router.policy import Candidate, LeastLoaded, PrefixAffinity, RouteRequest
-from services.router.prefix import BYTE_BLOCK, MAX_BLOCKS, TOKEN_BLOCK, prefix_hashes
-from worker.errors import InvalidRequestError
-from worker.sampling_params import SamplingParams
+from worker.vocab.errors import InvalidRequestError
+from worker.vocab.sampling_params import SamplingParams
 
 
 def test_sampling_params_round_trip_exactly() -> None:

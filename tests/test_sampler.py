@@ -24,7 +24,7 @@ from kernels.gumbel_noise import (
 )
 from worker import sampler as sampler_module
 from worker.sampler import GumbelHostSampler, Sampler, SampleResult, SamplingRow
-from worker.sampling_params import SamplingParams
+from worker.vocab.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 VOCAB_SIZE = 32

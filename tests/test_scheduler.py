@@ -9,10 +9,10 @@ import pytest
 
 from worker.block_manager import EMPTY, BlockManager
 from worker.config import SchedulerConfig
-from worker.errors import CapacityError
-from worker.sampling_params import SamplingParams
 from worker.scheduler import Scheduler
 from worker.sequence import Sequence, SequenceStatus
+from worker.vocab.errors import CapacityError
+from worker.vocab.sampling_params import SamplingParams
 
 BS = 4
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from worker.config import CacheConfig, EngineConfig, ModelConfig
 from worker.engine import LLMEngine
-from worker.errors import PreconditionError, SlotmeshError
-from worker.sampling_params import SamplingParams
 from worker.snapshot import Assembler, SnapshotKind, decode, encode, iter_chunks
+from worker.vocab.errors import PreconditionError, SlotmeshError
+from worker.vocab.sampling_params import SamplingParams
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # > the window of 48
 PARAMS = SamplingParams(max_tokens=90, temperature=0.9, top_k=40, top_p=0.9, seed=7,

@@ -2,7 +2,7 @@
 between them, a Redis that serves TLS only to clients with a certificate as an ACL user,
 and workers that take calls only with the cluster's credentials (docs/security.md).
 
-One cluster (a throwaway CA from services/local_ca.py, a cluster key, two workers on a
+One cluster (a throwaway CA from services/security/local_ca.py, a cluster key, two workers on a
 tiny random Gemma 3 with a 4096-token context, so a stream lives long enough to be
 migrated) serves every test here.
 """
@@ -18,17 +18,17 @@ import grpc
 import pytest
 
 from protos.slotmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.client import AsyncClient, Client, RpcError, build_request
-from services.cluster import LocalCluster, write_key_file
-from services.cluster_auth import UNAUTHENTICATED, caller_metadata
-from services.health_probe import check
-from services.local_ca import make_local_pki
+from services.client.clients import AsyncClient, Client, RpcError, build_request
+from services.local.cluster import LocalCluster, write_key_file
+from services.local.process import child_env, spawn_service
 from services.metadata.store import RedisStore, StoreUnavailableError
-from services.process import child_env, spawn_service
-from services.rpc import blocking_channel
-from services.tls import ChannelTls, RedisTls
+from services.rpc.health_probe import check
+from services.rpc.plumbing import blocking_channel
+from services.security.cluster_auth import UNAUTHENTICATED, caller_metadata
+from services.security.local_ca import make_local_pki
+from services.security.tls import ChannelTls, RedisTls
 from tests.tiny_models import make_tiny_model
-from worker.integrity import load_key
+from worker.vocab.integrity import load_key
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 MAX_TOKENS = 300
@@ -61,7 +61,7 @@ def client(cluster):
 def test_tls_cluster_generates_what_the_engine_generates(cluster, client, model_dir) -> None:
     from worker.config import EngineConfig, ModelConfig
     from worker.engine import LLMEngine
-    from worker.sampling_params import SamplingParams
+    from worker.vocab.sampling_params import SamplingParams
 
     done = client.generate(text=PROMPT, max_tokens=24, temperature=0.9, seed=7,
                            ignore_eos=True)
@@ -179,7 +179,7 @@ def test_redis_over_tls_with_an_acl_user(cluster) -> None:
 
 def test_seq_save_and_restore_over_mutual_tls(cluster, client, key_only_worker,
                                               tmp_path) -> None:
-    from services.cli import main
+    from services.cli.main import main
 
     pki = cluster.tls
     # a client certificate for the workers that require one, the cluster key for the one
@@ -204,7 +204,7 @@ def test_seq_save_and_restore_over_mutual_tls(cluster, client, key_only_worker,
 
 def test_slotmesh_generate_and_drain_over_tls(cluster, key_only_worker, capsys) -> None:
     """Runs after the other tests of the cluster: the drained worker takes no more."""
-    from services.cli import main
+    from services.cli.main import main
 
     ca = str(cluster.tls.ca)
     assert main(["generate", "--router", cluster.router_address, "--tls-ca", ca, PROMPT,
@@ -248,7 +248,7 @@ def test_a_worker_requires_a_client_certificate(cluster) -> None:
 def test_slotmesh_up_tls_prints_how_to_connect(cluster, capsys) -> None:
     """What `slotmesh up --tls` prints, for the fixture's cluster (the same LocalCluster
     it starts): the CA a client needs and the Redis URL with its password masked."""
-    from services.cluster import _print_cluster
+    from services.local.cluster import _print_cluster
 
     _print_cluster(cluster)
     out = capsys.readouterr().out
@@ -262,8 +262,8 @@ def test_slotmesh_up_tls_makes_a_ca_and_a_secured_cluster(monkeypatch) -> None:
     temporary directory, mutual TLS, a TLS Redis with an ACL user, a cluster key. (The
     processes themselves are the fixture's; starting a second cluster here would double
     this file's runtime.)"""
-    import services.cluster
-    from services.cli import main
+    import services.local.cluster
+    from services.cli.main import main
 
     seen = []
 
@@ -273,7 +273,7 @@ def test_slotmesh_up_tls_makes_a_ca_and_a_secured_cluster(monkeypatch) -> None:
         cluster.redis.close()  # made, never started
         return 0
 
-    monkeypatch.setattr(services.cluster, "_run_up", run_up)
+    monkeypatch.setattr(services.local.cluster, "_run_up", run_up)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         assert main(["up", "--tls", "--workers", "1", "--port", "0"]) == 0
@@ -324,7 +324,7 @@ def pki_files(tmp_path_factory):
 ])
 def test_bad_tls_flags_exit_2_naming_the_flag(pki_files, capsys, command, flags, flag
                                               ) -> None:
-    from services.cli import main
+    from services.cli.main import main
 
     argv = [str(a) for a in flags(*pki_files)]
     assert main([command, *argv]) == 2  # refused before Redis or the model is touched
@@ -332,7 +332,7 @@ def test_bad_tls_flags_exit_2_naming_the_flag(pki_files, capsys, command, flags,
 
 
 def test_tls_settings_come_from_the_environment_too(pki_files, capsys, monkeypatch) -> None:
-    from services.cli import main
+    from services.cli.main import main
 
     pki, _bad = pki_files
     monkeypatch.setenv("SLOTMESH_TLS_CERT", str(pki.server_cert))
@@ -347,7 +347,7 @@ def test_tls_settings_come_from_the_environment_too(pki_files, capsys, monkeypat
 
 
 def test_help_names_the_security_flags(capsys) -> None:
-    from services.cli import main
+    from services.cli.main import main
 
     for command in (["worker"], ["router"], ["drain"], ["seq", "save"], ["up"]):
         with pytest.raises(SystemExit):

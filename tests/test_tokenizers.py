@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.paths import model_cache_dir
-from worker.errors import InvalidRequestError
 from worker.loaders.gguf import read_gguf_header
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, tokenizer_from_metadata
 from worker.loaders.hub import fetch_model
 from worker.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from worker.vocab.errors import InvalidRequestError
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]

@@ -16,8 +16,8 @@ from typing import TypeVar
 
 from worker.checkpoints import Capture, PrefixRestore
 from worker.engine import LLMEngine, TokenChunk
-from worker.sampling_params import SamplingParams
 from worker.snapshot import Snapshot, SnapshotKind
+from worker.vocab.sampling_params import SamplingParams
 
 T = TypeVar("T")
 

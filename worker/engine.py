@@ -17,18 +17,18 @@ from worker import kv_transfer
 from worker.block_manager import BlockManager
 from worker.checkpoints import Checkpointer, PrefixRestore
 from worker.config import EngineConfig
-from worker.errors import InvalidRequestError, NotFoundError, PreconditionError
-from worker.kv_cache import plan_kv_layout
+from worker.kv_cache import KVView, plan_kv_layout
 from worker.loaders import load_checkpoint
 from worker.loaders.checkpoint import Checkpoint
 from worker.model_runner import ModelRunner
 from worker.models.registry import build_model
-from worker.sampling_params import SamplingParams
 from worker.scheduler import Scheduler
 from worker.sequence import Sequence, SequenceStatus
 from worker.snapshot import Snapshot, SnapshotKind
 from worker.stops import StopStringMatcher
 from worker.tokenizer import IncrementalDetokenizer
+from worker.vocab.errors import InvalidRequestError, NotFoundError, PreconditionError
+from worker.vocab.sampling_params import SamplingParams
 from worker.warmup import check_attention_backend, warmup
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,15 @@ class LLMEngine:
                                   self.max_model_len, config.scheduler.max_num_seqs,
                                   self.device, self.dtype)
         self.attention_backend = check_attention_backend(args, self.device, self.dtype)
+        self.kv = KVView(block_manager=self.block_manager,
+                         kv_caches=tuple(self.runner.kv_caches),
+                         layers_per_group=tuple(layout.layers_per_group),
+                         fingerprint=self.fingerprint, model_name=self.model_name,
+                         dtype=config.model.dtype, device=self.device,
+                         num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                         max_model_len=self.max_model_len)
         checkpoints = None if config.cache.swa_full else config.checkpoints
-        self.checkpoints = Checkpointer(self, checkpoints)
+        self.checkpoints = Checkpointer(self.kv, checkpoints)
         self._outputs: dict[str, _Output] = {}
         self._arrivals = 0
         if config.warmup:
@@ -221,7 +228,7 @@ class LLMEngine:
             raise NotFoundError(f"request_id: no running request {request_id!r}")
         if seq.status == SequenceStatus.MIGRATING:
             raise PreconditionError(f"{request_id!r} is already being exported")
-        snap = kv_transfer.export_snapshot(self, seq, self._outputs[request_id].stops.emitted,
+        snap = kv_transfer.export_snapshot(self.kv, seq, self._outputs[request_id].stops.emitted,
                                            kind)
         if pause:
             self.scheduler.pause(seq)
@@ -245,7 +252,7 @@ class LLMEngine:
         """Continue a snapshot's sequence here. Everything is checked before a block is
         taken; with KV for every group the sequence resumes exactly where it was, else
         its KV is recomputed after the prefix `restore` (from the cluster cache)."""
-        kv_transfer.check_compatible(self, snap)
+        kv_transfer.check_compatible(self.kv, snap)
         params = SamplingParams.from_dict(snap.params)
         rid = request_id or snap.request_id
         prompt = snap.token_ids[:snap.num_prompt_tokens]
@@ -257,7 +264,7 @@ class LLMEngine:
         state = self._output_state(seq, snap.emitted_chars)
         if kv_transfer.is_complete(snap):
             self.scheduler.check_capacity(seq)
-            kv_transfer.install(self, seq, snap)
+            kv_transfer.install(self.kv, seq, snap)
             self.scheduler.add_with_kv(seq)
         else:
             self._queue(seq, restore)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.chaos import SCENARIOS, ChaosConfig, format_report, run_chaos, start_cluster
+from services.tools.chaos import SCENARIOS, ChaosConfig, format_report, run_chaos, start_cluster
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.errors import ModelLoadError
 from worker.loaders.checkpoint import Checkpoint
+from worker.vocab.errors import ModelLoadError
 
 
 def load_checkpoint(name_or_path: str, cache_dir: Path) -> Checkpoint:

@@ -30,10 +30,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from worker.errors import ModelLoadError
 from worker.loaders.checkpoint import Checkpoint
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, eos_token_ids
 from worker.loaders.hub import file_sha256
+from worker.vocab.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 

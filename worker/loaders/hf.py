@@ -11,9 +11,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from worker.errors import ModelLoadError
 from worker.loaders.checkpoint import Checkpoint
 from worker.tokenizer import Tokenizer
+from worker.vocab.errors import ModelLoadError
 
 
 def load_hf_dir(path: str | Path, name: str | None = None) -> Checkpoint:

@@ -22,12 +22,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from worker.errors import InvalidRequestError
 from worker.loaders.checkpoint import Checkpoint
 from worker.loaders.hf import load_hf_dir
 from worker.models.decoder import DecoderModel
 from worker.training.export import staged_dir, write_json, write_model_dir
 from worker.training.optim import flat_state
+from worker.vocab.errors import InvalidRequestError
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"

@@ -1,6 +1,6 @@
 """`slotmesh finetune` and `slotmesh bench finetune`: flags → FinetuneConfig → run.
 
-services/cli.py registers these with `add_finetune_parser(sub)` and
+services/cli/main.py registers these with `add_finetune_parser(sub)` and
 `add_finetune_bench_parser(bench_sub)`; bad input raises SlotmeshError,
 which the entry point turns into one message and exit code 2.
 """
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from worker.errors import InvalidRequestError
+from worker.vocab.errors import InvalidRequestError
 
 _DESCRIPTION = """\
 Fine-tune a served model on a UTF-8 text file and write a Hugging Face directory

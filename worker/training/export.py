@@ -22,10 +22,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from worker.errors import InvalidRequestError
 from worker.loaders.checkpoint import Checkpoint
 from worker.models.decoder import DecoderModel
 from worker.models.registry import hf_state_dict
+from worker.vocab.errors import InvalidRequestError
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "generation_config.json")

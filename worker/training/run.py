@@ -16,7 +16,6 @@ from typing import TextIO
 
 import torch
 
-from worker.errors import InvalidRequestError
 from worker.loaders import load_checkpoint
 from worker.loaders.checkpoint import Checkpoint
 from worker.models.decoder import DecoderModel
@@ -45,6 +44,7 @@ from worker.training.optim import (
 )
 from worker.training.schedule import LRSchedule
 from worker.training.trainer import Interrupt, Trainer, TrainState
+from worker.vocab.errors import InvalidRequestError
 
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by SIGINT"
 

@@ -209,7 +209,7 @@ def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys) -> None:
 
 
 def test_bench_child_measures_a_real_step(tiny_model_dir) -> None:
-    from worker.training.bench import _child
+    from services.tools.bench_finetune import _child
 
     spec = {"model": str(tiny_model_dir("llama")), "cache_dir": "/nonexistent",
             "device": "cpu", "ctx": 16, "batch": 1, "steps": 2}

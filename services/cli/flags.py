@@ -116,3 +116,11 @@ def client_tls(args: argparse.Namespace) -> ChannelTls | None:
 
 def has_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --cache-dir, shared by finetune and bench finetune."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where known models are fetched to (default: $SLOTMESH_CACHE or "
+                        "~/.cache/slotmesh)")

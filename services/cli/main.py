@@ -370,9 +370,9 @@ def _seq_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     from services.tools.bench_cluster import add_cluster_bench_parser
     from services.tools.bench_engine import add_bench_parser
+    from services.tools.bench_finetune import add_finetune_bench_parser
     from services.tools.bench_migration import add_migration_bench_parser
     from services.tools.bench_swa import add_swa_bench_parser
-    from worker.training.cli import add_finetune_bench_parser
 
     bench_sub = add_bench_parser(sub, flags.add_model_flags)
     add_cluster_bench_parser(bench_sub, flags.add_model_flags)
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fetch_model_parser(sub)
     _seq_parser(sub)
     if flags.has_torch():  # the slim router image has no torch: no benchmarks or training there
-        from worker.training.cli import add_finetune_parser
+        from services.cli.finetune import add_finetune_parser
 
         _bench_parser(sub)
         _chaos_parser(sub)

@@ -1,6 +1,6 @@
 """`slotmesh bench finetune`: AdamW against SGD on one model, in one run.
 
-Each measurement runs in a fresh child process (`python -m worker.training.bench SPEC`)
+Each measurement runs in a fresh child process (`python -m services.tools.bench_finetune SPEC`)
 that loads the model in float32, builds the optimizer over every parameter and runs
 --steps optimizer steps of the fine-tuning `Trainer` itself on --batch windows of --ctx
 random tokens. The child reports its peak resident memory during the steps (weights,
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from services.cli.flags import add_device_flags
+
 OPTIMIZER_NAMES = ("adamw", "sgd")
 _CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 _PROBE_STEPS = 2  # AdamW's peak comes in the second step, once its moments exist
@@ -38,8 +40,6 @@ _MAX_WALK = 6  # probes after the prediction, per optimizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from worker.training.cli import add_device_flags
-
     p.add_argument("--model", default="smollm2-135m",
                    help="known name, GGUF file or HF directory (default: %(default)s)")
     p.add_argument("--ctx", type=int, default=256, help="context per window (default: 256)")
@@ -54,6 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-max-ctx", action="store_true", help="skip the largest-context search")
     add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_finetune_bench_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("finetune", help="AdamW vs SGD: peak memory, tokens/s, "
+                                              "largest context under a memory cap",
+                             description=run_bench.__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -128,7 +136,7 @@ def _measure(spec: dict, plain_malloc: bool = False) -> dict:
     is (every large free then costs an munmap and every reuse fresh page faults, which
     on two busy cores made steps several times slower).
     """
-    cmd = [sys.executable, "-m", "worker.training.bench", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "services.tools.bench_finetune", json.dumps(spec)]
     env = os.environ if plain_malloc else os.environ | _CHILD_ENV
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:

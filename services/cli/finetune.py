@@ -1,7 +1,7 @@
-"""`slotmesh finetune` and `slotmesh bench finetune`: flags → FinetuneConfig → run.
+"""`slotmesh finetune`: flags → FinetuneConfig → run.
 
-services/cli/main.py registers these with `add_finetune_parser(sub)` and
-`add_finetune_bench_parser(bench_sub)`; bad input raises SlotmeshError,
+services/cli/main.py registers this with `add_finetune_parser(sub)` (the benchmark's
+flags are in services/tools/bench_finetune.py); bad input raises SlotmeshError,
 which the entry point turns into one message and exit code 2.
 """
 
@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from services.cli.flags import add_device_flags
 from worker.vocab.errors import InvalidRequestError
 
 _DESCRIPTION = """\
@@ -72,14 +73,6 @@ def add_finetune_parser(sub) -> None:
     p.set_defaults(func=run_finetune_command)
 
 
-def add_device_flags(p: argparse.ArgumentParser) -> None:
-    """--device and --cache-dir, shared by finetune and bench finetune."""
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where known models are fetched to (default: $SLOTMESH_CACHE or "
-                        "~/.cache/slotmesh)")
-
-
 def finetune_config(args: argparse.Namespace):
     from worker.loaders.hub import default_cache_dir
     from worker.training.config import FinetuneConfig
@@ -108,13 +101,3 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         print("\ninterrupted; no checkpoint written", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_INTERRUPTED if result.interrupted else 0
-
-
-def add_finetune_bench_parser(bench_sub) -> None:
-    from worker.training.bench import add_arguments, run_bench
-
-    p = bench_sub.add_parser("finetune", help="AdamW vs SGD: peak memory, tokens/s, "
-                                              "largest context under a memory cap",
-                             description=run_bench.__doc__)
-    add_arguments(p)
-    p.set_defaults(func=run_bench)

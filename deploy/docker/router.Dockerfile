@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The slotmesh router: no torch, no numpy, no model (the router side imports neither;
-# tests/test_protos.py checks it). Build from the repository root:
+# tests/protos/test_protos.py checks it). Build from the repository root:
 #   docker build -f deploy/docker/router.Dockerfile -t slotmesh-router .
 # The Python install is scripts/install-python.sh (target `router`), the script CI's
 # setup runs too.

@@ -12,6 +12,8 @@ import pytest
 
 from services.tools.chaos import SCENARIOS, ChaosConfig, format_report, run_chaos, start_cluster
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir) -> ChaosConfig:

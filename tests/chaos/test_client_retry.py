@@ -13,6 +13,8 @@ from services.client.clients import AsyncClient, Client, RetryPolicy, RpcError
 from services.local.redis_server import RedisServer, free_port
 from tests.cluster_harness import tiny_cluster
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
 REQUEST = dict(text="retry me", max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)
 

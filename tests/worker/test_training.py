@@ -50,6 +50,7 @@ def test_causal_attention_matches_reference(window) -> None:
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow  # imports transformers
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_forward_matches_transformers(family, tiny_model_dir) -> None:
     """forward_dense (full causal attention, sliding window, no KV cache) gives the logits

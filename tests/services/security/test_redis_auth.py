@@ -14,6 +14,8 @@ from services.local.process import child_env, spawn_service
 from services.local.redis_server import RedisServer
 from services.metadata.store import RedisStore, StoreUnavailableError
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 PASSWORD = "0f3a9c1d2e4b5a6978877665"
 
 

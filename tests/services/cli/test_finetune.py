@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from services.cli.main import main
-from tests.conftest import REPO
+from tests.paths import REPO
 from tests.tiny_models import tiny_config, write_tokenizer
 from worker.loaders.hf import load_hf_dir
 from worker.tokenizer import Tokenizer
 from worker.training.export import MODEL_FILES
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.slow]  # trains real steps; runs subprocesses
 
 TEXT = ("Once upon a time there was a little engine that served tokens. "
         "The quick brown fox jumps over the lazy dog. ")

@@ -19,6 +19,8 @@ from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
 from worker.vocab.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 PROMPTS = [f"Request number {i}: the quick brown fox jumps over" for i in range(8)]
 
 

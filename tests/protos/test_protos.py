@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from protos.generate import PROTO_DIR, ROOT, proto_files, stale_files
 
 
@@ -31,6 +33,7 @@ def test_every_message_field_and_rpc_is_commented() -> None:
     assert (ROOT / PROTO_DIR / "router_pb2.pyi").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_router_and_client_import_no_torch() -> None:
     code = ("import sys, services.router.server, services.client.clients, services.local.cluster; "
             "sys.exit('torch' in sys.modules)")

@@ -26,6 +26,7 @@ NUM_TOKENS = 64
 MIN_AGREEMENT = 0.99
 
 
+@pytest.mark.slow  # real models in slotmesh and in transformers
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"])
 def test_top1_agreement_with_transformers(name: str, model_cache) -> None:
     import transformers as tf

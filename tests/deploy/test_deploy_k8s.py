@@ -23,8 +23,10 @@ import pytest
 import yaml
 
 from services.rpc.plumbing import LIVENESS_SERVICE
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "external-redis")
 KUBERNETES_VERSION = "1.37"

@@ -11,8 +11,6 @@ from tests.paths import model_cache_dir
 from worker.loaders import hub
 from worker.vocab.errors import ModelLoadError, UnknownModelError
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def cache_dir() -> Path:
     return model_cache_dir()

@@ -16,6 +16,8 @@ from services.security.auth import UNAUTHENTICATED, entry_for, load_tokens, new_
 from tests.cluster_harness import wait_until
 from worker.vocab.errors import InvalidRequestError
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 ADMIN, USER, ONE_STREAM, TEN_PER_MINUTE = (new_token() for _ in range(4))
 
 

@@ -17,7 +17,6 @@ from worker.loaders.hub import fetch_model
 from worker.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from worker.vocab.errors import InvalidRequestError
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
 
 TRICKY = [
@@ -90,12 +89,14 @@ def pair(request):
     return request.param, our_tokenizer(request.param), reference_ids(request.param)
 
 
+@pytest.mark.slow  # loads the real models' tokenizers and transformers'
 @pytest.mark.parametrize("text", TRICKY)
 def test_encode_matches_transformers(pair, text):
     name, ours, reference = pair
     assert ours.encode(text, add_special_tokens=False) == reference[text], (name, text)
 
 
+@pytest.mark.slow  # loads the real models' tokenizers and transformers'
 def test_bos_policy_follows_gguf(pair):
     name, ours, _ = pair
     ids = ours.encode("hi")
@@ -104,12 +105,14 @@ def test_bos_policy_follows_gguf(pair):
     assert ours.encode("hi", add_special_tokens=False) == ids[int(ours.add_bos):]
 
 
+@pytest.mark.slow  # loads the real models' tokenizers and transformers'
 @pytest.mark.parametrize("text", TRICKY)
 def test_decode_round_trips(pair, text):
     _, ours, _ = pair
     assert ours.decode(ours.encode(text, add_special_tokens=False)) == text
 
 
+@pytest.mark.slow  # loads the real models' tokenizers and transformers'
 def test_special_tokens_in_text_are_single_ids(pair):
     name, ours, _ = pair
     marker = "<end_of_turn>" if name.startswith("gemma") else "<|im_end|>"
@@ -127,6 +130,7 @@ STREAM_TEXTS = [
 ]
 
 
+@pytest.mark.slow  # loads the real models' tokenizers and transformers'
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_incremental_detokenizer(pair, text):
     _, ours, _ = pair

@@ -30,6 +30,8 @@ from services.security.tls import ChannelTls, RedisTls
 from tests.tiny_models import make_tiny_model
 from worker.vocab.integrity import load_key
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 MAX_TOKENS = 300
 

@@ -16,7 +16,6 @@ from worker.loaders.gguf import dequantize_tensor, load_gguf, read_gguf_header
 from worker.loaders.hub import fetch_model
 from worker.vocab.errors import ModelLoadError
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS, COLS = 8, 512
 QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 # Types gguf can only dequantize: random blocks with sane fp16 scales at these byte offsets.
@@ -87,6 +86,7 @@ def test_k_quants_match_gguf_dequantize(tmp_path, qtype):
     assert got.shape == (ROWS, COLS) and np.isfinite(got).all()
 
 
+@pytest.mark.slow  # reads a real model file
 def test_real_k_quant_tensors_from_gemma3(tmp_path):
     """Q4_K / Q6_K / Q5_0 / Q8_0 blocks as llama.cpp wrote them, copied into a new file."""
     source = fetch_model("gemma3-270m", cache_dir())

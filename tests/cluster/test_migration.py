@@ -20,6 +20,8 @@ from services.security.cluster_auth import caller_metadata
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 from tests.tiny_models import make_tiny_model
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 CLUSTER_KEY = bytes(range(100, 132))
 CREDENTIAL = caller_metadata(CLUSTER_KEY)  # what a worker with the key asks its callers for
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"

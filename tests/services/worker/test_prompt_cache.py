@@ -4,7 +4,7 @@ compute only the new tokens, with the logits of a cold run; damaged entries and 
 missing Redis fall back to computing; the byte budget holds.
 
 Workers here are engines in this process with the worker's real PromptCache and
-RedisStore (no gRPC; tests/test_migration.py covers the served path)."""
+RedisStore (no gRPC; tests/cluster/test_migration.py covers the served path)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from worker.engine import LLMEngine
 from worker.loaders import load_checkpoint
 from worker.vocab.block_hash import chain_hashes
 from worker.vocab.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 CHECKPOINTS = CheckpointConfig(max_per_sequence=4, every_tokens=1024, min_step_tokens=64)

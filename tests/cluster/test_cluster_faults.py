@@ -17,6 +17,8 @@ from services.local.redis_server import RedisServer, free_port
 from services.metadata import keys
 from tests.cluster_harness import tiny_cluster, wait_until
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 TTL_S = 2.0  # heartbeat expiry of the workers in these tests
 POLL_S = 0.25  # the router's registry poll
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.paths import REPO
 from worker.checkpoints import decode_block, encode_block
 from worker.snapshot import GroupKV, Snapshot, SnapshotKind, decode, encode
 from worker.vocab.errors import (
@@ -24,7 +25,6 @@ from worker.vocab.integrity import load_key
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
-REPO = Path(__file__).resolve().parents[1]
 
 
 def snapshot() -> Snapshot:

@@ -21,12 +21,14 @@ import pytest
 from services.client.clients import Client, Completion, RpcError
 from services.rpc.health_probe import check
 from services.rpc.plumbing import LIVENESS_SERVICE
+from tests.cluster.test_migration import PROMPT, SAMPLING, set_draining
+from tests.cluster.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
 from tests.cluster_harness import tiny_cluster, wait_until
-from tests.test_migration import PROMPT, SAMPLING, set_draining
-from tests.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
 from worker.vocab.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
 
 NUM_STREAMS = 8
 MAX_TOKENS = 600  # outlives the drain below on a slow machine

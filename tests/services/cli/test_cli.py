@@ -74,6 +74,7 @@ def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
     assert report["device_to_host_bytes_per_step"]["2"]["device_sampling"] == 8
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_worker_is_slotmesh_worker() -> None:
     import subprocess
     import sys

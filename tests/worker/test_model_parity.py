@@ -21,6 +21,7 @@ PROMPT_LENGTHS = [37, 70, 100]
 DECODE_STEPS = 32
 
 
+@pytest.mark.slow  # imports transformers (10-20 s on the dev machine)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(family: str, tmp_path) -> None:
     import transformers as tf
@@ -46,6 +47,7 @@ def test_logits_match_transformers(family: str, tmp_path) -> None:
             assert diff <= TOLERANCE, f"{family}: position {pos} differs by {diff}"
 
 
+@pytest.mark.slow  # imports transformers
 def test_sharded_safetensors_load_the_same(tiny_model_dir, tmp_path) -> None:
     import transformers as tf
 

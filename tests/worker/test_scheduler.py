@@ -45,6 +45,7 @@ def run_to_completion(s: Scheduler, max_steps: int = 10_000) -> int:
 
 
 @pytest.mark.parametrize("module", ["worker.scheduler", "worker.block_manager"])
+@pytest.mark.slow  # a fresh interpreter per module
 def test_imports_without_torch(module: str) -> None:
     code = (f"import sys; sys.modules['torch'] = None; import {module}; "
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")

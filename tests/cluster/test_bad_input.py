@@ -32,6 +32,8 @@ from services.rpc.plumbing import channel
 from services.security.cluster_auth import CREDENTIAL_METADATA, UNAUTHENTICATED, caller_metadata
 from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
 
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 CLUSTER_KEY = bytes(range(7, 39))
 OTHER_KEY = bytes(32)
 CREDENTIAL = caller_metadata(CLUSTER_KEY)  # what the workers ask their callers for

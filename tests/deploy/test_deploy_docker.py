@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
+
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
+
 DOCKER = REPO / "deploy" / "docker"
 IMAGES = {  # Dockerfile -> (install target, the process, torch build index or None)
     "worker-cpu.Dockerfile": ("worker", "worker", "https://download.pytorch.org/whl/cpu"),

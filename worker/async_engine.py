@@ -18,6 +18,7 @@ from worker.checkpoints import Capture, PrefixRestore
 from worker.engine import LLMEngine, TokenChunk
 from worker.snapshot import Snapshot, SnapshotKind
 from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.tasks import BackgroundTask
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ class AsyncEngine:
         self._control: list[Callable[[], None]] = []
         self._wakeup = asyncio.Event()
         self._streams: dict[str, asyncio.Queue[TokenChunk]] = {}
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("engine-loop")
         # the step's own thread: asyncio.to_thread's shared pool also runs tokenizing and
         # snapshot encoding, and a pool busy with those must not delay the next step
         self._stepper: ThreadPoolExecutor | None = None
@@ -40,15 +41,10 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._stepper = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        self._task = asyncio.create_task(self._loop(), name="engine-loop")
-        self._task.add_done_callback(_log_death)
+        self._task.start(self._loop(), on_done=_log_death)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
         if self._stepper is not None:
             self._stepper.shutdown(wait=False)
             self._stepper = None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
+
+from worker.vocab.tasks import BackgroundTask
 
 
 class Periodic:
@@ -13,11 +14,11 @@ class Periodic:
         self.tick = tick
         self.interval_s = interval_s
         self.name = name
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask(name)
 
     def start(self) -> None:
         """First tick after one interval (callers usually tick once themselves first)."""
-        self._task = asyncio.create_task(self._run(), name=self.name)
+        self._task.start(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -25,8 +26,4 @@ class Periodic:
             await self.tick()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()

@@ -19,7 +19,6 @@ the fallback is logged and counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -39,6 +38,7 @@ from worker.vocab.errors import (
     PermissionDeniedError,
     PreconditionError,
 )
+from worker.vocab.tasks import BackgroundTask
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,14 @@ class PromptCache:
         self._shapes = self.checkpoints.full_block_shapes()
         self._pending: deque[Capture] = deque()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("prompt-cache-writer")
         self._is_healthy = True
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="prompt-cache-writer")
+        self._task.start(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
 
     # -- publishing ------------------------------------------------------------------------
 

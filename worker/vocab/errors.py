@@ -31,10 +31,6 @@ class CapacityError(SlotmeshError):
     """The KV pool or the queue cannot take a request, even after preemption."""
 
 
-class StepError(SlotmeshError):
-    """An engine step failed; only the sequences of that step are failed with it."""
-
-
 class NotFoundError(SlotmeshError):
     """No running request (or worker) has the given id."""
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import REPO
+
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("services", "worker", "kernels")
 
 

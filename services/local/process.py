@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 READY = "SLOTMESH_READY"
+_REPO = Path(__file__).resolve().parents[2]  # children run from the repository root
 
 
 def announce_ready(address: str, metrics_address: str | None) -> None:
@@ -54,7 +55,7 @@ class ServiceProcess:
 
 def spawn_service(name: str, argv: list[str], *, timeout_s: float = 300.0,
                   stderr: IO | int | None = None, env: dict | None = None) -> ServiceProcess:
-    """Start `python -m services.cli.main ARGV…` and wait for its ready line."""
+    """Start `python -m services.cli ARGV…` and wait for its ready line."""
     [proc] = spawn_services([(name, argv, stderr)], timeout_s=timeout_s, env=env)
     return proc
 
@@ -67,7 +68,7 @@ def spawn_services(specs: list[tuple[str, list[str], IO | int | None]], *,
         for name, argv, stderr in specs:
             cmd = [sys.executable, "-m", "services.cli", *argv]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env,
-                                    cwd=Path(__file__).resolve().parent.parent, text=True,
+                                    cwd=_REPO, text=True,
                                     start_new_session=True)  # Ctrl-C reaches the parent only
             started.append((name, proc))
         ready = []

@@ -192,7 +192,7 @@ def test_help_lists_finetune(capsys) -> None:
 def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys) -> None:
     """The benchmark's plumbing with the child processes replaced by a fake that grows
     linearly with the context: ratio, and the largest context under the cap."""
-    from worker.training import bench
+    from services.tools import bench_finetune as bench
 
     def fake(spec: dict, plain_malloc: bool = False) -> dict:
         base = {"adamw": 4000, "sgd": 2000}[spec["optimizer"]]

@@ -18,6 +18,7 @@ from worker.checkpoints import Capture, PrefixRestore
 from worker.engine import LLMEngine, TokenChunk
 from worker.snapshot import Snapshot, SnapshotKind
 from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.streams import Resume
 from worker.vocab.tasks import BackgroundTask
 
 T = TypeVar("T")
@@ -50,11 +51,12 @@ class AsyncEngine:
             self._stepper = None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
+                       params: SamplingParams, *, resume: Resume | None = None
+                       ) -> AsyncIterator[TokenChunk]:
         """Stream the request's chunks; validation errors raise before the first one.
-        Leaving the iteration early aborts the request. `resume` takes add_request's
-        output_token_ids / emitted_chars (failover replay)."""
-        stream = await self.submit(request_id, prompt_token_ids, params, **resume)
+        Leaving the iteration early aborts the request. `resume`: the output another
+        worker already streamed (failover replay)."""
+        stream = await self.submit(request_id, prompt_token_ids, params, resume=resume)
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 yield chunk
@@ -68,10 +70,11 @@ class AsyncEngine:
                 yield chunk
 
     async def submit(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
+                     params: SamplingParams, *, resume: Resume | None = None,
+                     restore: PrefixRestore | None = None) -> AsyncIterator[TokenChunk]:
         """Add the request (raising its validation error here) and return its stream."""
         return await self._stream(request_id, lambda: self.engine.add_request(
-            request_id, prompt_token_ids, params, **resume))
+            request_id, prompt_token_ids, params, resume=resume, restore=restore))
 
     async def submit_import(self, snap: Snapshot, request_id: str | None = None,
                             restore: PrefixRestore | None = None

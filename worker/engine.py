@@ -29,6 +29,7 @@ from worker.stops import StopStringMatcher
 from worker.tokenizer import IncrementalDetokenizer
 from worker.vocab.errors import InvalidRequestError, NotFoundError, PreconditionError
 from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.streams import Resume
 from worker.warmup import check_attention_backend, warmup
 
 log = logging.getLogger(__name__)
@@ -174,15 +175,16 @@ class LLMEngine:
                        "-token context)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, *, output_token_ids: list[int] | None = None,
-                    emitted_chars: int = 0, restore: PrefixRestore | None = None) -> Sequence:
-        """Queue a request. output_token_ids (with emitted_chars, the text already handed
-        out) resumes one whose earlier tokens were produced elsewhere: a failover replay
-        or a TOKENS_ONLY import. Its KV is recomputed (or found in the prefix cache).
+                    params: SamplingParams, *, resume: Resume | None = None,
+                    restore: PrefixRestore | None = None) -> Sequence:
+        """Queue a request. resume (output tokens, and the characters of their text already
+        handed out) continues one whose earlier tokens were produced elsewhere: a failover
+        replay. Its KV is recomputed (or found in the prefix cache).
         restore, a prefix fetched from the cluster cache, is installed unless the local
         cache has as much or the pools lack room (then it is computed as usual)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids or [], params)
-        state = self._output_state(seq, emitted_chars)
+        output_ids = list(resume.output_token_ids) if resume is not None else []
+        seq = self._new_sequence(request_id, prompt_token_ids, output_ids, params)
+        state = self._output_state(seq, resume.emitted_chars if resume is not None else 0)
         self._queue(seq, restore)
         self._arrivals += 1
         self._outputs[request_id] = state

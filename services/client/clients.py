@@ -50,7 +50,6 @@ from services.rpc.convert import (
     Chunk,
     GenerationRequest,
     Prompt,
-    Resume,
     chunk_from_pb,
     params_from_pb,
     request_to_pb,
@@ -58,6 +57,7 @@ from services.rpc.convert import (
 from services.security.auth import default_token
 from services.security.tls import ChannelTls
 from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.streams import Resume
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from services.metadata.records import WorkerRecord
 from worker.vocab.errors import InvalidRequestError
 from worker.vocab.sampling_params import SamplingParams
 from worker.vocab.snapshot_kind import SnapshotKind
+from worker.vocab.streams import Resume
 
 MAX_REQUEST_ID_CHARS = 128
 
@@ -45,14 +46,6 @@ class Prompt:
         return {"prompt": self.text, "messages": messages,
                 "prompt_token_ids": list(self.token_ids) if self.token_ids is not None
                 else None}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Resume:
-    """Output already streamed by another worker (failover replay)."""
-
-    output_token_ids: tuple[int, ...]
-    emitted_chars: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -81,15 +81,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # in a thread: a long prompt takes a while and the tokenizer releases the GIL
         prompt_ids = await asyncio.to_thread(self.engine.encode_prompt,
                                              **req.prompt.as_engine_kwargs())
-        resume = {}
-        if req.resume is not None:
-            resume = {"output_token_ids": list(req.resume.output_token_ids),
-                      "emitted_chars": req.resume.emitted_chars}
-        restore = await self._lookup([*prompt_ids, *resume.get("output_token_ids", ())])
+        resumed = req.resume.output_token_ids if req.resume is not None else ()
+        restore = await self._lookup([*prompt_ids, *resumed])
         stream = await self.aengine.submit(request_id, prompt_ids, req.params,
-                                           restore=restore, **resume)
-        first = {"num_prompt_tokens": len(prompt_ids),
-                 "num_resumed_tokens": len(resume.get("output_token_ids", ()))}
+                                           resume=req.resume, restore=restore)
+        first = {"num_prompt_tokens": len(prompt_ids), "num_resumed_tokens": len(resumed)}
         async for msg in self._relay(stream, first):
             yield msg
 

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from worker.checkpoints import Capture, PrefixRestore
-from worker.engine import LLMEngine, TokenChunk
+from worker.engine import LLMEngine
 from worker.snapshot import Snapshot, SnapshotKind
 from worker.vocab.sampling_params import SamplingParams
-from worker.vocab.streams import Resume
+from worker.vocab.streams import Resume, TokenChunk
 from worker.vocab.tasks import BackgroundTask
 
 T = TypeVar("T")
@@ -128,7 +128,7 @@ class AsyncEngine:
             if found and committed:
                 queue = self._streams.pop(request_id, None)
                 if queue is not None:
-                    queue.put_nowait(TokenChunk(request_id, [], "", "migrated"))
+                    queue.put_nowait(TokenChunk(request_id, (), "", "migrated"))
             return found
 
         return await self.call(commit)
@@ -159,7 +159,7 @@ class AsyncEngine:
             found = self.engine.abort(request_id)
             queue = self._streams.pop(request_id, None)
             if queue is not None:
-                queue.put_nowait(TokenChunk(request_id, [], "", "abort"))
+                queue.put_nowait(TokenChunk(request_id, (), "", "abort"))
             return found
 
         return await self.call(abort)
@@ -196,7 +196,7 @@ class AsyncEngine:
         chunks = []
         for request_id in list(self._streams):
             self.engine.abort(request_id)
-            chunks.append(TokenChunk(request_id, [], "", "error",
+            chunks.append(TokenChunk(request_id, (), "", "error",
                                      error=f"{type(error).__name__}: {error}"))
         return chunks
 

@@ -29,7 +29,7 @@ from worker.stops import StopStringMatcher
 from worker.tokenizer import IncrementalDetokenizer
 from worker.vocab.errors import InvalidRequestError, NotFoundError, PreconditionError
 from worker.vocab.sampling_params import SamplingParams
-from worker.vocab.streams import Resume
+from worker.vocab.streams import Resume, TokenChunk
 from worker.warmup import check_attention_backend, warmup
 
 log = logging.getLogger(__name__)
@@ -39,21 +39,6 @@ log = logging.getLogger(__name__)
 # whitespace pack more (one token can be 100+ spaces).
 MAX_PROMPT_CHARS_PER_TOKEN = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenChunk:
-    """What one step produced for one request. finish_reason set on the last chunk."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    error: str | None = None
-    seed: int | None = None  # on a sequence's first chunk: the seed it samples with
-    num_cached_tokens: int | None = None  # on the first chunk: prompt tokens not computed
 
 
 @dataclass(slots=True)
@@ -324,7 +309,7 @@ class LLMEngine:
             seq = item.seq
             self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
             self._forget(seq.seq_id)
-            chunks.append(TokenChunk(seq.seq_id, [], "", "error",
+            chunks.append(TokenChunk(seq.seq_id, (), "", "error",
                                      error=f"{type(error).__name__}: {error}"))
         return chunks
 
@@ -347,9 +332,9 @@ class LLMEngine:
         first = state.is_first
         state.is_first = False
         return TokenChunk(
-            seq.seq_id, [token_id], delta, seq.status.finish_reason,
-            logprobs=[result.logprob] if want_lp else None,
-            top_logprobs=[result.top_logprobs] if want_lp else None,
+            seq.seq_id, (token_id,), delta, seq.status.finish_reason,
+            logprobs=(result.logprob,) if want_lp else (),
+            top_logprobs=(tuple(result.top_logprobs),) if want_lp else (),
             seed=seq.seed if first else None,
             num_cached_tokens=seq.num_cached_tokens if first else None,
         )

@@ -47,7 +47,6 @@ import grpc
 from protos.slotmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 from services.rpc import plumbing as rpc
 from services.rpc.convert import (
-    Chunk,
     GenerationRequest,
     Prompt,
     chunk_from_pb,
@@ -57,7 +56,7 @@ from services.rpc.convert import (
 from services.security.auth import default_token
 from services.security.tls import ChannelTls
 from worker.vocab.sampling_params import SamplingParams
-from worker.vocab.streams import Resume
+from worker.vocab.streams import Resume, TokenChunk
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class Completion:
     num_cached_tokens: int = 0  # prompt tokens served from a prefix or prompt cache
     worker_id: str = ""
 
-    def add(self, chunk: Chunk) -> None:
+    def add(self, chunk: TokenChunk) -> None:
         self.request_id = self.request_id or chunk.request_id
         self.text += chunk.text
         self.token_ids.extend(chunk.token_ids)
@@ -148,7 +147,7 @@ class _Attempts:
         resume = self.received if self.received.token_ids else None
         return build_request(**self.request, resume=resume)
 
-    def on_chunk(self, chunk: Chunk) -> None:
+    def on_chunk(self, chunk: TokenChunk) -> None:
         self.received.add(chunk)
         if self.request.get("seed") is None and chunk.seed:
             self.request["seed"] = chunk.seed  # the resumed call samples with the same one
@@ -342,7 +341,7 @@ class Client(_Connections):
         for channel in self._channels.values():
             channel.close()
 
-    def stream(self, **request) -> Iterator[Chunk]:
+    def stream(self, **request) -> Iterator[TokenChunk]:
         """Yield chunks as they arrive. Breaking out of the loop cancels the request.
         With a retry policy, a stream broken by UNAVAILABLE continues where it broke."""
         if self.retry is None:
@@ -362,7 +361,7 @@ class Client(_Connections):
                 self.num_retries += 1
             time.sleep(wait_s)
 
-    def _call(self, stub, message) -> Iterator[Chunk]:
+    def _call(self, stub, message) -> Iterator[TokenChunk]:
         call = stub.Generate(message, timeout=self.timeout)
         try:
             for msg in call:
@@ -422,7 +421,7 @@ class AsyncClient(_Connections):
         for channel in self._channels.values():
             await channel.close()
 
-    async def stream(self, **request) -> AsyncIterator[Chunk]:
+    async def stream(self, **request) -> AsyncIterator[TokenChunk]:
         if self.retry is None:
             async with contextlib.aclosing(self._call(self._stub,
                                                       build_request(**request))) as chunks:
@@ -443,7 +442,7 @@ class AsyncClient(_Connections):
                 self.num_retries += 1
             await asyncio.sleep(wait_s)
 
-    async def _call(self, stub, message) -> AsyncIterator[Chunk]:
+    async def _call(self, stub, message) -> AsyncIterator[TokenChunk]:
         call = stub.Generate(message, timeout=self.timeout)
         try:
             async for msg in call:

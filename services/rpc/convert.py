@@ -15,7 +15,7 @@ from services.metadata.records import WorkerRecord
 from worker.vocab.errors import InvalidRequestError
 from worker.vocab.sampling_params import SamplingParams
 from worker.vocab.snapshot_kind import SnapshotKind
-from worker.vocab.streams import Resume
+from worker.vocab.streams import Resume, TokenChunk
 
 MAX_REQUEST_ID_CHARS = 128
 
@@ -54,24 +54,6 @@ class GenerationRequest:
     prompt: Prompt
     params: SamplingParams
     resume: Resume | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Chunk:
-    """A GenerateResponse as the client and router see it."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
-    logprobs: tuple[float, ...] = ()
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
-    error: str = ""
-    num_prompt_tokens: int = 0
-    worker_id: str = ""
-    seed: int = 0
-    num_resumed_tokens: int = 0
-    num_cached_tokens: int = 0
 
 
 # -- sampling parameters -----------------------------------------------------------------
@@ -183,13 +165,13 @@ def request_to_pb(req: GenerationRequest) -> pb.GenerateRequest:
 
 # -- output chunks -----------------------------------------------------------------------
 
-def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
+def chunk_to_pb(chunk: TokenChunk) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
         request_id=chunk.request_id, token_ids=list(chunk.token_ids), text=chunk.text,
         finish_reason=_FINISH_TO_PB[chunk.finish_reason], error=chunk.error,
         num_prompt_tokens=chunk.num_prompt_tokens, worker_id=chunk.worker_id,
-        seed=chunk.seed, num_resumed_tokens=chunk.num_resumed_tokens,
-        num_cached_tokens=chunk.num_cached_tokens,
+        seed=chunk.seed or 0, num_resumed_tokens=chunk.num_resumed_tokens,
+        num_cached_tokens=chunk.num_cached_tokens or 0,
     )
     for i, logprob in enumerate(chunk.logprobs):
         top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else ()
@@ -198,16 +180,17 @@ def chunk_to_pb(chunk: Chunk) -> pb.GenerateResponse:
     return msg
 
 
-def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
-    return Chunk(
+def chunk_from_pb(msg: pb.GenerateResponse) -> TokenChunk:
+    return TokenChunk(
         request_id=msg.request_id, token_ids=tuple(msg.token_ids), text=msg.text,
         finish_reason=_FINISH_FROM_PB.get(msg.finish_reason, "error"),
         logprobs=tuple(lp.logprob for lp in msg.logprobs),
         top_logprobs=tuple(tuple((t.token_id, t.logprob) for t in lp.top)
                            for lp in msg.logprobs),
         error=msg.error, num_prompt_tokens=msg.num_prompt_tokens, worker_id=msg.worker_id,
-        seed=msg.seed, num_resumed_tokens=msg.num_resumed_tokens,
-        num_cached_tokens=msg.num_cached_tokens,
+        # protobuf's 0 = not on this chunk, the engine's None
+        seed=msg.seed or None, num_resumed_tokens=msg.num_resumed_tokens,
+        num_cached_tokens=msg.num_cached_tokens or None,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -29,7 +30,7 @@ from services.local.process import announce_ready, wait_for_signal
 from services.metadata.records import WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
 from services.rpc import plumbing as rpc
-from services.rpc.convert import Chunk, chunk_to_pb, kind_from_pb, record_to_info, request_from_pb
+from services.rpc.convert import chunk_to_pb, kind_from_pb, record_to_info, request_from_pb
 from services.rpc.metrics import StreamTimer, WorkerMetrics, serve_metrics
 from services.rpc.periodic import Periodic
 from services.security.cluster_auth import CallerAuthInterceptor, caller_metadata
@@ -38,7 +39,7 @@ from services.worker.prompt_cache import PromptCache
 from worker.async_engine import AsyncEngine
 from worker.checkpoints import PrefixRestore
 from worker.config import EngineConfig
-from worker.engine import LLMEngine, TokenChunk
+from worker.engine import LLMEngine
 from worker.kv_transfer import is_complete
 from worker.snapshot import CHUNK_BYTES, Assembler, Snapshot, decode, iter_chunks
 from worker.vocab.errors import InvalidRequestError, UnavailableError
@@ -106,7 +107,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     extra = {}
                     if first is not None:
                         extra, first = {**first, "worker_id": self.worker_id}, None
-                    yield chunk_to_pb(_chunk(chunk, **extra))
+                    yield chunk_to_pb(dataclasses.replace(chunk, **extra) if extra else chunk)
                     finish_reason = chunk.finish_reason or finish_reason
             finally:
                 timer.on_finish()
@@ -256,16 +257,6 @@ async def _assemble_parts(chunks, max_bytes: int) -> list[bytearray]:
     if not parts:
         raise InvalidRequestError("snapshot", "no data")
     return [a.buffer for a in parts]
-
-
-def _chunk(chunk: TokenChunk, **first) -> Chunk:
-    return Chunk(
-        request_id=chunk.request_id, token_ids=tuple(chunk.token_ids), text=chunk.text,
-        finish_reason=chunk.finish_reason, logprobs=tuple(chunk.logprobs or ()),
-        top_logprobs=tuple(tuple(t) for t in chunk.top_logprobs or ()),
-        error=chunk.error or "", seed=chunk.seed or 0,
-        num_cached_tokens=chunk.num_cached_tokens or 0, **first,
-    )
 
 
 def _check_address(address: str) -> None:

@@ -12,7 +12,6 @@ from services.metadata.records import CorruptRecordError, WorkerRecord, decode, 
 from services.router.policy import Candidate, LeastLoaded, PrefixAffinity, RouteRequest
 from services.router.prefix import BYTE_BLOCK, MAX_BLOCKS, TOKEN_BLOCK, prefix_hashes
 from services.rpc.convert import (
-    Chunk,
     Prompt,
     chunk_from_pb,
     chunk_to_pb,
@@ -22,6 +21,7 @@ from services.rpc.convert import (
 )
 from worker.vocab.errors import InvalidRequestError
 from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.streams import TokenChunk
 
 
 def test_sampling_params_round_trip_exactly() -> None:
@@ -52,7 +52,7 @@ def test_request_validation_names_fields() -> None:
 
 
 def test_chunk_round_trip() -> None:
-    chunk = Chunk(request_id="r", token_ids=(1, 2), text="ab", finish_reason="stop",
+    chunk = TokenChunk(request_id="r", token_ids=(1, 2), text="ab", finish_reason="stop",
                   logprobs=(-0.5, -1.0), top_logprobs=(((1, -0.5),), ((2, -1.0), (3, -2.0))),
                   num_prompt_tokens=4, worker_id="w")
     assert chunk_from_pb(chunk_to_pb(chunk)) == chunk

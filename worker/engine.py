@@ -18,8 +18,8 @@ from worker.block_manager import BlockManager
 from worker.checkpoints import Checkpointer, PrefixRestore
 from worker.config import EngineConfig
 from worker.kv_cache import KVView, plan_kv_layout
-from worker.loaders import load_checkpoint
-from worker.loaders.checkpoint import Checkpoint
+from worker.loaders import load_model_files
+from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
 from worker.models.registry import build_model
 from worker.scheduler import Scheduler
@@ -74,15 +74,15 @@ class GenerationResult:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_files: ModelFiles | None = None) -> None:
         self.config = config
-        ckpt = checkpoint or load_checkpoint(config.model.model, config.model.cache_dir)
-        self.model_name, self.fingerprint = ckpt.name, ckpt.fingerprint
-        self.tokenizer = ckpt.tokenizer
-        self.eos_token_ids = ckpt.eos_token_ids
+        files = model_files or load_model_files(config.model.model, config.model.cache_dir)
+        self.model_name, self.fingerprint = files.name, files.fingerprint
+        self.tokenizer = files.tokenizer
+        self.eos_token_ids = files.eos_token_ids
         self.device = torch.device(config.model.device)
         self.dtype = _DTYPES[config.model.dtype]
-        self.model = build_model(ckpt.config, ckpt.tensors, self.dtype, self.device)
+        self.model = build_model(files.config, files.tensors, self.dtype, self.device)
         args = self.model.args
         self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)

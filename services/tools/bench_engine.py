@@ -59,15 +59,15 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     from services.cli.flags import model_config
     from worker.config import EngineConfig, SchedulerConfig
     from worker.engine import LLMEngine
-    from worker.loaders import load_checkpoint
+    from worker.loaders import load_model_files
 
     levels = [int(x) for x in args.concurrency.split(",")]
     model = model_config(args)
-    ckpt = load_checkpoint(model.model, model.cache_dir)
+    ckpt = load_model_files(model.model, model.cache_dir)
     budget = max(512, args.prompt_tokens)
     config = EngineConfig(model=model, scheduler=SchedulerConfig(
         max_num_seqs=max(levels), max_num_batched_tokens=budget))
-    engine = LLMEngine(config, checkpoint=ckpt)
+    engine = LLMEngine(config, model_files=ckpt)
     prompt = _prompt_ids(engine, args.prompt_tokens)
     hf = None if args.skip_transformers else _transformers_model(ckpt, engine.dtype)
     ours: dict[int, RunResult] = {}

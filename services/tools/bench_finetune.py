@@ -150,7 +150,7 @@ def _measure(spec: dict, plain_malloc: bool = False) -> dict:
 def _child(spec: dict) -> dict:
     import time
 
-    from worker.loaders import load_checkpoint
+    from worker.loaders import load_model_files
     from worker.models.registry import build_model
     from worker.training.config import FinetuneConfig
     from worker.training.data import Windows
@@ -161,7 +161,7 @@ def _child(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     ctx, batch, steps = spec["ctx"], spec["batch"], spec["steps"]
-    source = load_checkpoint(spec["model"], Path(spec["cache_dir"]))
+    source = load_model_files(spec["model"], Path(spec["cache_dir"]))
     model = build_model(source.config, source.tensors, torch.float32, device)
     source.tensors.clear()
     release_freed_memory()

@@ -11,7 +11,7 @@ import torch
 from worker.async_engine import AsyncEngine
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine import LLMEngine
-from worker.loaders import load_checkpoint
+from worker.loaders import load_model_files
 from worker.vocab.errors import (
     CapacityError,
     InvalidRequestError,
@@ -181,11 +181,11 @@ def test_request_that_can_never_fit_is_rejected(tiny_model_dir) -> None:
 
 def test_unknown_model_and_corrupt_files(tmp_path) -> None:
     with pytest.raises(UnknownModelError, match="smollm2-135m"):
-        load_checkpoint("no-such-model", tmp_path)
+        load_model_files("no-such-model", tmp_path)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     with pytest.raises(ModelLoadError):
-        load_checkpoint(str(bad), tmp_path)
+        load_model_files(str(bad), tmp_path)
 
 
 def test_chat_and_text_prompts(llama) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.engine_driver import run_teacher_forced
-from worker.loaders import load_checkpoint
+from worker.loaders import load_model_files
 from worker.models.registry import build_model
 
 TEXT = (
@@ -31,7 +31,7 @@ MIN_AGREEMENT = 0.99
 def test_top1_agreement_with_transformers(name: str, model_cache) -> None:
     import transformers as tf
 
-    ckpt = load_checkpoint(name, model_cache)
+    ckpt = load_model_files(name, model_cache)
     ids = ckpt.tokenizer.encode(TEXT)[:NUM_TOKENS]
     assert len(ids) == NUM_TOKENS
     model = build_model(ckpt.config, ckpt.tensors, torch.float32, torch.device("cpu"))

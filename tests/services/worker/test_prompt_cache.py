@@ -32,7 +32,7 @@ from worker.config import (
     SchedulerConfig,
 )
 from worker.engine import LLMEngine
-from worker.loaders import load_checkpoint
+from worker.loaders import load_model_files
 from worker.vocab.block_hash import chain_hashes
 from worker.vocab.sampling_params import SamplingParams
 
@@ -49,7 +49,7 @@ def make_engine(model: str, *, checkpoints: CheckpointConfig | None = CHECKPOINT
         model=ModelConfig(model=model, cache_dir=model_cache_dir(), max_model_len=4096),
         cache=CacheConfig(enable_prefix_caching=prefix_caching, **cache),
         scheduler=SchedulerConfig(max_num_batched_tokens=256),
-        checkpoints=checkpoints, warmup=False), checkpoint=weights)
+        checkpoints=checkpoints, warmup=False), model_files=weights)
 
 
 @dataclass
@@ -175,7 +175,7 @@ def mistral_engines(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def gemma_engines():
-    weights = load_checkpoint("gemma3-270m", model_cache_dir())  # loaded once, shared
+    weights = load_model_files("gemma3-270m", model_cache_dir())  # loaded once, shared
     return (make_engine("gemma3-270m", weights=weights),
             make_engine("gemma3-270m", weights=weights),
             make_engine("gemma3-270m", checkpoints=None, prefix_caching=False,

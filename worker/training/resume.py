@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from worker.loaders.checkpoint import Checkpoint
 from worker.loaders.hf import load_hf_dir
+from worker.loaders.model_files import ModelFiles
 from worker.models.decoder import DecoderModel
 from worker.training.export import staged_dir, write_json, write_model_dir
 from worker.training.optim import flat_state
@@ -34,12 +34,12 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def default_checkpoint_dir(out: Path) -> Path:
+def default_resume_dir(out: Path) -> Path:
     """Where Ctrl-C saves: a sibling of --out, `<out>.checkpoint`."""
     return out.with_name(out.name + ".checkpoint")
 
 
-def save_checkpoint(path: Path, model: DecoderModel, source: Checkpoint,
+def save_resume_state(path: Path, model: DecoderModel, source: ModelFiles,
                     optimizer: torch.optim.Optimizer, state: dict) -> None:
     with staged_dir(path) as tmp:
         write_model_dir(tmp, model, source)
@@ -49,12 +49,12 @@ def save_checkpoint(path: Path, model: DecoderModel, source: Checkpoint,
 
 @dataclass(slots=True)
 class SavedRun:
-    source: Checkpoint  # the model so far, as the HF loader reads it
+    source: ModelFiles  # the model so far, as the HF loader reads it
     optimizer_state: dict[str, torch.Tensor]
     state: dict  # trainer_state.json
 
 
-def read_checkpoint(path: Path) -> SavedRun:
+def read_resume_state(path: Path) -> SavedRun:
     """InvalidRequestError unless `path` is a checkpoint this version wrote."""
     state_file = path / STATE_FILE
     try:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True, kw_only=True)
-class Checkpoint:
+class ModelFiles:
     """A model as loaded from disk, before it is turned into a module.
 
     config: a Hugging Face config.json-style dict; `config["architectures"][0]` keys the

@@ -12,8 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from services.cli.flags import add_device_flags
+from services.cli.flags import add_device_flags, default_of
+from worker.training.config import FinetuneConfig
 from worker.vocab.errors import InvalidRequestError
+
+
+def _default(name: str):
+    """A FinetuneConfig field's default: each default is written once, there."""
+    return default_of(FinetuneConfig, name)
+
 
 _DESCRIPTION = """\
 Fine-tune a served model on a UTF-8 text file and write a Hugging Face directory
@@ -41,9 +48,10 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--out", type=Path, help="output directory; must not exist or be empty")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue an interrupted run from its checkpoint directory")
-    p.add_argument("--optimizer", default="adamw",
+    p.add_argument("--optimizer", default=_default("optimizer"),
                    help="adamw or sgd (SGD keeps no moment buffers) (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=_default("lr"),
+                   help="learning rate (default: %(default)s)")
     lr_min = p.add_mutually_exclusive_group()
     lr_min.add_argument("--lr-min", type=float, default=None,
                         help="halve the rate from --lr down to this over --decay-epochs "
@@ -52,19 +60,19 @@ def add_finetune_parser(sub) -> None:
                         help="instead of --lr-min: halve N times over --decay-epochs")
     p.add_argument("--decay-epochs", type=float, default=None, metavar="E",
                    help="epochs over which the rate decays (default: all of them)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--weight-decay", type=float, default=_default("weight_decay"),
                    help="weight decay, for AdamW and SGD alike (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
-    p.add_argument("--val-split", type=float, default=0.05,
+    p.add_argument("--epochs", type=int, default=_default("epochs"), help="(default: %(default)s)")
+    p.add_argument("--val-split", type=float, default=_default("val_split"),
                    help="fraction of windows held out for validation, in [0, 0.5] "
                         "(default: %(default)s)")
-    p.add_argument("--ctx", type=int, default=256,
+    p.add_argument("--ctx", type=int, default=_default("ctx"),
                    help="tokens per training window (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=1,
+    p.add_argument("--batch", type=int, default=_default("batch"),
                    help="windows per forward/backward pass (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="G",
+    p.add_argument("--grad-accum", type=int, default=_default("grad_accum"), metavar="G",
                    help="passes per optimizer step (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=_default("seed"),
                    help="shuffles the windows and each epoch's order (default: %(default)s)")
     p.add_argument("--train-only", action="append", default=[], metavar="PATTERN",
                    help="train only parameters whose name matches this regex (repeatable), "

@@ -22,7 +22,11 @@ import sys
 from pathlib import Path
 
 from services.cli import flags
+from services.cli.flags import default_of
+from services.router.config import RouterConfig
 from services.security.tls import add_tls_flags, redis_tls_config, tls_config
+from services.worker.config import ServerConfig
+from worker.config import CheckpointConfig
 from worker.vocab.errors import SlotmeshError
 
 
@@ -125,21 +129,23 @@ def _worker_parser(sub) -> None:
                                    "'SLOTMESH_READY address=… metrics=…' on stdout when "
                                    "serving; logs go to stderr.")
     flags.add_model_flags(p)
-    flags.server_flags(p, 50061)
+    flags.server_flags(p, ServerConfig)
     p.add_argument("--worker-id", default=os.environ.get("SLOTMESH_WORKER_ID"),
                    help="id in the registry (default: $SLOTMESH_WORKER_ID or HOSTNAME-PORT)")
     p.add_argument("--advertise-address", default=None,
                    help="HOST:PORT the router dials (default: --host and the bound port)")
-    p.add_argument("--heartbeat-ttl", type=float, default=6.0,
+    p.add_argument("--heartbeat-ttl", type=float,
+                   default=default_of(ServerConfig, "heartbeat_ttl_s"),
                    help="registry key expiry in seconds, renewed every third of it "
-                        "(default: 6)")
+                        "(default: %(default)g)")
     p.add_argument("--router-address", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS"),
                    metavar="HOST:PORT",
                    help="on SIGTERM, ask this router to migrate every sequence away before "
                         "exiting (default: $SLOTMESH_ROUTER_ADDRESS; unset: only wait for "
                         "running streams, up to --shutdown-grace)")
-    p.add_argument("--max-snapshot-mb", type=int, default=8192,
-                   help="largest snapshot this worker imports (default: 8192)")
+    p.add_argument("--max-snapshot-mb", type=int,
+                   default=default_of(ServerConfig, "max_snapshot_bytes") >> 20,
+                   help="largest snapshot this worker imports (default: %(default)s)")
     flags.cluster_key_flag(p, "file with the cluster's secret key (>= 32 bytes, raw or hex): "
                          "snapshots and prompt-cache entries then carry a MAC under it and "
                          "are refused without one, and every Worker call needs the "
@@ -151,23 +157,29 @@ def _worker_parser(sub) -> None:
         "Checkpoints of processed prompts go to Redis (the sliding-window layers' state at "
         "a position, plus the full-attention blocks before it, shared by content), so any "
         "worker resumes a prompt another one processed. See docs/prompt-cache.md.")
-    c.add_argument("--prompt-cache-mb", type=int, default=1024,
+    c.add_argument("--prompt-cache-mb", type=int,
+                   default=default_of(ServerConfig, "prompt_cache_bytes") >> 20,
                    help="byte budget of this model's entries in Redis, kept by evicting the "
-                        "oldest; 0 = no prompt cache, no reads or writes (default: 1024)")
-    c.add_argument("--prompt-cache-ttl", type=float, default=3600.0,
+                        "oldest; 0 = no prompt cache, no reads or writes "
+                        "(default: %(default)s)")
+    c.add_argument("--prompt-cache-ttl", type=float,
+                   default=default_of(ServerConfig, "prompt_cache_ttl_s"),
                    help="seconds an entry lives after the last write that used it "
-                        "(default: 3600)")
-    c.add_argument("--swa-checkpoints", type=int, default=4, metavar="K",
+                        "(default: %(default)g)")
+    c.add_argument("--swa-checkpoints", type=int,
+                   default=default_of(CheckpointConfig, "max_per_sequence"), metavar="K",
                    help="checkpoints kept per sequence, oldest dropped first; 0 = make "
-                        "none (default: 4)")
-    c.add_argument("--checkpoint-every", type=int, default=1024, metavar="N",
+                        "none (default: %(default)s)")
+    c.add_argument("--checkpoint-every", type=int,
+                   default=default_of(CheckpointConfig, "every_tokens"), metavar="N",
                    help="checkpoints are made where a prompt ends, where a sequence ends "
                         "and each N tokens in between (prompt or output); 0 = only where "
-                        "a prompt or a sequence ends (default: 1024)")
-    c.add_argument("--checkpoint-min-step", type=int, default=64, metavar="M",
+                        "a prompt or a sequence ends (default: %(default)s)")
+    c.add_argument("--checkpoint-min-step", type=int,
+                   default=default_of(CheckpointConfig, "min_step_tokens"), metavar="M",
                    help="no checkpoint of a prefix shorter than M tokens, nor (except "
                         "where a sequence ends) within M tokens of the sequence's previous "
-                        "one (default: 64)")
+                        "one (default: %(default)s)")
     p.set_defaults(func=_cmd_worker)
 
 
@@ -209,20 +221,23 @@ def _router_parser(sub) -> None:
                                    "route each request to a worker from the Redis registry "
                                    "(prefix affinity, then least loaded) and relay its "
                                    "stream. Redis must be reachable at start.")
-    flags.server_flags(p, 50051)
+    flags.server_flags(p, RouterConfig)
     p.add_argument("--router-id", default=None,
                    help="id written into slot metadata (default: router-HOSTNAME-PORT)")
     p.add_argument("--advertise-address", default=None, metavar="HOST:PORT",
                    help="HOST:PORT peer routers dial to forward Migrate/Drain for the "
                         "streams this router relays (default: --host and the bound port)")
-    p.add_argument("--heartbeat-ttl", type=float, default=6.0,
+    p.add_argument("--heartbeat-ttl", type=float,
+                   default=default_of(RouterConfig, "heartbeat_ttl_s"),
                    help="router registry key expiry in seconds, renewed every third of it "
-                        "(default: 6)")
-    p.add_argument("--registry-poll", type=float, default=1.0,
-                   help="seconds between registry refreshes from Redis (default: 1)")
-    p.add_argument("--max-load-imbalance", type=float, default=1.0,
+                        "(default: %(default)g)")
+    p.add_argument("--registry-poll", type=float,
+                   default=default_of(RouterConfig, "registry_poll_s"),
+                   help="seconds between registry refreshes from Redis (default: %(default)g)")
+    p.add_argument("--max-load-imbalance", type=float,
+                   default=default_of(RouterConfig, "max_load_imbalance"),
                    help="prefix affinity yields to least-loaded when the prefix's worker "
-                        "has this many more sequences per slot (default: 1.0)")
+                        "has this many more sequences per slot (default: %(default)s)")
     p.add_argument("--auth-tokens-file", type=Path,
                    default=os.environ.get("SLOTMESH_AUTH_TOKENS_FILE") or None,
                    help="JSON file of hashed bearer tokens (`slotmesh token new`): every "
@@ -238,7 +253,6 @@ def _router_parser(sub) -> None:
 def _cmd_router(args: argparse.Namespace) -> int:
     import asyncio
 
-    from services.router.config import RouterConfig
     from services.router.server import serve
     from services.security.auth import load_tokens
 

@@ -57,6 +57,19 @@ def redis_server(request):
     server.close()
 
 
+@pytest.fixture(autouse=True)
+def _unit_tests_on_one_thread(request):
+    """Unit tests run torch on one thread (see one_thread): on the shared two-core machine
+    that halves the unit set's time while another suite runs."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: tiny models gain nothing from a second, and on a

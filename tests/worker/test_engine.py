@@ -46,7 +46,6 @@ def prompts(n: int, length: int = 20, seed: int = 0) -> list[list[int]]:
     return [torch.randint(5, 500, (length + i,), generator=gen).tolist() for i in range(n)]
 
 
-@pytest.mark.slow  # 16 requests through preemption: the longest engine test
 def test_sixteen_requests_on_a_small_pool_all_complete(tiny_model_dir) -> None:
     # 24 usable blocks of 8 tokens; 16 requests of ~40 tokens each need 5-6 blocks
     engine = make_engine(tiny_model_dir("mistral", 24), num_blocks=25, slots=8, budget=48)
@@ -275,7 +274,6 @@ def test_one_device_to_host_copy_per_step(llama, monkeypatch) -> None:
     assert steps >= 6
 
 
-@pytest.mark.slow  # bfloat16 matmuls are slow on this CPU
 def test_bfloat16_runs_and_tracks_float32(tiny_model_dir) -> None:
     path = tiny_model_dir("gemma3")
     outs = {}

@@ -63,7 +63,6 @@ def test_chaos_refuses_bad_flags_before_starting_anything(argv, message, capsys)
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow  # runs the engine benchmark
 def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
     """Smoke test of the benchmark's plumbing on a tiny model (no timing asserted)."""
     rc = main(["bench", "engine", "--model", str(tiny_model_dir("llama")), "--concurrency",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python install steps, one copy for CI and the images: scripts/setup.sh (what CI
 # runs) calls it with `dev`, deploy/docker/*.Dockerfile call it with `worker` or
-# `router` (tests/test_deploy_docker.py checks that they do).
+# `router` (tests/deploy/test_deploy_docker.py checks that they do).
 #
 #   scripts/install-python.sh PYTHON dev      torch, then `pip install -e ".[dev]"`
 #   scripts/install-python.sh PYTHON worker   torch, then the package (no extras)

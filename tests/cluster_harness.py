@@ -8,7 +8,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from services.cluster import LocalCluster
+from services.local.cluster import LocalCluster
 
 
 def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers: int = 2,
@@ -18,9 +18,9 @@ def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers:
                  cluster_key_file: Path | None = None) -> LocalCluster:
     """Router + workers on a tiny model, against an already running Redis. With a
     cluster key, the router and the workers have it (workers then take calls only with
-    the credential derived from it, services/cluster_auth.py). min_step_ms: every engine
-    step lasts at least this long, so a stream of N tokens outlives N * min_step_ms on a
-    machine of any speed and a test can act on it mid-stream."""
+    the credential derived from it, services/security/cluster_auth.py). min_step_ms: every
+    engine step lasts at least this long, so a stream of N tokens outlives N * min_step_ms
+    on a machine of any speed and a test can act on it mid-stream."""
     pace = ["--min-step-ms", str(min_step_ms)] if min_step_ms else []
     return LocalCluster(
         worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16",
@@ -46,7 +46,7 @@ def worker_info(address: str, metadata: tuple[tuple[str, str], ...] = ()):
     """The Worker.Info of one worker (kv blocks, load). metadata: the cluster credential
     of a worker with a cluster key."""
     from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
-    from services.rpc import channel
+    from services.rpc.plumbing import channel
 
     async def call():
         async with channel(address, metadata=metadata) as ch:

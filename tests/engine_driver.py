@@ -9,9 +9,9 @@ from worker.config import CacheConfig, SchedulerConfig
 from worker.kv_cache import plan_kv_layout
 from worker.model_runner import ModelRunner
 from worker.models.decoder import DecoderModel
-from worker.sampling_params import SamplingParams
 from worker.scheduler import Scheduler
 from worker.sequence import Sequence
+from worker.vocab.sampling_params import SamplingParams
 
 
 def run_teacher_forced(model: DecoderModel, sequences: list[list[int]], num_prompt: list[int],

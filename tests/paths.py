@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root, wherever a test sits
+
 
 def model_cache_dir() -> Path:
     path = Path(os.environ.get("SLOTMESH_TEST_CACHE") or Path.home() / ".cache" / "slotmesh")

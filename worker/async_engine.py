@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from worker.checkpoints import Capture, PrefixRestore
-from worker.engine import LLMEngine, TokenChunk
-from worker.sampling_params import SamplingParams
+from worker.engine import LLMEngine
 from worker.snapshot import Snapshot, SnapshotKind
+from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.streams import Resume, TokenChunk
+from worker.vocab.tasks import BackgroundTask
 
 T = TypeVar("T")
 
@@ -32,7 +34,7 @@ class AsyncEngine:
         self._control: list[Callable[[], None]] = []
         self._wakeup = asyncio.Event()
         self._streams: dict[str, asyncio.Queue[TokenChunk]] = {}
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("engine-loop")
         # the step's own thread: asyncio.to_thread's shared pool also runs tokenizing and
         # snapshot encoding, and a pool busy with those must not delay the next step
         self._stepper: ThreadPoolExecutor | None = None
@@ -42,25 +44,21 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._stepper = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        self._task = asyncio.create_task(self._loop(), name="engine-loop")
-        self._task.add_done_callback(_log_death)
+        self._task.start(self._loop(), on_done=_log_death)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
         if self._stepper is not None:
             self._stepper.shutdown(wait=False)
             self._stepper = None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
+                       params: SamplingParams, *, resume: Resume | None = None
+                       ) -> AsyncIterator[TokenChunk]:
         """Stream the request's chunks; validation errors raise before the first one.
-        Leaving the iteration early aborts the request. `resume` takes add_request's
-        output_token_ids / emitted_chars (failover replay)."""
-        stream = await self.submit(request_id, prompt_token_ids, params, **resume)
+        Leaving the iteration early aborts the request. `resume`: the output another
+        worker already streamed (failover replay)."""
+        stream = await self.submit(request_id, prompt_token_ids, params, resume=resume)
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 yield chunk
@@ -74,10 +72,11 @@ class AsyncEngine:
                 yield chunk
 
     async def submit(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams, **resume) -> AsyncIterator[TokenChunk]:
+                     params: SamplingParams, *, resume: Resume | None = None,
+                     restore: PrefixRestore | None = None) -> AsyncIterator[TokenChunk]:
         """Add the request (raising its validation error here) and return its stream."""
         return await self._stream(request_id, lambda: self.engine.add_request(
-            request_id, prompt_token_ids, params, **resume))
+            request_id, prompt_token_ids, params, resume=resume, restore=restore))
 
     async def submit_import(self, snap: Snapshot, request_id: str | None = None,
                             restore: PrefixRestore | None = None
@@ -131,7 +130,7 @@ class AsyncEngine:
             if found and committed:
                 queue = self._streams.pop(request_id, None)
                 if queue is not None:
-                    queue.put_nowait(TokenChunk(request_id, [], "", "migrated"))
+                    queue.put_nowait(TokenChunk(request_id, (), "", "migrated"))
             return found
 
         return await self.call(commit)
@@ -162,7 +161,7 @@ class AsyncEngine:
             found = self.engine.abort(request_id)
             queue = self._streams.pop(request_id, None)
             if queue is not None:
-                queue.put_nowait(TokenChunk(request_id, [], "", "abort"))
+                queue.put_nowait(TokenChunk(request_id, (), "", "abort"))
             return found
 
         return await self.call(abort)
@@ -202,7 +201,7 @@ class AsyncEngine:
         chunks = []
         for request_id in list(self._streams):
             self.engine.abort(request_id)
-            chunks.append(TokenChunk(request_id, [], "", "error",
+            chunks.append(TokenChunk(request_id, (), "", "error",
                                      error=f"{type(error).__name__}: {error}"))
         return chunks
 

@@ -14,35 +14,14 @@ the window while the sequence is still running.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from worker.sequence import Sequence
+from worker.vocab.block_hash import chain_hashes
 
 NULL_BLOCK = 0  # never allocated; padding and given-back table entries point here
 EMPTY = -1  # a block-table entry whose block has left the sliding window
-
-
-def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
-    """Hash of one full block given its parent's hash: stable across processes."""
-    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
-
-
-def chain_hashes(token_ids: list[int], block_size: int, num_blocks: int | None = None,
-                 hashes: list[bytes] | None = None) -> list[bytes]:
-    """Chained hashes of the leading full blocks (all, or num_blocks), extending `hashes`
-    (the hashes of a prefix already computed) in place."""
-    hashes = [] if hashes is None else hashes
-    num_full = len(token_ids) // block_size
-    if num_blocks is not None:
-        num_full = min(num_full, num_blocks)
-    while len(hashes) < num_full:
-        i = len(hashes)
-        parent = hashes[-1] if hashes else b""
-        hashes.append(chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size]))
-    return hashes
 
 
 def cdiv(a: int, b: int) -> int:

@@ -16,7 +16,7 @@ block-aligned position P is:
 Both are keyed by the chained hash of the tokens they cover, and both are checked
 completely (checksum, layout, the tokens or hash they claim) before any block is taken.
 The engine captures only the sliding KV at the end of a step (those blocks are given
-back soon); the publisher (worker/prompt_cache.py) asks for the full-attention blocks that
+back soon); the publisher (services/worker/prompt_cache.py) asks for the full-attention blocks that
 Redis lacks later, by hash, from the local prefix cache. Everything here runs in the
 engine thread, between steps.
 
@@ -29,7 +29,7 @@ Block record format (little endian):
     16  16  the block's chained hash (binds the record to its key)
     32  N   per full-attention group: [2, layers, block_size, kv_heads, head_dim] in the
             cache dtype
-    …   32  SHA-256 (or the MAC) of every byte before it (worker/integrity.py)
+    …   32  SHA-256 (or the MAC) of every byte before it (worker/vocab/integrity.py)
 """
 
 from __future__ import annotations
@@ -41,17 +41,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker import integrity
-from worker.block_manager import chain_hashes
-from worker.errors import DataLossError, InvalidRequestError, PreconditionError
-from worker.kv_transfer import check_layout, gather_blocks
+from worker.kv_cache import KVView
+from worker.kv_transfer import check_layout
 from worker.scheduler import SchedulerOutput
 from worker.sequence import Sequence, SequenceStatus
 from worker.snapshot import GroupKV, Snapshot, SnapshotKind
+from worker.vocab import integrity
+from worker.vocab.block_hash import chain_hashes
+from worker.vocab.errors import DataLossError, InvalidRequestError, PreconditionError
 
 if TYPE_CHECKING:
     from worker.config import CheckpointConfig
-    from worker.engine import LLMEngine
 
 BLOCK_MAGIC = b"SMBLOCK\n"
 _BLOCK_PREFIX = struct.Struct("<8sHHI16s")
@@ -138,11 +138,11 @@ def decode_block(data: bytes, block_hash: bytes, shapes: list[tuple[int, ...]],
 class Checkpointer:
     """Decides where sequences get checkpoints and captures their sliding-window KV."""
 
-    def __init__(self, engine: LLMEngine, config: CheckpointConfig | None) -> None:
+    def __init__(self, kv: KVView, config: CheckpointConfig | None) -> None:
         """config None: capture nothing (restores still install)."""
-        self.engine = engine
+        self.kv = kv
         self.config = config
-        self.block_size = engine.block_manager.block_size
+        self.block_size = kv.block_size
         self.captures: list[Capture] = []
         self._sequences: dict[str, _SeqCheckpoints] = {}
         self.num_restored_tokens = 0  # prompt tokens installed from the cluster cache
@@ -189,7 +189,7 @@ class Checkpointer:
         return prompt_end or (cfg.every_tokens > 0 and step >= cfg.every_tokens)
 
     def _capture(self, seq: Sequence, position: int, state: _SeqCheckpoints) -> None:
-        hashes = self.engine.block_manager.block_hashes(seq)[:position // self.block_size]
+        hashes = self.kv.block_manager.block_hashes(seq)[:position // self.block_size]
         state.last_position = position
         checkpoint = self._checkpoint(seq.token_ids[:position], hashes)
         if checkpoint is None:
@@ -202,12 +202,12 @@ class Checkpointer:
 
     def _checkpoint(self, token_ids: list[int], hashes: list[bytes]) -> Snapshot | None:
         """SWA_ONLY snapshot of the prefix; None when a sliding block left the cache."""
-        engine = self.engine
-        bm, args = engine.block_manager, engine.model.args
+        kv = self.kv
+        bm = kv.block_manager
         position = len(token_ids)
         groups = []
         for g, pool in enumerate(bm.pools):
-            layers = engine.runner.layout.layers_per_group[g]
+            layers = kv.layers_per_group[g]
             if pool.window is None:
                 groups.append(GroupKV(window=None, num_layers=layers, first_block=len(hashes),
                                       num_blocks=0, data=None))
@@ -217,11 +217,11 @@ class Checkpointer:
             if None in ids:
                 return None
             groups.append(GroupKV(window=pool.window, num_layers=layers, first_block=first,
-                                  num_blocks=len(ids), data=gather_blocks(engine, g, ids)))
+                                  num_blocks=len(ids), data=kv.gather(g, ids)))
         return Snapshot(
-            kind=SnapshotKind.SWA_ONLY, fingerprint=engine.fingerprint,
-            dtype=engine.config.model.dtype, block_size=self.block_size,
-            num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+            kind=SnapshotKind.SWA_ONLY, fingerprint=kv.fingerprint,
+            dtype=kv.dtype, block_size=self.block_size,
+            num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
             request_id=CHECKPOINT_REQUEST_ID, token_ids=token_ids,
             num_prompt_tokens=position, num_computed_tokens=position, seed=0, params={},
             emitted_chars=0, groups=groups)
@@ -250,20 +250,20 @@ class Checkpointer:
     def gather_full_blocks(self, block_hashes: list[bytes]
                            ) -> dict[bytes, list[torch.Tensor]] | None:
         """CPU copies of cached full-attention blocks by hash; None when any is gone."""
-        engine, bm = self.engine, self.engine.block_manager
+        kv, bm = self.kv, self.kv.block_manager
         full = [g for g, pool in enumerate(bm.pools) if pool.window is None]
         per_group = []
         for g in full:
             ids = [bm.pools[g].lookup(h) for h in block_hashes]
             if None in ids:
                 return None
-            per_group.append(gather_blocks(engine, g, ids))  # [2, L, n, bs, kvh, hd]
+            per_group.append(kv.gather(g, ids))  # [2, L, n, bs, kvh, hd]
         return {h: [data[:, :, i] for data in per_group] for i, h in enumerate(block_hashes)}
 
     def full_block_shapes(self) -> list[tuple[int, ...]]:
-        args, layout = self.engine.model.args, self.engine.runner.layout
-        return [(2, layout.layers_per_group[g], self.block_size, args.num_kv_heads,
-                 args.head_dim) for g, pool in enumerate(self.engine.block_manager.pools)
+        kv = self.kv
+        return [(2, kv.layers_per_group[g], self.block_size, kv.num_kv_heads,
+                 kv.head_dim) for g, pool in enumerate(kv.block_manager.pools)
                 if pool.window is None]
 
     # -- restore -----------------------------------------------------------------------
@@ -271,13 +271,13 @@ class Checkpointer:
     def check_checkpoint(self, snap: Snapshot, token_ids: list[int]) -> None:
         """A checkpoint fetched for this prompt: same model and layout, the prompt's own
         tokens, and KV exactly where a restore at its position needs it."""
-        check_layout(self.engine, snap)
+        check_layout(self.kv, snap)
         position = snap.num_computed_tokens
         num_blocks = position // self.block_size
         if (snap.kind != SnapshotKind.SWA_ONLY or position % self.block_size
                 or not 0 < position < len(token_ids) or snap.token_ids != token_ids[:position]):
             raise DataLossError("checkpoint: does not describe this prompt's prefix")
-        for g, pool in zip(snap.groups, self.engine.block_manager.pools, strict=True):
+        for g, pool in zip(snap.groups, self.kv.block_manager.pools, strict=True):
             ok = (g.data is None and g.first_block == num_blocks if pool.window is None
                   else g.data is not None and g.first_block == pool.first_needed_block(position)
                   and g.first_block + g.num_blocks == num_blocks)
@@ -288,7 +288,7 @@ class Checkpointer:
         """Give seq the restored prefix's blocks (cached ones shared, others written from
         the restore) and mark it computed; False (nothing taken) when a needed block is
         neither cached here nor fetched, or the pools lack room."""
-        bm = self.engine.block_manager
+        bm = self.kv.block_manager
         if not bm.enable_prefix_caching or restore.position <= bm.find_prefix_hit(seq):
             return False  # the local cache has as much (it filled in meanwhile)
         if bm.block_hashes(seq)[:len(restore.block_hashes)] != restore.block_hashes:
@@ -296,7 +296,7 @@ class Checkpointer:
         fresh = bm.allocate_prefix(seq, restore.position, set(restore.blocks))
         if fresh is None:
             return False
-        snap, engine = restore.checkpoint, self.engine
+        snap = restore.checkpoint
         full_index = 0
         for g, pool in enumerate(bm.pools):
             indices = fresh[g]
@@ -311,9 +311,7 @@ class Checkpointer:
             else:
                 group = snap.groups[g]
                 data = group.data[:, :, [i - group.first_block for i in indices]]
-            ids = torch.tensor([seq.block_tables[g][i] for i in indices], dtype=torch.long,
-                               device=engine.device)
-            engine.runner.kv_caches[g].index_copy_(2, ids, data.to(engine.device))
+            self.kv.install(g, [seq.block_tables[g][i] for i in indices], data)
         seq.num_computed_tokens = seq.num_cached_tokens = restore.position
         bm.commit(seq)
         self.num_restored_tokens += restore.position

@@ -17,18 +17,19 @@ from worker import kv_transfer
 from worker.block_manager import BlockManager
 from worker.checkpoints import Checkpointer, PrefixRestore
 from worker.config import EngineConfig
-from worker.errors import InvalidRequestError, NotFoundError, PreconditionError
-from worker.kv_cache import plan_kv_layout
-from worker.loaders import load_checkpoint
-from worker.loaders.checkpoint import Checkpoint
+from worker.kv_cache import KVView, plan_kv_layout
+from worker.loaders import load_model_files
+from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
 from worker.models.registry import build_model
-from worker.sampling_params import SamplingParams
 from worker.scheduler import Scheduler
 from worker.sequence import Sequence, SequenceStatus
 from worker.snapshot import Snapshot, SnapshotKind
 from worker.stops import StopStringMatcher
 from worker.tokenizer import IncrementalDetokenizer
+from worker.vocab.errors import InvalidRequestError, NotFoundError, PreconditionError
+from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.streams import Resume, TokenChunk
 from worker.warmup import check_attention_backend, warmup
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,6 @@ log = logging.getLogger(__name__)
 # whitespace pack more (one token can be 100+ spaces).
 MAX_PROMPT_CHARS_PER_TOKEN = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenChunk:
-    """What one step produced for one request. finish_reason set on the last chunk."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    error: str | None = None
-    seed: int | None = None  # on a sequence's first chunk: the seed it samples with
-    num_cached_tokens: int | None = None  # on the first chunk: prompt tokens not computed
 
 
 @dataclass(slots=True)
@@ -88,15 +74,15 @@ class GenerationResult:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_files: ModelFiles | None = None) -> None:
         self.config = config
-        ckpt = checkpoint or load_checkpoint(config.model.model, config.model.cache_dir)
-        self.model_name, self.fingerprint = ckpt.name, ckpt.fingerprint
-        self.tokenizer = ckpt.tokenizer
-        self.eos_token_ids = ckpt.eos_token_ids
+        files = model_files or load_model_files(config.model.model, config.model.cache_dir)
+        self.model_name, self.fingerprint = files.name, files.fingerprint
+        self.tokenizer = files.tokenizer
+        self.eos_token_ids = files.eos_token_ids
         self.device = torch.device(config.model.device)
         self.dtype = _DTYPES[config.model.dtype]
-        self.model = build_model(ckpt.config, ckpt.tensors, self.dtype, self.device)
+        self.model = build_model(files.config, files.tensors, self.dtype, self.device)
         args = self.model.args
         self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)
@@ -111,8 +97,15 @@ class LLMEngine:
                                   self.max_model_len, config.scheduler.max_num_seqs,
                                   self.device, self.dtype)
         self.attention_backend = check_attention_backend(args, self.device, self.dtype)
+        self.kv = KVView(block_manager=self.block_manager,
+                         kv_caches=tuple(self.runner.kv_caches),
+                         layers_per_group=tuple(layout.layers_per_group),
+                         fingerprint=self.fingerprint, model_name=self.model_name,
+                         dtype=config.model.dtype, device=self.device,
+                         num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                         max_model_len=self.max_model_len)
         checkpoints = None if config.cache.swa_full else config.checkpoints
-        self.checkpoints = Checkpointer(self, checkpoints)
+        self.checkpoints = Checkpointer(self.kv, checkpoints)
         self._outputs: dict[str, _Output] = {}
         self._arrivals = 0
         if config.warmup:
@@ -167,15 +160,16 @@ class LLMEngine:
                        "-token context)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, *, output_token_ids: list[int] | None = None,
-                    emitted_chars: int = 0, restore: PrefixRestore | None = None) -> Sequence:
-        """Queue a request. output_token_ids (with emitted_chars, the text already handed
-        out) resumes one whose earlier tokens were produced elsewhere: a failover replay
-        or a TOKENS_ONLY import. Its KV is recomputed (or found in the prefix cache).
+                    params: SamplingParams, *, resume: Resume | None = None,
+                    restore: PrefixRestore | None = None) -> Sequence:
+        """Queue a request. resume (output tokens, and the characters of their text already
+        handed out) continues one whose earlier tokens were produced elsewhere: a failover
+        replay. Its KV is recomputed (or found in the prefix cache).
         restore, a prefix fetched from the cluster cache, is installed unless the local
         cache has as much or the pools lack room (then it is computed as usual)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids or [], params)
-        state = self._output_state(seq, emitted_chars)
+        output_ids = list(resume.output_token_ids) if resume is not None else []
+        seq = self._new_sequence(request_id, prompt_token_ids, output_ids, params)
+        state = self._output_state(seq, resume.emitted_chars if resume is not None else 0)
         self._queue(seq, restore)
         self._arrivals += 1
         self._outputs[request_id] = state
@@ -221,7 +215,7 @@ class LLMEngine:
             raise NotFoundError(f"request_id: no running request {request_id!r}")
         if seq.status == SequenceStatus.MIGRATING:
             raise PreconditionError(f"{request_id!r} is already being exported")
-        snap = kv_transfer.export_snapshot(self, seq, self._outputs[request_id].stops.emitted,
+        snap = kv_transfer.export_snapshot(self.kv, seq, self._outputs[request_id].stops.emitted,
                                            kind)
         if pause:
             self.scheduler.pause(seq)
@@ -245,7 +239,7 @@ class LLMEngine:
         """Continue a snapshot's sequence here. Everything is checked before a block is
         taken; with KV for every group the sequence resumes exactly where it was, else
         its KV is recomputed after the prefix `restore` (from the cluster cache)."""
-        kv_transfer.check_compatible(self, snap)
+        kv_transfer.check_compatible(self.kv, snap)
         params = SamplingParams.from_dict(snap.params)
         rid = request_id or snap.request_id
         prompt = snap.token_ids[:snap.num_prompt_tokens]
@@ -257,7 +251,7 @@ class LLMEngine:
         state = self._output_state(seq, snap.emitted_chars)
         if kv_transfer.is_complete(snap):
             self.scheduler.check_capacity(seq)
-            kv_transfer.install(self, seq, snap)
+            kv_transfer.install(self.kv, seq, snap)
             self.scheduler.add_with_kv(seq)
         else:
             self._queue(seq, restore)
@@ -315,7 +309,7 @@ class LLMEngine:
             seq = item.seq
             self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
             self._forget(seq.seq_id)
-            chunks.append(TokenChunk(seq.seq_id, [], "", "error",
+            chunks.append(TokenChunk(seq.seq_id, (), "", "error",
                                      error=f"{type(error).__name__}: {error}"))
         return chunks
 
@@ -338,9 +332,9 @@ class LLMEngine:
         first = state.is_first
         state.is_first = False
         return TokenChunk(
-            seq.seq_id, [token_id], delta, seq.status.finish_reason,
-            logprobs=[result.logprob] if want_lp else None,
-            top_logprobs=[result.top_logprobs] if want_lp else None,
+            seq.seq_id, (token_id,), delta, seq.status.finish_reason,
+            logprobs=(result.logprob,) if want_lp else (),
+            top_logprobs=(tuple(result.top_logprobs),) if want_lp else (),
             seed=seq.seed if first else None,
             num_cached_tokens=seq.num_cached_tokens if first else None,
         )

@@ -5,15 +5,20 @@ One tensor per KV group, [2, layers_in_group, num_blocks, block_size, kv_heads, 
 sequence owns. Sliding-window groups are sized to hold the window (plus one step's
 chunk) of every slot, so the window itself never runs out; the full-attention group
 takes the rest of the byte budget.
+
+`KVView` is the narrow handle on a built cache that snapshots, prompt-cache checkpoints and
+the Redis prompt cache take instead of the engine: the block manager, the tensors, their
+layout and identity, and the two tensor ops (gather blocks to the host, install blocks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from worker.block_manager import cdiv
+from worker.block_manager import BlockManager, cdiv
 from worker.config import CacheConfig, SchedulerConfig
 from worker.models.args import FULL, ModelArgs
 
@@ -69,3 +74,46 @@ def allocate_kv_caches(args: ModelArgs, layout: KVLayout, dtype: torch.dtype,
                     dtype=dtype, device=device)
         for n_layers, n_blocks in zip(layout.layers_per_group, layout.pool_sizes, strict=True)
     ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVView:
+    """A built KV cache as its users see it; made once by the engine, handed around
+    instead of the engine. Use it only between engine steps (it reaches live tensors)."""
+
+    block_manager: BlockManager
+    kv_caches: tuple[torch.Tensor, ...]  # per group [2, layers, num_blocks, bs, kvh, hd]
+    layers_per_group: tuple[int, ...]
+    fingerprint: str  # the model's identity: KV from another model never fits
+    model_name: str
+    dtype: str  # ModelConfig.dtype, e.g. "float32"
+    device: torch.device
+    num_kv_heads: int
+    head_dim: int
+    max_model_len: int
+
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
+    @property
+    def tensor_dtype(self) -> torch.dtype:
+        return self.kv_caches[0].dtype
+
+    def layout(self) -> tuple[Any, ...]:
+        """What two caches must share for KV to move between them."""
+        return (self.dtype, self.block_size, self.num_kv_heads, self.head_dim,
+                [(p.window, n) for p, n in zip(self.block_manager.pools, self.layers_per_group,
+                                               strict=True)])
+
+    def gather(self, group: int, block_ids: list[int]) -> torch.Tensor:
+        """CPU copy of some blocks of one group: [2, layers, len(block_ids), block_size,
+        kv_heads, head_dim], one copy to the host."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_caches[group].index_select(2, index).cpu()
+
+    def install(self, group: int, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write data [2, layers, len(block_ids), block_size, kv_heads, head_dim] into
+        those blocks of one group."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_caches[group].index_copy_(2, index, data.to(self.device))

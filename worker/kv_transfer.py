@@ -9,29 +9,16 @@ a re-prefill). Runs only between engine steps, like every other control operatio
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
-
 from worker.block_manager import EMPTY, cdiv
-from worker.errors import CapacityError, InvalidRequestError, PreconditionError
+from worker.kv_cache import KVView
 from worker.sequence import Sequence
 from worker.snapshot import GroupKV, Snapshot, SnapshotKind
-
-if TYPE_CHECKING:
-    from worker.engine import LLMEngine
+from worker.vocab.errors import CapacityError, InvalidRequestError, PreconditionError
 
 
-def gather_blocks(engine: LLMEngine, group: int, block_ids: list[int]) -> torch.Tensor:
-    """CPU copy of some blocks of one group: [2, layers, len(block_ids), block_size,
-    kv_heads, head_dim], one copy to the host."""
-    index = torch.tensor(block_ids, dtype=torch.long, device=engine.device)
-    return engine.runner.kv_caches[group].index_select(2, index).cpu()
-
-
-def export_snapshot(engine: LLMEngine, seq: Sequence, emitted_chars: int,
+def export_snapshot(kv: KVView, seq: Sequence, emitted_chars: int,
                     kind: SnapshotKind) -> Snapshot:
-    args, bm = engine.model.args, engine.block_manager
+    bm = kv.block_manager
     with_kv = kind != SnapshotKind.TOKENS_ONLY and bool(seq.block_tables)
     groups = []
     for g, pool in enumerate(bm.pools):
@@ -43,26 +30,26 @@ def export_snapshot(engine: LLMEngine, seq: Sequence, emitted_chars: int,
             ids = table[first:]
             assert EMPTY not in ids, "a block inside the window was given back"
         include = with_kv and (kind == SnapshotKind.FULL or pool.window is not None)
-        groups.append(GroupKV(window=pool.window, num_layers=engine.runner.layout
-                              .layers_per_group[g], first_block=first, num_blocks=len(ids),
-                              data=gather_blocks(engine, g, ids) if include else None))
+        groups.append(GroupKV(window=pool.window, num_layers=kv.layers_per_group[g],
+                              first_block=first, num_blocks=len(ids),
+                              data=kv.gather(g, ids) if include else None))
     return Snapshot(
-        kind=kind, fingerprint=engine.fingerprint, dtype=engine.config.model.dtype,
-        block_size=bm.block_size, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+        kind=kind, fingerprint=kv.fingerprint, dtype=kv.dtype,
+        block_size=bm.block_size, num_kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
         request_id=seq.seq_id, token_ids=list(seq.token_ids),
         num_prompt_tokens=seq.num_prompt_tokens,
         num_computed_tokens=seq.num_computed_tokens if with_kv else 0, seed=seq.seed,
         params=seq.params.to_dict(), emitted_chars=emitted_chars, groups=groups)
 
 
-def check_compatible(engine: LLMEngine, snap: Snapshot) -> None:
+def check_compatible(kv: KVView, snap: Snapshot) -> None:
     """PreconditionError when the snapshot is of another model or cache layout;
     InvalidRequestError when its block ranges cannot describe its own tokens."""
-    check_layout(engine, snap)
-    bm = engine.block_manager
-    if len(snap.token_ids) >= engine.max_model_len:
+    check_layout(kv, snap)
+    bm = kv.block_manager
+    if len(snap.token_ids) >= kv.max_model_len:
         raise InvalidRequestError("snapshot", f"{len(snap.token_ids)} tokens do not fit the "
-                                              f"context of {engine.max_model_len}")
+                                              f"context of {kv.max_model_len}")
     if not is_complete(snap):
         return
     num_blocks = cdiv(snap.num_computed_tokens, snap.block_size)
@@ -73,15 +60,12 @@ def check_compatible(engine: LLMEngine, snap: Snapshot) -> None:
                                                   "tokens")
 
 
-def check_layout(engine: LLMEngine, snap: Snapshot) -> None:
+def check_layout(kv: KVView, snap: Snapshot) -> None:
     """PreconditionError when the snapshot is of another model or KV layout."""
-    args, bm = engine.model.args, engine.block_manager
-    if snap.fingerprint != engine.fingerprint:
+    if snap.fingerprint != kv.fingerprint:
         raise PreconditionError(f"snapshot: made by model {snap.fingerprint[:16]}…, this "
-                                f"worker serves {engine.fingerprint[:16]}… ({engine.model_name})")
-    ours = (engine.config.model.dtype, bm.block_size, args.num_kv_heads, args.head_dim,
-            [(p.window, n) for p, n in zip(bm.pools, engine.runner.layout.layers_per_group,
-                                          strict=True)])
+                                f"worker serves {kv.fingerprint[:16]}… ({kv.model_name})")
+    ours = kv.layout()
     theirs = (snap.dtype, snap.block_size, snap.num_kv_heads, snap.head_dim,
               [(g.window, g.num_layers) for g in snap.groups])
     if ours != theirs:
@@ -94,15 +78,13 @@ def is_complete(snap: Snapshot) -> bool:
     return snap.num_computed_tokens > 0 and all(g.data is not None for g in snap.groups)
 
 
-def install(engine: LLMEngine, seq: Sequence, snap: Snapshot) -> None:
+def install(kv: KVView, seq: Sequence, snap: Snapshot) -> None:
     """Allocate the sequence's blocks and write the snapshot's KV into them."""
-    bm = engine.block_manager
+    bm = kv.block_manager
     if not bm.allocate_imported(seq, [g.first_block for g in snap.groups],
                                 [g.num_blocks for g in snap.groups]):
         raise CapacityError("not enough free KV blocks to import the snapshot now")
     for g, group in enumerate(snap.groups):
-        ids = seq.block_tables[g][group.first_block:]
-        index = torch.tensor(ids, dtype=torch.long, device=engine.device)
-        engine.runner.kv_caches[g].index_copy_(2, index, group.data.to(engine.device))
+        kv.install(g, seq.block_tables[g][group.first_block:], group.data)
     seq.num_computed_tokens = snap.num_computed_tokens
     bm.commit(seq)  # full blocks become shareable prefix blocks here too

@@ -36,7 +36,7 @@ from kernels.gumbel_noise import (
     uniform_from_hash_numpy,
 )
 from worker import sampling_filters as filters
-from worker.sampling_params import SamplingParams
+from worker.vocab.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 _MAX_EXACT_FLOAT32_ID = 2**24  # token ids travel as float32 in the packed copy

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from worker.block_manager import BlockManager, cdiv
 from worker.config import SchedulerConfig
-from worker.errors import CapacityError
 from worker.sequence import Sequence, SequenceStatus
+from worker.vocab.errors import CapacityError
 
 
 @dataclass(frozen=True, slots=True)

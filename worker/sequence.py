@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from worker.sampling_params import SamplingParams
+from worker.vocab.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.IntEnum):

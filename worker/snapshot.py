@@ -17,7 +17,7 @@ our own — never pickle — and is checked completely before anything is alloca
                   raw tensor bytes in `dtype` (the decoder's tensors alias them)
     …       4·N   token ids, int32 little endian
     end-32  32    SHA-256 of every byte before it (version 1), or HMAC-SHA-256 under
-                  the cluster key (version 2; worker/integrity.py). SHA-NI makes it ~2.5×
+                  the cluster key (version 2; worker/vocab/integrity.py). SHA-NI makes it ~2.5×
                   faster than BLAKE2b here.
 
 Sent in bounded chunks (`iter_chunks`), reassembled with a size bound (`Assembler`).
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker import integrity
-from worker.errors import InvalidRequestError
-from worker.snapshot_kind import SnapshotKind
+from worker.vocab import integrity
+from worker.vocab.errors import InvalidRequestError
+from worker.vocab.snapshot_kind import SnapshotKind
 
 MAGIC = b"SMSNAP\r\n"
 _PREFIX = struct.Struct("<8sHHI")

@@ -21,7 +21,7 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from worker.errors import InvalidRequestError, ModelLoadError
+from worker.vocab.errors import InvalidRequestError, ModelLoadError
 
 REPLACEMENT_CHAR = "\ufffd"
 # vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET: prompt tokens re-decoded as context.

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from worker.config import SchedulerConfig
 from worker.model_runner import ModelRunner
 from worker.models.args import ModelArgs
-from worker.sampling_params import SamplingParams
 from worker.scheduler import ScheduledSeq, SchedulerOutput
 from worker.sequence import Sequence
+from worker.vocab.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The slotmesh router: no torch, no numpy, no model (the router side imports neither;
-# tests/test_protos.py checks it). Build from the repository root:
+# tests/protos/test_protos.py checks it). Build from the repository root:
 #   docker build -f deploy/docker/router.Dockerfile -t slotmesh-router .
 # The Python install is scripts/install-python.sh (target `router`), the script CI's
 # setup runs too.
@@ -29,6 +29,6 @@ EXPOSE 50051 9400
 # --shutdown-grace.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-m", "services.health_probe", "127.0.0.1:50051"]
+    CMD ["python", "-m", "services.rpc.health_probe", "127.0.0.1:50051"]
 ENTRYPOINT ["slotmesh", "router"]
 CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400"]

@@ -33,6 +33,6 @@ EXPOSE 50061 9401
 # (--router-address), the worker deregisters and exits 0 within --shutdown-grace.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-m", "services.health_probe", "127.0.0.1:50061"]
+    CMD ["python", "-m", "services.rpc.health_probe", "127.0.0.1:50061"]
 ENTRYPOINT ["slotmesh", "worker"]
 CMD ["--host", "0.0.0.0", "--port", "50061", "--metrics-port", "9401", "--cache-dir", "/models"]

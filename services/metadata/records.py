@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from worker.errors import SlotmeshError
+from worker.vocab.errors import SlotmeshError
 
 _TYPES = {"int": int, "str": str, "dict": dict, "float": float, "bool": bool}
 T = TypeVar("T")

@@ -29,10 +29,10 @@ from services.metadata.records import (
     decode,
     encode,
 )
-from worker.errors import UnavailableError
+from worker.vocab.errors import UnavailableError
 
 if TYPE_CHECKING:
-    from services.tls import RedisTls
+    from services.security.tls import RedisTls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,7 +124,7 @@ def redact_url(url: str) -> str:
 class RedisStore:
     """`url`: redis:// or rediss:// (TLS), with an optional user and password (Redis
     ACLs) that never reach a log line; `tls`: the CA and client certificate of a
-    rediss:// URL (services/tls.py)."""
+    rediss:// URL (services/security/tls.py)."""
 
     def __init__(self, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None
                  ) -> None:

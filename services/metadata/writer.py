@@ -21,6 +21,7 @@ import logging
 
 from services.metadata.records import SequenceRecord
 from services.metadata.store import RedisStore, StoreUnavailableError
+from worker.vocab.tasks import BackgroundTask
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class MetadataWriter:
         self._prefixes: dict[str, str] = {}
         self._in_flight = 0  # records and prefixes of the flush being written
         self._dirty = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("metadata-writer")
         self.is_healthy = True
 
     def put(self, record: SequenceRecord) -> None:
@@ -62,15 +63,11 @@ class MetadataWriter:
         return len(self._sequences) + len(self._prefixes) + self._in_flight
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="metadata-writer")
+        self._task.start(self._run())
 
     async def close(self, timeout_s: float = 1.0) -> None:
         """Stop the task and try one last flush (bounded: Redis may be gone)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), timeout_s)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.tls import RedisTls, TlsConfig
+    from services.security.tls import RedisTls, TlsConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,15 +36,15 @@ class RouterConfig:
     drain_exclusion_s: float = 120.0  # a drained worker gets no new sequences this long
     unreachable_backoff_s: float = 5.0  # skip a worker that refused a connection this long
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
-    # bearer tokens (services/auth.py): None = every caller may call everything
+    # bearer tokens (services/security/auth.py): None = every caller may call everything
     auth_tokens: tuple = ()  # TokenEntry, from --auth-tokens-file; empty = no checks
     peer_token: str | None = field(default=None, repr=False)  # sent to peer routers
     shutdown_grace_s: float = 10.0
-    # TLS of the server and of the calls to workers and peers (services/tls.py); None:
+    # TLS of the server and of the calls to workers and peers (services/security/tls.py); None:
     # plaintext. The router's certificate is its client certificate for workers that
     # require one (mutual TLS).
     tls: TlsConfig | None = field(default=None, repr=False)
     redis_tls: RedisTls | None = None
     # the cluster key: calls to workers carry the credential derived from it
-    # (services/cluster_auth.py); None: no credential sent
+    # (services/security/cluster_auth.py); None: no credential sent
     cluster_key: bytes | None = field(default=None, repr=False)

@@ -20,10 +20,10 @@ import logging
 import grpc
 
 from protos.slotmesh.v1 import router_pb2, router_pb2_grpc
-from services import rpc
 from services.metadata.records import RouterRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
-from services.periodic import Periodic
+from services.rpc import plumbing as rpc
+from services.rpc.periodic import Periodic
 
 log = logging.getLogger(__name__)
 

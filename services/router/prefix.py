@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 
-from services.convert import Prompt
-from worker.block_manager import chain_hash
+from services.rpc.convert import Prompt
+from worker.vocab.block_hash import chain_hash
 
 BYTE_BLOCK = 64
 TOKEN_BLOCK = 16

@@ -8,13 +8,12 @@ one heartbeat expiry, long enough for its registry key to lapse if it is really 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
 from services.metadata.records import WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError
+from services.rpc.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +25,14 @@ class WorkerRegistry:
         self.workers: dict[str, WorkerRecord] = {}
         self.is_store_healthy = True
         self._excluded: dict[str, float] = {}  # worker id -> monotonic time it may return
-        self._task: asyncio.Task | None = None
+        self._poller = Periodic(self.refresh, poll_s, name="registry")
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._run(), name="registry")
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            await self.refresh()
+        await self._poller.stop()
 
     async def refresh(self) -> None:
         try:

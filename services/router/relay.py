@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos.slotmesh.v1 import common_pb2
-from services import rpc
-from services.convert import GenerationRequest
 from services.metadata.records import SequenceRecord, WorkerRecord
 from services.metadata.store import now_ms
+from services.rpc import plumbing as rpc
+from services.rpc.convert import GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -28,22 +28,10 @@ from protos.slotmesh.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from services import rpc
-from services.auth import AuthInterceptor
-from services.cluster_auth import caller_metadata
-from services.convert import (
-    GenerationRequest,
-    kind_from_pb,
-    params_to_pb,
-    record_to_info,
-    request_from_pb,
-)
+from services.local.process import announce_ready, wait_for_signal
 from services.metadata.records import SequenceRecord, WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError
 from services.metadata.writer import MetadataWriter
-from services.metrics import RouterMetrics, StreamTimer, serve_metrics
-from services.periodic import Periodic
-from services.process import announce_ready, wait_for_signal
 from services.router.config import RouterConfig
 from services.router.peers import RouterPeers
 from services.router.policy import (
@@ -65,14 +53,26 @@ from services.router.relay import (
     pump,
     start,
 )
-from worker.errors import (
+from services.rpc import plumbing as rpc
+from services.rpc.convert import (
+    GenerationRequest,
+    kind_from_pb,
+    params_to_pb,
+    record_to_info,
+    request_from_pb,
+)
+from services.rpc.metrics import RouterMetrics, StreamTimer, serve_metrics
+from services.rpc.periodic import Periodic
+from services.security.auth import AuthInterceptor
+from services.security.cluster_auth import caller_metadata
+from worker.vocab.errors import (
     InvalidRequestError,
     NotFoundError,
     PreconditionError,
     UnavailableError,
 )
-from worker.sampling_params import SamplingParams
-from worker.snapshot_kind import SnapshotKind
+from worker.vocab.sampling_params import SamplingParams
+from worker.vocab.snapshot_kind import SnapshotKind
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.chaos import SCENARIOS, ChaosConfig, format_report, run_chaos, start_cluster
+from services.tools.chaos import SCENARIOS, ChaosConfig, format_report, run_chaos, start_cluster
+
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
 
 
 @pytest.fixture(scope="module")

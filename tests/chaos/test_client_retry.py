@@ -1,4 +1,4 @@
-"""services.client.RetryPolicy: what is retried (UNAVAILABLE only), where (the next
+"""services.client.clients.RetryPolicy: what is retried (UNAVAILABLE only), where (the next
 address of the list) and with what (resume= the tokens received, the same request_id
 and seed), against a real router, workers and redis-server."""
 
@@ -9,9 +9,11 @@ import asyncio
 import grpc
 import pytest
 
-from services.client import AsyncClient, Client, RetryPolicy, RpcError
-from services.redis_server import RedisServer, free_port
+from services.client.clients import AsyncClient, Client, RetryPolicy, RpcError
+from services.local.redis_server import RedisServer, free_port
 from tests.cluster_harness import tiny_cluster
+
+pytestmark = pytest.mark.cluster  # real Redis and/or server processes
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
 REQUEST = dict(text="retry me", max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)

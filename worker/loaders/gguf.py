@@ -1,4 +1,4 @@
-"""GGUF files -> `Checkpoint`: HF config dict, HF-named float32 tensors, tokenizer.
+"""GGUF files -> `ModelFiles`: HF config dict, HF-named float32 tensors, tokenizer.
 
 Owns the GGUF header parsing, the GGUF -> Hugging Face tensor renaming and the undoing of
 llama.cpp's conversion transforms (the same ones transformers' GGUF loader undoes):
@@ -12,7 +12,7 @@ the 150k-260k-entry tokenizer arrays into numpy views and takes 5-20 s on these 
 this parser takes well under a second. Tensor data is still memory-mapped and handed to
 the gguf package's `dequantize` as the reader would.
 
-`Checkpoint.fingerprint` is the SHA-256 of the whole file (hex), read from the hub's
+`ModelFiles.fingerprint` is the SHA-256 of the whole file (hex), read from the hub's
 size+mtime-keyed sidecar when present, so it is the same hash the hub verified.
 """
 
@@ -30,10 +30,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from worker.errors import ModelLoadError
-from worker.loaders.checkpoint import Checkpoint
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, eos_token_ids
 from worker.loaders.hub import file_sha256
+from worker.loaders.model_files import ModelFiles
+from worker.vocab.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -405,8 +405,8 @@ def load_tensors(path: Path, header: GGUFHeader, spec: ArchSpec,
     return tensors
 
 
-def load_gguf(path: str | Path, name: str | None = None) -> Checkpoint:
-    """A GGUF file as a `Checkpoint`; ModelLoadError for anything not loadable."""
+def load_gguf(path: str | Path, name: str | None = None) -> ModelFiles:
+    """A GGUF file as a `ModelFiles`; ModelLoadError for anything not loadable."""
     path = Path(path)
     header = read_gguf_header(path)
     arch = header.metadata.get("general.architecture")
@@ -420,7 +420,7 @@ def load_gguf(path: str | Path, name: str | None = None) -> Checkpoint:
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"{path.name}: corrupt tensor data: {exc}") from exc
     tokenizer = build_gguf_tokenizer(path, header.metadata)
-    return Checkpoint(
+    return ModelFiles(
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,

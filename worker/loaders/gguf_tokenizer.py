@@ -27,9 +27,9 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 from tokenizers.processors import TemplateProcessing
 
-from worker.errors import ModelLoadError
 from worker.loaders.hub import file_sha256
 from worker.tokenizer import Tokenizer
+from worker.vocab.errors import ModelLoadError
 
 _CACHE_VERSION = 1
 SPACE = "\u2581"

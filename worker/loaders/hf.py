@@ -11,12 +11,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from worker.errors import ModelLoadError
-from worker.loaders.checkpoint import Checkpoint
+from worker.loaders.model_files import ModelFiles
 from worker.tokenizer import Tokenizer
+from worker.vocab.errors import ModelLoadError
 
 
-def load_hf_dir(path: str | Path, name: str | None = None) -> Checkpoint:
+def load_hf_dir(path: str | Path, name: str | None = None) -> ModelFiles:
     root = Path(path)
     config = _read_json(root / "config.json")
     files = _weight_files(root)
@@ -27,7 +27,7 @@ def load_hf_dir(path: str | Path, name: str | None = None) -> Checkpoint:
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{f}: unreadable safetensors file ({e})") from None
     tokenizer = Tokenizer.from_hf_dir(root)
-    return Checkpoint(
+    return ModelFiles(
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.errors import ModelLoadError, UnknownModelError
+from worker.vocab.errors import ModelLoadError, UnknownModelError
 
 _HASH_CHUNK = 8 << 20
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from worker.errors import ModelLoadError
 from worker.models.args import FULL, SLIDING, ModelArgs, rope_from_config
 from worker.models.decoder import DecoderModel
+from worker.vocab.errors import ModelLoadError
 
 ArgsBuilder = Callable[[dict], ModelArgs]
 _REGISTRY: dict[str, ArgsBuilder] = {}

@@ -1,4 +1,5 @@
-"""Fine-tuning: `slotmesh finetune` and `slotmesh bench finetune`.
+"""Fine-tuning, the library behind `slotmesh finetune` (flags in services/cli/finetune.py,
+the benchmark in services/tools/bench_finetune.py).
 
 Owns everything training needs around the serving model classes: the run's config and
 its validation, the text → token-window data, the llama.cpp-style learning-rate halving

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from worker.errors import InvalidRequestError
+from worker.vocab.errors import InvalidRequestError
 
 OPTIMIZERS = ("adamw", "sgd")
 MAX_VAL_SPLIT = 0.5

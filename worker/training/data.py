@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from worker.errors import InvalidRequestError
 from worker.tokenizer import Tokenizer
+from worker.vocab.errors import InvalidRequestError
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,16 +22,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from worker.errors import InvalidRequestError
-from worker.loaders.checkpoint import Checkpoint
+from worker.loaders.model_files import ModelFiles
 from worker.models.decoder import DecoderModel
 from worker.models.registry import hf_state_dict
+from worker.vocab.errors import InvalidRequestError
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "generation_config.json")
 
 
-def write_model_dir(path: Path, model: DecoderModel, source: Checkpoint) -> None:
+def write_model_dir(path: Path, model: DecoderModel, source: ModelFiles) -> None:
     """The HF files of `model`, with config and tokenizer from `source`, into `path`."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     save_file(hf_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from worker.errors import InvalidRequestError
+from worker.vocab.errors import InvalidRequestError
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter], float, float], torch.optim.Optimizer]
 

@@ -16,17 +16,10 @@ from typing import TextIO
 
 import torch
 
-from worker.errors import InvalidRequestError
-from worker.loaders import load_checkpoint
-from worker.loaders.checkpoint import Checkpoint
+from worker.loaders import load_model_files
+from worker.loaders.model_files import ModelFiles
 from worker.models.decoder import DecoderModel
 from worker.models.registry import build_model, model_args
-from worker.training.checkpoint import (
-    SavedRun,
-    default_checkpoint_dir,
-    read_checkpoint,
-    save_checkpoint,
-)
 from worker.training.config import FinetuneConfig
 from worker.training.data import Windows, file_digest, read_text, tokenize_windows
 from worker.training.export import (
@@ -43,8 +36,15 @@ from worker.training.optim import (
     select_trainable,
     state_bytes,
 )
+from worker.training.resume import (
+    SavedRun,
+    default_resume_dir,
+    read_resume_state,
+    save_resume_state,
+)
 from worker.training.schedule import LRSchedule
 from worker.training.trainer import Interrupt, Trainer, TrainState
+from worker.vocab.errors import InvalidRequestError
 
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by SIGINT"
 
@@ -54,7 +54,7 @@ class Prepared:
     """Everything a run needs, loaded and checked; nothing written yet."""
 
     config: FinetuneConfig
-    source: Checkpoint  # config and tokenizer to export with (tensors already dropped)
+    source: ModelFiles  # config and tokenizer to export with (tensors already dropped)
     model: DecoderModel
     optimizer: torch.optim.Optimizer
     windows: Windows
@@ -87,7 +87,7 @@ def finetune(config: FinetuneConfig | None, stream: TextIO,
         write_model_dir(tmp, run.model, run.source)
         write_json(tmp / "metrics.json", metrics)
     _print_summary(run, metrics, stream)
-    if run.resumed_from == default_checkpoint_dir(run.config.out):
+    if run.resumed_from == default_resume_dir(run.config.out):
         shutil.rmtree(run.resumed_from, ignore_errors=True)  # superseded by the output
     return FinetuneResult(interrupted=False, path=run.config.out, metrics=metrics)
 
@@ -96,7 +96,7 @@ def finetune(config: FinetuneConfig | None, stream: TextIO,
 
 
 def prepare(config: FinetuneConfig | None, resume: Path | None) -> Prepared:
-    saved = read_checkpoint(resume) if resume is not None else None
+    saved = read_resume_state(resume) if resume is not None else None
     if saved is not None:
         config = FinetuneConfig.from_json(saved.state["config"])
     config.validate()
@@ -106,7 +106,7 @@ def prepare(config: FinetuneConfig | None, resume: Path | None) -> Prepared:
     if saved is not None and saved.state["data_sha256"] != digest:
         raise InvalidRequestError("data", f"{config.data} changed since the checkpoint was "
                                           "saved; resume needs the same data")
-    source = saved.source if saved is not None else load_checkpoint(config.model,
+    source = saved.source if saved is not None else load_model_files(config.model,
                                                                     config.cache_dir)
     _check_ctx(config, source)
     windows = tokenize_windows(text, source.tokenizer, config.ctx, config.val_split,
@@ -119,14 +119,14 @@ def prepare(config: FinetuneConfig | None, resume: Path | None) -> Prepared:
                     windows=windows, state=state, data_sha256=digest, resumed_from=resume)
 
 
-def _check_ctx(config: FinetuneConfig, source: Checkpoint) -> None:
+def _check_ctx(config: FinetuneConfig, source: ModelFiles) -> None:
     limit = model_args(source.config).max_position_embeddings
     if config.ctx > limit:
         raise InvalidRequestError("ctx", f"{config.ctx} is above the model's context of "
                                          f"{limit} tokens")
 
 
-def _build_trainable(source: Checkpoint, config: FinetuneConfig) -> DecoderModel:
+def _build_trainable(source: ModelFiles, config: FinetuneConfig) -> DecoderModel:
     """fp32 model (GGUF weights arrive dequantised); the loaded tensors are dropped so the
     weights are held once."""
     model = build_model(source.config, source.tensors, torch.float32,
@@ -151,10 +151,10 @@ def _schedule(config: FinetuneConfig) -> LRSchedule:
 
 
 def _save_interrupted(run: Prepared, stream: TextIO) -> FinetuneResult:
-    path = default_checkpoint_dir(run.config.out)
+    path = default_resume_dir(run.config.out)
     state = {"config": run.config.to_json(), "data_sha256": run.data_sha256,
              "loop": run.state.to_json()}
-    save_checkpoint(path, run.model, run.source, run.optimizer, state)
+    save_resume_state(path, run.model, run.source, run.optimizer, state)
     done = run.state
     print(f"interrupted in epoch {done.epoch + 1}/{run.config.epochs} after "
           f"{done.windows_done}/{len(run.windows.train)} training windows; checkpoint saved "

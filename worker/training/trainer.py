@@ -24,7 +24,6 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from worker.errors import InvalidRequestError
 from worker.models.decoder import DecoderModel
 from worker.training.config import FinetuneConfig
 from worker.training.data import Windows, epoch_order
@@ -32,6 +31,7 @@ from worker.training.memory import PeakMemory
 from worker.training.optim import set_lr
 from worker.training.progress import EpochBar, RunningStats
 from worker.training.schedule import LRSchedule
+from worker.vocab.errors import InvalidRequestError
 
 
 @dataclass(slots=True)

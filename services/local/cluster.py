@@ -1,0 +1,352 @@
+"""`slotmesh up`: a whole local cluster from one command — a real redis-server (unless
+--redis-url points at one), a router and N workers, each its own process.
+
+LocalCluster is also what the cluster benchmark and the integration tests start, so they
+exercise exactly the processes a user runs. With `tls` (a LocalPki, services/security/local_ca.py)
+every gRPC server serves TLS, workers require the cluster CA's client certificates
+(mutual TLS with the router and with each other), and the Redis it starts serves TLS
+only, to clients with a certificate, as an ACL user whose password travels to the
+children in $SLOTMESH_REDIS_URL, never on a command line. Children run in their own sessions: Ctrl-C
+reaches only this supervisor, which then stops workers (they deregister), the router,
+and Redis last, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from services.local.process import ServiceProcess, child_env, spawn_service, spawn_services
+from services.local.redis_server import RedisServer, RedisServerTls
+from services.metadata.store import redact_url
+from services.security.tls import ChannelTls, RedisTls
+from worker.vocab.errors import SlotmeshError
+
+if TYPE_CHECKING:  # security/local_ca.py needs `cryptography`, which the router image lacks
+    from services.security.local_ca import LocalPki
+
+
+class LocalCluster:
+    """Redis + router + workers as child processes.
+
+    worker_args: flags for every `slotmesh worker` (model, dtype, slots, ...).
+    """
+
+    def __init__(self, *, worker_args: list[str], num_workers: int = 2,
+                 router_port: int = 0, redis_url: str | None = None,
+                 install_redis: bool = True, heartbeat_ttl_s: float = 6.0,
+                 registry_poll_s: float = 1.0, metrics: bool = False,
+                 log_dir: Path | None = None, router_args: list[str] | None = None,
+                 cluster_key_file: Path | None = None, tls: LocalPki | None = None) -> None:
+        self.worker_args = worker_args
+        self.cluster_key_file = cluster_key_file
+        self.tls = tls
+        self.num_workers = num_workers
+        self.router_port = router_port
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.registry_poll_s = registry_poll_s
+        self.metrics = metrics
+        self.log_dir = log_dir
+        self.router_args = router_args or []
+        self.redis = None if redis_url else _local_redis(install_redis, tls)
+        self.redis_url = redis_url or self.redis.url
+        self.router: ServiceProcess | None = None
+        self.routers: list[ServiceProcess] = []  # the first is `router`; workers drain via it
+        self.workers: list[ServiceProcess] = []
+        self._logs: list[IO] = []
+        self._next_worker = 0
+
+    @property
+    def router_address(self) -> str:
+        assert self.router is not None, "cluster not started"
+        return self.router.address
+
+    def _log(self, name: str) -> IO | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.log_dir / f"{name}.log", "a")  # noqa: SIM115 - closed in stop()
+        self._logs.append(f)
+        return f
+
+    def _metrics_flag(self) -> list[str]:
+        return ["--metrics-port", "0"] if self.metrics else []
+
+    def start(self) -> LocalCluster:
+        try:
+            if self.redis is not None:
+                self.redis.start()
+            # the router first: workers drain through it on SIGTERM
+            self.router = self.add_router(self.router_port)
+            workers = [self._worker_spec() for _ in range(self.num_workers)]
+            self.workers = spawn_services(workers, env=self._env())
+            self.wait_for_workers(len(self.workers))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _worker_spec(self, extra_args: list[str] | None = None) -> tuple:
+        name = f"worker-{self._next_worker}"
+        self._next_worker += 1
+        return (name, [
+            "worker", "--port", "0", "--worker-id", name,
+            "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
+            "--router-address", self.router_address, *self._key_flag(),
+            *self._tls_flags(worker=True), *self.worker_args, *(extra_args or [])],
+            self._log(name))
+
+    def _env(self) -> dict[str, str]:
+        """The children's environment: the Redis URL (and any password in it) goes here,
+        not on their command lines."""
+        return child_env({"SLOTMESH_REDIS_URL": self.redis_url})
+
+    def _key_flag(self) -> list[str]:
+        return ["--cluster-key-file", str(self.cluster_key_file)] if self.cluster_key_file \
+            else []
+
+    def _tls_flags(self, worker: bool) -> list[str]:
+        if self.tls is None:
+            return []
+        pki = self.tls
+        flags = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                 "--tls-ca", str(pki.ca), *(["--tls-require-client-cert"] if worker else [])]
+        if self.redis is not None:  # the Redis we started: TLS with client certificates
+            flags += ["--redis-tls-ca", str(pki.ca), "--redis-tls-cert", str(pki.server_cert),
+                      "--redis-tls-key", str(pki.server_key)]
+        return flags
+
+    def client_tls(self) -> ChannelTls | None:
+        """How a client dials the router (None: plaintext)."""
+        return ChannelTls.from_files(ca=self.tls.ca) if self.tls else None
+
+    def redis_tls(self) -> RedisTls | None:
+        """How a tool connects to the Redis this cluster started (None: plaintext)."""
+        if self.tls is None or self.redis is None:
+            return None
+        return RedisTls(ca_file=str(self.tls.ca), cert_file=str(self.tls.client_cert),
+                        key_file=str(self.tls.client_key))
+
+    def worker_tls(self) -> ChannelTls | None:
+        """How a tool dials a worker directly: the CA and the client certificate."""
+        if self.tls is None:
+            return None
+        return ChannelTls.from_files(ca=self.tls.ca, cert=self.tls.client_cert,
+                                     key=self.tls.client_key)
+
+    def worker_credential(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata a direct caller of these workers sends: the credential
+        derived from the cluster key (services/security/cluster_auth.py); none without a key."""
+        from services.security.cluster_auth import caller_metadata
+        from worker.vocab.integrity import load_key
+
+        return caller_metadata(load_key(self.cluster_key_file) if self.cluster_key_file
+                               else None)
+
+    def add_router(self, port: int = 0) -> ServiceProcess:
+        """Another router replica on the same Redis (any replica serves any client)."""
+        name = "router" if not self.routers else f"router-{len(self.routers)}"
+        proc = self._spawn_router(name, port)
+        self.routers.append(proc)
+        return proc
+
+    def _spawn_router(self, name: str, port: int) -> ServiceProcess:
+        return spawn_service(name, [
+            "router", "--port", str(port),
+            "--registry-poll", str(self.registry_poll_s), *self._metrics_flag(),
+            *self._key_flag(), *self._tls_flags(worker=False), *self.router_args],
+            stderr=self._log(name), env=self._env())
+
+    def kill_router(self, index: int = 0) -> ServiceProcess:
+        """SIGKILL router `index` (a crash: no clean shutdown); restart_router brings it
+        back."""
+        self.routers[index].kill()
+        return self.routers[index]
+
+    def restart_router(self, index: int = 0) -> ServiceProcess:
+        """Start router `index` again on its port (after kill_router, or it is killed
+        first); clients that retry find it at the same address."""
+        old = self.routers[index]
+        old.kill()
+        proc = self._spawn_router(old.name, int(old.address.rsplit(":", 1)[1]))
+        self.routers[index] = proc
+        if index == 0:
+            self.router = proc
+        return proc
+
+    def add_worker(self, extra_args: list[str] | None = None) -> ServiceProcess:
+        name, argv, log = self._worker_spec(extra_args)
+        proc = spawn_service(name, argv, stderr=log, env=self._env())
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:
+        """Until the router lists exactly `count` workers (its registry poll catches up)."""
+        from services.client.clients import Client
+
+        deadline = time.monotonic() + timeout_s
+        with Client(self.router_address, timeout=5.0, tls=self.client_tls()) as client:
+            while len(client.list_workers()) != count:
+                if time.monotonic() > deadline:
+                    raise SlotmeshError(f"router does not list {count} workers after "
+                                        f"{timeout_s:.0f} s")
+                time.sleep(self.registry_poll_s / 4)
+
+    def stop(self) -> dict[str, int]:
+        """Workers first (they deregister), then the router, then Redis; exit codes."""
+        codes = {}
+        for w in self.workers:
+            codes[w.name] = w.terminate()
+        for r in self.routers:
+            codes[r.name] = r.terminate()
+        if self.redis is not None:
+            self.redis.close()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        return codes
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _local_redis(install: bool, tls: LocalPki | None) -> RedisServer:
+    """Plain, or with a TLS cluster: TLS only, client certificates required, and an ACL
+    user with a random password instead of the default user."""
+    if tls is None:
+        return RedisServer(install=install)
+    return RedisServer(install=install, user=("slotmesh", secrets.token_hex(16)),
+                       tls=RedisServerTls(tls.server_cert, tls.server_key, tls.ca,
+                                          auth_clients=True))
+
+
+def add_bench_tls_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_true",
+                   help="run the cluster as `slotmesh up --tls` does (TLS everywhere, mutual "
+                        "TLS between router and workers), to measure what it costs")
+
+
+def bench_pki(args: argparse.Namespace, directory: str | Path) -> LocalPki | None:
+    from services.security.local_ca import make_local_pki
+
+    return make_local_pki(Path(directory) / "pki") if args.tls else None
+
+
+def add_up_parser(sub, add_model_flags) -> None:
+    p = sub.add_parser(
+        "up", help="start a local cluster: Redis, a router and N workers",
+        description="Start redis-server on a free loopback port (unless --redis-url is "
+                    "given; installed with apt-get when missing, if run as root), a router "
+                    "and N workers as processes. Prints the router's address; Ctrl-C or "
+                    "SIGTERM stops them all cleanly.")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    add_model_flags(p)
+    p.add_argument("--port", type=int, default=50051,
+                   help="router port on 127.0.0.1; 0 = any free port (default: 50051)")
+    p.add_argument("--redis-url", default=None,
+                   help="use this Redis (redis://host:port/db) instead of starting one")
+    p.add_argument("--no-install-redis", action="store_true",
+                   help="fail instead of installing redis-server when it is missing")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve Prometheus /metrics from every process on free ports")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="write each process's log to DIR/NAME.log (default: this terminal)")
+    p.add_argument("--cluster-key-file", type=Path, default=None,
+                   help="the key snapshots and prompt-cache entries are authenticated with "
+                        "(default: a throwaway key made for this run)")
+    p.add_argument("--tls", action="store_true",
+                   help="secure the cluster with a throwaway CA made for this run: TLS on "
+                        "the router, the workers and Redis, mutual TLS between router and "
+                        "workers, Redis with an ACL user; prints the CA a client needs")
+    p.set_defaults(func=cmd_up)
+
+
+def model_worker_args(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+           "--slots", str(args.slots)]
+    if args.cache_dir is not None:
+        out += ["--cache-dir", str(args.cache_dir)]
+    if args.ctx is not None:
+        out += ["--ctx", str(args.ctx)]
+    return out
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise SlotmeshError("--workers: must be >= 1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory(prefix="slotmesh-up-") as tmp:
+        key_file = args.cluster_key_file or write_key_file(Path(tmp) / "cluster.key")
+        pki = None
+        if args.tls:
+            from services.security.local_ca import make_local_pki
+
+            pki = make_local_pki(Path(tmp) / "tls")
+        cluster = LocalCluster(worker_args=model_worker_args(args), num_workers=args.workers,
+                               router_port=args.port, redis_url=args.redis_url,
+                               install_redis=not args.no_install_redis, metrics=args.metrics,
+                               log_dir=args.log_dir, cluster_key_file=key_file, tls=pki)
+        return _run_up(cluster, args, stop)
+
+
+def write_key_file(path: Path) -> Path:
+    """A fresh random cluster key (hex), readable by this user only."""
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def _run_up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event) -> int:
+    print(f"slotmesh up: starting {args.workers} worker(s) on {args.model}…", flush=True)
+    cluster.start()
+    try:
+        _print_cluster(cluster)
+        return _supervise(cluster, stop)
+    finally:
+        codes = cluster.stop()
+        print(f"slotmesh up: stopped ({', '.join(f'{k}={v}' for k, v in codes.items())})",
+              flush=True)
+
+
+def _print_cluster(cluster: LocalCluster) -> None:
+    print(f"router   {cluster.router_address}"
+          + (f"  metrics http://{cluster.router.metrics_address}/metrics"
+             if cluster.router.metrics_address else ""))
+    for w in cluster.workers:
+        print(f"{w.name} {w.address}"
+              + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
+    print(f"redis    {redact_url(cluster.redis_url)}")
+    tls = ""
+    if cluster.tls is not None:
+        pki = cluster.tls
+        print(f"tls      CA {pki.ca} (valid for this run only); client certificate for "
+              f"calling a worker directly: {pki.client_cert} {pki.client_key}")
+        print(f"         Python: Client('{cluster.router_address}', "
+              f"root_certificates=Path('{pki.ca}').read_bytes())")
+        tls = f"--tls-ca {pki.ca} "
+    print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
+          f"{tls}\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
+
+
+def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:
+    """Until a signal (exit 0) or a child dies on its own (exit 1)."""
+    procs = [cluster.router, *cluster.workers]
+    while not stop.wait(0.5):
+        for p in procs:
+            if p.proc.poll() is not None:
+                print(f"slotmesh up: {p.name} exited with code {p.proc.returncode}; "
+                      "stopping the cluster", file=sys.stderr, flush=True)
+                return 1
+    return 0

@@ -1,0 +1,104 @@
+"""The `slotmesh` command line on a tiny model: JSON output, errors, help."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.cli.main import main
+
+
+def test_generate_json(tiny_model_dir, capsys) -> None:
+    path = str(tiny_model_dir("llama"))
+    rc = main(["generate", "The quick brown fox", "--model", path, "--json",
+               "--temperature", "0", "--max-tokens", "5"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "finish_reason"}
+    assert len(out["token_ids"]) == 5 and out["finish_reason"] == "length"
+    rc = main(["generate", "The quick brown fox", "--model", path, "--json",
+               "--temperature", "0", "--max-tokens", "5"])
+    assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
+
+
+def test_generate_chat_streams_text(tiny_model_dir, capsys) -> None:
+    rc = main(["generate", "hi", "--model", str(tiny_model_dir("llama")), "--chat",
+               "--seed", "3", "--max-tokens", "4"])
+    assert rc == 0 and capsys.readouterr().out.endswith("\n")
+
+
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--top-p", "2"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--min-p", "1.5"], "min_p"),
+])
+def test_bad_flags_exit_2_naming_the_field(tiny_model_dir, capsys, flags, field) -> None:
+    rc = main(["generate", "x", "--model", str(tiny_model_dir("llama")), *flags])
+    assert rc == 2
+    assert field in capsys.readouterr().err
+
+
+def test_unknown_model_exit_2(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SLOTMESH_CACHE", str(tmp_path))
+    assert main(["generate", "x", "--model", "nope-7b"]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "bench" in out and "chaos" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--scenarios", "kill_worker,typo"], "--scenarios: unknown ['typo']"),
+    (["--workers", "1"], "--workers: at least 2"),
+])
+def test_chaos_refuses_bad_flags_before_starting_anything(argv, message, capsys) -> None:
+    assert main(["chaos", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
+    """Smoke test of the benchmark's plumbing on a tiny model (no timing asserted)."""
+    rc = main(["bench", "engine", "--model", str(tiny_model_dir("llama")), "--concurrency",
+               "1,2", "--prompt-tokens", "8", "--new-tokens", "4", "--repeat", "1", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["vs_transformers"]) == {"1", "2"}
+    assert report["dtype"] == "float32"
+    assert report["device_to_host_bytes_per_step"]["2"]["device_sampling"] == 8
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_python_dash_m_worker_is_slotmesh_worker() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "services.worker", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--heartbeat-ttl" in out.stdout
+
+
+def test_generate_via_unreachable_router_is_a_clear_error(capsys) -> None:
+    from services.local.redis_server import free_port
+
+    rc = main(["generate", "--router", f"127.0.0.1:{free_port()}", "hi", "--timeout", "5"])
+    assert rc == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--swa-checkpoints", "-1"], "--swa-checkpoints"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every"),
+    (["--checkpoint-min-step", "-1"], "--checkpoint-min-step"),
+    (["--prompt-cache-mb", "-1"], "--prompt-cache-mb"),
+    (["--prompt-cache-ttl", "0"], "--prompt-cache-ttl"),
+])
+def test_bad_prompt_cache_flags_exit_2_naming_the_flag(flags, field, capsys) -> None:
+    assert main(["worker", *flags]) == 2  # refused before Redis or the model is touched
+    assert field in capsys.readouterr().err

@@ -1,7 +1,0 @@
-"""`python -m worker ARGS…` is `slotmesh worker ARGS…`."""
-
-import sys
-
-from services.cli import main
-
-sys.exit(main(["worker", *sys.argv[1:]]))

@@ -142,10 +142,12 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGTERM or SIGINT (a server's clean-shutdown trigger)."""
+def shutdown_requested() -> asyncio.Event:
+    """An event the first SIGTERM or SIGINT sets (a server's clean-shutdown trigger).
+    Install it before announcing readiness: a supervisor may signal as soon as it reads
+    the ready line, and a signal before the handler would kill the process uncleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop

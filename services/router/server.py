@@ -28,7 +28,7 @@ from protos.slotmesh.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from services.local.process import announce_ready, wait_for_signal
+from services.local.process import announce_ready, shutdown_requested
 from services.metadata.records import SequenceRecord, WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError
 from services.metadata.writer import MetadataWriter
@@ -492,10 +492,11 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     await server.start()
     await peers.start()
     await rpc.set_serving(health, [SERVICE_NAME], True)
+    stop = shutdown_requested()  # before the ready line: see its docstring
     announce_ready(f"{config.host}:{port}", metrics_address)
     log.info("router %s on %s:%d, %d workers known", router_id, config.host, port,
              len(registry.workers))
-    await wait_for_signal()
+    await stop.wait()
     await rpc.set_serving(health, [SERVICE_NAME], False)
     await peers.stop()
     await server.stop(config.shutdown_grace_s)

@@ -26,7 +26,7 @@ from protos.slotmesh.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from services.local.process import announce_ready, wait_for_signal
+from services.local.process import announce_ready, shutdown_requested
 from services.metadata.records import WorkerRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
 from services.rpc import plumbing as rpc
@@ -358,8 +358,9 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
         await service.prompt_cache.start()
     await heartbeat.start()
     await rpc.set_serving(health, [SERVICE_NAME], True)
+    stop = shutdown_requested()  # before the ready line: see its docstring
     announce_ready(address, metrics_address)
-    await wait_for_signal()
+    await stop.wait()
     await _drain(service, config)
     await heartbeat.stop()
     await server.stop(1.0)

@@ -1,0 +1,106 @@
+"""Weight formats of a loaded model: which format each weight gets, and the quantized
+weights on their way from a loader to the model.
+
+`ModelConfig.weights` picks the policy:
+  None: today's behaviour, every weight dense in the model dtype (nothing is packed);
+  float32 | bfloat16 | float16: every linear weight dense in that dtype;
+  int8: every linear weight int8 weight-only, per output channel;
+  int4: every linear weight int4 weight-only, groups of 32 (GGUF Q4_0/Q4_1/Q4_K blocks
+        map onto these exactly, see `worker/loaders/gguf_repack.py`);
+  auto: a GGUF's 4-bit tensors stay 4-bit (int4 g32), its 5/6/8-bit ones become int8,
+        float ones stay dense; an HF checkpoint keeps its own dtype.
+Norms, biases and the MoE router stay dense in the model dtype. Under a quantized policy
+the embedding table is int8 per row (a gather dequantizes just the rows it reads) and a
+tied lm_head multiplies by that same int8 table: one copy serves both.
+
+A loader that quantizes hands `QuantizedTensor`s (unpacked, HF layout, rows can be
+concatenated to fuse q/k/v and gate/up) in `Checkpoint.tensors`; the model registry packs
+them on the target device. Fine-tuning needs dense float weights and refuses packed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.int4_linear import pack_int4_quantized, quantize_int4
+from kernels.int8_linear import pack_int8_quantized, quantize_int8
+from kernels.packed_weight import DENSE_FORMATS, PackedWeight, pack_dense
+
+WEIGHTS = ("auto", *DENSE_FORMATS, "int8", "int4")
+INT4_GROUP = 32
+
+
+def check_weights(weights: str | None) -> None:
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; expected one of {', '.join(WEIGHTS)}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class QuantizedTensor:
+    """An unpacked quantized [N, K] weight (CPU tensors).
+
+    int8: q int8 [N, K], scales [N] (w = q * scale).
+    int4: q uint8 [N, K] in 0..15, scales and zeros [N, K / group_size]
+          (w = (q - 8) * scale + zero, torch's int4pack convention).
+    """
+
+    format: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K]."""
+        if self.format == "int8":
+            return self.q.float() * self.scales.float()[:, None]
+        n, k = self.q.shape
+        qg = self.q.float().reshape(n, k // self.group_size, self.group_size) - 8.0
+        return (qg * self.scales[..., None] + self.zeros[..., None]).reshape(n, k)
+
+    def pack(self, bias: torch.Tensor | None = None,
+             device: torch.device | str = "cpu") -> PackedWeight:
+        q, s = self.q.to(device), self.scales.to(device)
+        b = None if bias is None else bias.to(device)
+        if self.format == "int8":
+            return pack_int8_quantized(q, s, b)
+        return pack_int4_quantized(q, s, self.zeros.to(device), self.group_size, b)
+
+
+def quantize_tensor(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
+    """A float [N, K] weight → int8 per-channel or int4 g32 QuantizedTensor."""
+    if fmt == "int8":
+        q, scales = quantize_int8(weight)
+        return QuantizedTensor("int8", q, scales)
+    if fmt == "int4":
+        q, scales, zeros = quantize_int4(weight, INT4_GROUP)
+        return QuantizedTensor("int4", q, scales, zeros, INT4_GROUP)
+    raise ValueError(f"quantize_tensor: {fmt!r} is not int8 or int4")
+
+
+def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Fuse row blocks (q/k/v, gate/up) of one format and group size into one weight."""
+    first = parts[0]
+    if any(p.format != first.format or p.group_size != first.group_size for p in parts):
+        raise ValueError("cannot fuse weights of different quantized formats")
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+    return QuantizedTensor(first.format, torch.cat([p.q for p in parts]),
+                           torch.cat([p.scales for p in parts]), zeros, first.group_size)
+
+
+def pack_weight(weight: torch.Tensor | QuantizedTensor, fmt: str,
+                bias: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> PackedWeight:
+    """One linear's weight in format `fmt` (a dense one, int8 or int4)."""
+    if isinstance(weight, QuantizedTensor):
+        return weight.pack(bias, device)
+    weight = weight.to(device)
+    if fmt in DENSE_FORMATS:
+        return pack_dense(weight, fmt, bias)
+    return quantize_tensor(weight, fmt).pack(bias, device)

@@ -90,13 +90,15 @@ class GenerationResult:
 class LLMEngine:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
         self.config = config
-        ckpt = checkpoint or load_checkpoint(config.model.model, config.model.cache_dir)
+        ckpt = checkpoint or load_checkpoint(config.model.model, config.model.cache_dir,
+                                             config.model.weights)
         self.model_name, self.fingerprint = ckpt.name, ckpt.fingerprint
         self.tokenizer = ckpt.tokenizer
         self.eos_token_ids = ckpt.eos_token_ids
         self.device = torch.device(config.model.device)
         self.dtype = _DTYPES[config.model.dtype]
-        self.model = build_model(ckpt.config, ckpt.tensors, self.dtype, self.device)
+        self.model = build_model(ckpt.config, ckpt.tensors, self.dtype, self.device,
+                                 config.model.weights)
         args = self.model.args
         self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)

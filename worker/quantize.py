@@ -101,6 +101,8 @@ def pack_weight(weight: torch.Tensor | QuantizedTensor, fmt: str,
     if isinstance(weight, QuantizedTensor):
         return weight.pack(bias, device)
     weight = weight.to(device)
+    if fmt == "int4" and weight.shape[1] % INT4_GROUP:  # no int4 layout for this K
+        fmt = "int8"
     if fmt in DENSE_FORMATS:
         return pack_dense(weight, fmt, bias)
     return quantize_tensor(weight, fmt).pack(bias, device)

@@ -416,15 +416,17 @@ def load_tensors(path: Path, header: GGUFHeader, spec: ArchSpec, config: dict,
 def _quantized_format(info: TensorInfo, hf_name: str, weights: str | None) -> str | None:
     """int8 / int4 for a 2-D weight under a quantized policy, None for float32.
 
-    The embedding table is int8 whenever it is quantized at all: a gather reads rows of
-    an int8 table, not of int4's opaque packed layout (a tied lm_head shares it).
+    The embedding table (worker/quantize.py) is int8 under int8/int4 (a gather reads rows
+    of an int8 table, not of int4's opaque packed layout) and float under auto.
     """
     if weights not in ("auto", "int8", "int4") or len(info.shape) != 2:
         return None
-    fmt = auto_format(info.qtype) if weights == "auto" else weights
-    if fmt == "int4" and (hf_name.endswith("embed_tokens.weight") or info.shape[1] % 32):
+    is_embedding = hf_name.endswith("embed_tokens.weight")
+    if weights == "auto":
+        return None if is_embedding else auto_format(info.qtype)
+    if weights == "int4" and (is_embedding or info.shape[1] % 32):
         return "int8"
-    return fmt
+    return weights
 
 
 def _load_quantized(data: np.memmap, info: TensorInfo, fmt: str, spec: ArchSpec,

@@ -257,8 +257,10 @@ class DecoderModel(nn.Module):
         packed = getattr(self.embed_tokens, "packed", None)
         if packed is None:
             return self.embed_tokens(input_ids)
-        # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized
         dtype = self.norm.weight.dtype
+        if packed.format != "int8":  # a dense table in another dtype (bf16)
+            return packed.data[input_ids].to(dtype)
+        # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized
         return packed.data[input_ids].to(dtype) * packed.scales[input_ids, None].to(dtype)
 
     @property

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.packed_weight import DENSE_FORMATS
 from worker.models.decoder import DecoderModel, SparseMoE
 from worker.quantize import QuantizedTensor, pack_weight
 
@@ -41,21 +40,18 @@ def detach_quantized(model: DecoderModel, quantized: dict[str, QuantizedTensor])
 
 
 def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
-               fmt: str | None, device: torch.device) -> None:
+               fmt: str | None, embed_fmt: str | None, device: torch.device) -> None:
     """Pack in place: the `quantized` weights as they are, every other linear weight in
-    `fmt` (None: leave it dense in the model dtype).
-
-    Under int8/int4 the embedding table is int8 (gathered row by row; a tied lm_head
-    multiplies by it); under a dense `fmt` it stays in the model dtype.
+    `fmt` and the embedding table in `embed_fmt` (None: leave it dense in the model
+    dtype). A tied lm_head multiplies by the embedding table in whatever format it has.
     """
     for name, module in _packable(model).items():
         source = quantized.get(f"{name}.weight")
-        is_embedding = name == "embed_tokens"
+        target = embed_fmt if name == "embed_tokens" else fmt
         if source is None:
-            if fmt is None or (is_embedding and fmt in DENSE_FORMATS):
+            if target is None:
                 continue
             source = module.weight.data
-        target = "int8" if is_embedding else fmt
         bias = getattr(module, "bias", None)
         module.packed = pack_weight(source, target, None if bias is None else bias.data,
                                     device)

@@ -8,9 +8,12 @@ weights on their way from a loader to the model.
   int4: every linear weight int4 weight-only, groups of 32 (GGUF Q4_0/Q4_1/Q4_K blocks
         map onto these exactly, see `worker/loaders/gguf_repack.py`);
   auto: a GGUF's 4-bit tensors stay 4-bit (int4 g32), its 5/6/8-bit ones become int8,
-        float ones stay dense; an HF checkpoint keeps its own dtype.
-Norms, biases and the MoE router stay dense in the model dtype. Under a quantized policy
-the embedding table is int8 per row (a gather dequantizes just the rows it reads) and a
+        float ones stay dense, and the embedding table and lm_head stay in the model
+        dtype (the quantized kernels return bf16 logits, 1/16 apart at |8..16|, which
+        turns near-ties into ties: SmolLM2 lost 1-4 of 63 teacher-forced top-1 tokens
+        with a bf16 or int8 head, Qwen2.5-0.5B 3); an HF checkpoint keeps its own dtype.
+Norms, biases and the MoE router stay dense in the model dtype. Under int8/int4 the
+embedding table is int8 per row (a gather dequantizes just the rows it reads) and a
 tied lm_head multiplies by that same int8 table: one copy serves both.
 
 A loader that quantizes hands `QuantizedTensor`s (unpacked, HF layout, rows can be

@@ -417,13 +417,16 @@ def _quantized_format(info: TensorInfo, hf_name: str, weights: str | None) -> st
     """int8 / int4 for a 2-D weight under a quantized policy, None for float32.
 
     The embedding table (worker/quantize.py) is int8 under int8/int4 (a gather reads rows
-    of an int8 table, not of int4's opaque packed layout) and float under auto.
+    of an int8 table, not of int4's opaque packed layout). Under auto the embedding and
+    lm_head stay float: the quantized kernels return bf16, and bf16 logits (1/16 apart
+    at |8..16|) turn near-ties into exact ties.
     """
     if weights not in ("auto", "int8", "int4") or len(info.shape) != 2:
         return None
     is_embedding = hf_name.endswith("embed_tokens.weight")
     if weights == "auto":
-        return None if is_embedding else auto_format(info.qtype)
+        is_head = hf_name.endswith("lm_head.weight")
+        return None if is_embedding or is_head else auto_format(info.qtype)
     if weights == "int4" and (is_embedding or info.shape[1] % 32):
         return "int8"
     return weights

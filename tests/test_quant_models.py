@@ -154,3 +154,16 @@ def test_smollm2_auto_weights_track_fp32(model_cache):
           f"{sizes[None] >> 20} → {sizes['auto'] >> 20} MiB")
     assert agree >= 0.99
     assert sizes["auto"] < sizes[None] * 0.4
+
+
+def test_activation_dtype_probe():
+    from worker.quantize import activation_dtype, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t: fpu sse avx2 avx512f avx512bw\n")
+    dtype = activation_dtype("cpu")
+    assert dtype in (torch.float32, torch.bfloat16)
+    if not cpu_has_native_bf16():
+        assert dtype == torch.float32
+    assert activation_dtype("cpu") is dtype  # probed once

@@ -26,7 +26,7 @@ from worker.engine import LLMEngine
 from worker.errors import PreconditionError
 from worker.loaders import load_checkpoint
 from worker.loaders.hf import load_hf_dir
-from worker.models.registry import build_model
+from worker.models.registry import build_model, hf_state_dict
 from worker.quantize import QuantizedTensor, quantize_tensor
 from worker.sampling_params import SamplingParams
 
@@ -119,6 +119,8 @@ def test_dense_policy_and_training_refusal(tiny_model_dir):
     assert head.format == "bfloat16" and head.bias is not None  # qwen2's qkv bias
     with pytest.raises(PreconditionError, match="dense float weights"):
         bf16.forward_dense(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(PreconditionError, match="packed"):
+        hf_state_dict(bf16)
     with pytest.raises(ValueError, match="weights="):
         build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, "int3")
 

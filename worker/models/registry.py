@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.packed_weight import DENSE_FORMATS
-from worker.errors import ModelLoadError
+from worker.errors import ModelLoadError, PreconditionError
 from worker.models.args import FULL, SLIDING, ModelArgs, rope_from_config
 from worker.models.decoder import DecoderModel
 from worker.models.packing import detach_quantized, pack_model
@@ -217,8 +217,11 @@ def hf_state_dict(model: DecoderModel) -> dict[str, torch.Tensor]:
     """Every parameter under its Hugging Face name, unfused; `load_weights` reads it back.
 
     Tensors are detached copies (safetensors refuses views that share storage). A tied
-    lm_head is not written, as transformers does not write it.
+    lm_head is not written, as transformers does not write it. A model with packed
+    weights has no float parameters for them: refused rather than written incomplete.
     """
+    if model.is_packed:
+        raise PreconditionError("hf_state_dict: the model has packed (quantized) weights")
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         for hf_name, tensor in _unfuse(model.args, name, param.detach()):

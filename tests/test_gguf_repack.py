@@ -82,3 +82,19 @@ def test_row_transform_moves_scales_with_rows():
     t = repack(raw, Q.Q4_1, (ROWS, COLS), "int4")
     flipped = map_rows(t, lambda a: a[::-1])
     torch.testing.assert_close(flipped.dequantize(), t.dequantize().flip(0))
+
+
+def test_mixed_formats_fuse_as_int8():
+    """A Q4_K q with a Q6_K v (Q4_K_M files) under auto: the fused qkv becomes int8."""
+    from worker.quantize import concat_rows
+
+    rng = np.random.default_rng(4)
+    q4 = repack(_blocks(Q.Q4_K, rng), Q.Q4_K, (ROWS, COLS), "int4")
+    raw6 = _blocks(Q.Q6_K, rng)
+    q6 = repack(raw6, Q.Q6_K, (ROWS, COLS), "int8",
+                dequantized=gguf.quants.dequantize(raw6, Q.Q6_K))
+    fused = concat_rows([q4, q6])
+    assert fused.format == "int8" and fused.shape == (2 * ROWS, COLS)
+    ref = torch.cat([q4.dequantize(), q6.dequantize()])
+    step = ref.abs().amax(dim=1, keepdim=True) / 127
+    assert ((fused.dequantize() - ref).abs() <= step * 0.501).all()

@@ -88,10 +88,16 @@ def quantize_tensor(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
 
 
 def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    """Fuse row blocks (q/k/v, gate/up) of one format and group size into one weight."""
+    """Fuse row blocks (q/k/v, gate/up) into one weight.
+
+    Parts of different formats (a Q4_K_M file's Q4_K q/k with a Q6_K v under auto) are
+    all brought to int8 first: the int4 ones are requantized from their dequantization.
+    """
     first = parts[0]
     if any(p.format != first.format or p.group_size != first.group_size for p in parts):
-        raise ValueError("cannot fuse weights of different quantized formats")
+        parts = [p if p.format == "int8" else quantize_tensor(p.dequantize(), "int8")
+                 for p in parts]
+        first = parts[0]
     zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
     return QuantizedTensor(first.format, torch.cat([p.q for p in parts]),
                            torch.cat([p.scales for p in parts]), zeros, first.group_size)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# ModelConfig.weights' values (worker/quantize.py implements them; kept here, torch-free,
+# so the router's command line can list them without importing torch)
+WEIGHT_FORMATS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
@@ -15,6 +19,9 @@ class ModelConfig:
     device: str = "cpu"
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "slotmesh")
     max_model_len: int | None = None  # None = the model's own context length
+    # linear weights' format (worker/quantize.py): None = dense in `dtype` (nothing packed)
+    # | auto | float32 | bfloat16 | float16 | int8 | int4; activations stay in `dtype`
+    weights: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

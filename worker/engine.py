@@ -76,13 +76,19 @@ class GenerationResult:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_files: ModelFiles | None = None) -> None:
         self.config = config
-        files = model_files or load_model_files(config.model.model, config.model.cache_dir)
-        self.model_name, self.fingerprint = files.name, files.fingerprint
+        files = model_files or load_model_files(config.model.model, config.model.cache_dir,
+                                                config.model.weights)
+        # packed weights compute other KV than dense ones: a snapshot or prompt-cache entry
+        # moves only between workers with the same weights policy
+        weights = config.model.weights
+        self.model_name = files.name
+        self.fingerprint = files.fingerprint + (f"+weights={weights}" if weights else "")
         self.tokenizer = files.tokenizer
         self.eos_token_ids = files.eos_token_ids
         self.device = torch.device(config.model.device)
         self.dtype = _DTYPES[config.model.dtype]
-        self.model = build_model(files.config, files.tensors, self.dtype, self.device)
+        self.model = build_model(files.config, files.tensors, self.dtype, self.device,
+                                 config.model.weights)
         args = self.model.args
         self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)

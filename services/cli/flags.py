@@ -13,7 +13,13 @@ from pathlib import Path
 
 from services.security.tls import ChannelTls, add_redis_tls_flags, add_tls_flags, tls_config
 from services.worker.config import ServerConfig
-from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from worker.config import (
+    WEIGHT_FORMATS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from worker.training.config import FinetuneConfig
 
 
@@ -44,6 +50,12 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
     p.add_argument("--dtype", default=default_of(ModelConfig, "dtype"),
                    choices=["float32", "bfloat16"],
                    help="compute and KV dtype (default: %(default)s)")
+    p.add_argument("--weights", default=default_of(ModelConfig, "weights"),
+                   choices=WEIGHT_FORMATS,
+                   help="linear weights at inference: auto keeps a GGUF's 4-bit blocks as "
+                        "int4 (Q4_0/Q4_1/Q4_K) and requantizes its other quantized types to "
+                        "int8; int8/int4 quantize every linear; float32/bfloat16/float16 "
+                        "dense (default: dense in --dtype)")
     p.add_argument("--device", default=default_of(ModelConfig, "device"),
                    help="torch device: cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -71,6 +83,7 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       weights=args.weights,
                        cache_dir=args.cache_dir or cache_dir(),
                        max_model_len=args.ctx or DEFAULT_MAX_MODEL_LEN)
 

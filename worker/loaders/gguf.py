@@ -5,7 +5,8 @@ llama.cpp's conversion transforms (the same ones transformers' GGUF loader undoe
   - llama: Q/K rows were permuted for llama.cpp's interleaved rope -> permuted back;
   - gemma3: every RMSNorm weight was stored as w + 1 -> 1 is subtracted, so HF's
     `x * (1 + w)` applies.
-Weights are dequantised with `gguf.quants.dequantize` (every type the gguf package knows).
+Weights are dequantised with `gguf.quants.dequantize` (every type the gguf package knows),
+or, under a quantized `weights` policy, repacked into int4/int8 (`gguf_repack.py`).
 
 The header is parsed here, not by `gguf.GGUFReader`: the reader turns every element of
 the 150k-260k-entry tokenizer arrays into numpy views and takes 5-20 s on these models;
@@ -30,9 +31,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from worker.loaders.gguf_repack import FOUR_BIT, auto_format, map_rows, repack
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, eos_token_ids
 from worker.loaders.hub import file_sha256
 from worker.loaders.model_files import ModelFiles
+from worker.quantize import QuantizedTensor
 from worker.vocab.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -391,22 +394,61 @@ def hf_tensor_name(gguf_name: str, spec: ArchSpec) -> str | None:
                          "equivalent; refusing to load a model with weights dropped")
 
 
-def load_tensors(path: Path, header: GGUFHeader, spec: ArchSpec,
-                 config: dict) -> dict[str, torch.Tensor]:
-    """Dequantise every tensor to float32 and rename/transform it into HF layout."""
+def load_tensors(path: Path, header: GGUFHeader, spec: ArchSpec, config: dict,
+                 weights: str | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """Every tensor renamed/transformed into HF layout: dequantised to float32, or (for
+    a quantized `weights` policy, 2-D weights only) a QuantizedTensor."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for info in header.tensors:
         hf_name = hf_tensor_name(info.name, spec)
         if hf_name is None:
             continue
+        fmt = _quantized_format(info, hf_name, weights)
+        if fmt is not None:
+            tensors[hf_name] = _load_quantized(data, info, fmt, spec, config)
+            continue
         array = spec.transform(info.name, dequantize_tensor(data, info), config)
         tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return tensors
 
 
-def load_gguf(path: str | Path, name: str | None = None) -> ModelFiles:
-    """A GGUF file as a `ModelFiles`; ModelLoadError for anything not loadable."""
+def _quantized_format(info: TensorInfo, hf_name: str, weights: str | None) -> str | None:
+    """int8 / int4 for a 2-D weight under a quantized policy, None for float32.
+
+    The embedding table (worker/quantize.py) is int8 under int8/int4 (a gather reads rows
+    of an int8 table, not of int4's opaque packed layout). Under auto the embedding and
+    lm_head stay float: the quantized kernels return bf16, and bf16 logits (1/16 apart
+    at |8..16|) turn near-ties into exact ties.
+    """
+    if weights not in ("auto", "int8", "int4") or len(info.shape) != 2:
+        return None
+    is_embedding = hf_name.endswith("embed_tokens.weight")
+    if weights == "auto":
+        is_head = hf_name.endswith("lm_head.weight")
+        return None if is_embedding or is_head else auto_format(info.qtype)
+    if weights == "int4" and (is_embedding or info.shape[1] % 32):
+        return "int8"
+    return weights
+
+
+def _load_quantized(data: np.memmap, info: TensorInfo, fmt: str, spec: ArchSpec,
+                    config: dict) -> QuantizedTensor:
+    raw = data[info.offset:info.offset + info.num_bytes]
+    shape = (info.shape[0], info.shape[1])
+    exact = fmt == "int4" and info.qtype in FOUR_BIT  # a block map, no float weights
+    tensor = repack(raw, info.qtype, shape, fmt,
+                    None if exact else dequantize_tensor(data, info))
+    return map_rows(tensor, lambda rows: spec.transform(info.name, rows, config))
+
+
+def load_gguf(path: str | Path, name: str | None = None,
+              weights: str | None = None) -> ModelFiles:
+    """A GGUF file as a `ModelFiles`; ModelLoadError for anything not loadable.
+
+    weights (worker/quantize.py): None or a dense format loads float32 tensors; auto,
+    int8 and int4 load the 2-D weights as QuantizedTensors (Q4 blocks without a float
+    round trip)."""
     path = Path(path)
     header = read_gguf_header(path)
     arch = header.metadata.get("general.architecture")
@@ -416,7 +458,7 @@ def load_gguf(path: str | Path, name: str | None = None) -> ModelFiles:
                              f"supported: {', '.join(sorted(ARCHITECTURES))}")
     config = build_config(header, arch, spec)
     try:
-        tensors = load_tensors(path, header, spec, config)
+        tensors = load_tensors(path, header, spec, config, weights)
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"{path.name}: corrupt tensor data: {exc}") from exc
     tokenizer = build_gguf_tokenizer(path, header.metadata)

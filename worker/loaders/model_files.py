@@ -19,6 +19,8 @@ class ModelFiles:
         model registry. GGUF metadata is translated into the same keys.
     tensors: HF parameter names -> CPU tensors (float32 after GGUF dequantisation, or the
         safetensors dtype). GGUF tensors are renamed and un-permuted into HF layout.
+        Under a quantized weights policy a GGUF's 2-D weights are
+        `worker.quantize.QuantizedTensor`s instead (the model registry packs them).
     tokenizer: the working tokenizer with special tokens and chat template.
     eos_token_ids: every id that ends a generation (generation_config + tokenizer).
     name: a short display name; fingerprint: a stable hash of weights+config identity.

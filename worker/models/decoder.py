@@ -7,6 +7,12 @@ context's business: StepContext (serving, one engine step: T new tokens of all
 sequences together) reads and writes the paged KV cache; DenseContext (training,
 `forward_dense`: T = B × L tokens of B whole sequences) runs causal attention over each
 sequence with no cache, so autograd sees one plain graph through the same layers.
+
+Weights: every linear multiplies by its float `weight` parameter, unless the model
+registry packed it (`module.packed`, a kernels.packed_weight.PackedWeight: int8, int4 or
+a dense dtype other than the model's; `weight` is then None). A packed embedding table
+is int8 per row and a gather dequantizes the rows it reads; a tied lm_head multiplies by
+that same packed table. Packed models serve only: `forward_dense` refuses them.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from torch import nn
 
 from kernels.causal_attention import causal_attention
 from kernels.linear import linear
+from kernels.packed_linear import packed_linear
 from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
 from kernels.rms_norm import rms_norm
 from kernels.rotary import apply_rotary, rope_cache
 from worker.models.args import SLIDING, ModelArgs
+from worker.vocab.errors import PreconditionError
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -90,7 +98,11 @@ class DenseContext:
         return out.reshape(q.shape)
 
 
-def _project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x: [T, K] → [T, N] through the layer's packed weight if it has one."""
+    packed = getattr(layer, "packed", None)
+    if packed is not None:
+        return packed_linear(x, packed)
     return linear(x, layer.weight, layer.bias)
 
 
@@ -171,6 +183,8 @@ class SparseMoE(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))  # [E, 2I, D]
         self.down_proj = nn.Parameter(torch.empty(e, d, i))  # [E, D, I]
         self.act = _ACTIVATIONS[args.hidden_act]
+        # per expert (gate_up, down) PackedWeights when the registry packed them
+        self.packed_experts: list[tuple] | None = None
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] weight of each expert for each token, zero for the unchosen."""
@@ -182,11 +196,17 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.routing_weights(x)  # [T, E]
         out = torch.zeros_like(x)
-        for e in range(self.gate_up_proj.shape[0]):
-            gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = linear(self.act(gate) * up, self.down_proj[e])
+        for e in range(weights.shape[1]):
+            gate, up = self._expert_linear(e, 0, x).chunk(2, dim=-1)
+            y = self._expert_linear(e, 1, self.act(gate) * up)
             out += weights[:, e : e + 1] * y
         return out
+
+    def _expert_linear(self, e: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's gate_up (which=0) or down (1) projection of x."""
+        if self.packed_experts is not None:
+            return packed_linear(x, self.packed_experts[e][which])
+        return linear(x, (self.gate_up_proj, self.down_proj)[which][e])
 
 
 class DecoderLayer(nn.Module):
@@ -225,25 +245,50 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext | DenseContext
                 ) -> torch.Tensor:
         """input_ids: [T] → final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         if self.args.embed_scale is not None:
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] → [T, hidden] in the model dtype."""
+        packed = getattr(self.embed_tokens, "packed", None)
+        if packed is None:
+            return self.embed_tokens(input_ids)
+        dtype = self.norm.weight.dtype
+        if packed.format != "int8":  # a dense table in another dtype (bf16)
+            return packed.data[input_ids].to(dtype)
+        # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized
+        return packed.data[input_ids].to(dtype) * packed.scales[input_ids, None].to(dtype)
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether any weight was packed (quantized or recast) by the registry."""
+        return any(getattr(m, "packed", None) is not None or
+                   getattr(m, "packed_experts", None) is not None for m in self.modules())
+
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Training forward. input_ids: [B, L] whole sequences from position 0 → final
         hidden states [B, L, hidden]. Full causal attention (sliding window honoured), no
         KV cache, differentiable; the layers and weights are the serving ones."""
+        if self.is_packed:
+            raise PreconditionError("fine-tuning needs dense float weights; this model was "
+                                    "built with packed (quantized) weights: load it with "
+                                    "weights=None or a float format")
         batch, seq_len = input_ids.shape
         ctx = DenseContext.build(self.args, batch, seq_len, input_ids.device)
         return self(input_ids.reshape(-1), ctx).view(batch, seq_len, -1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., hidden] → fp32 logits [..., vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(hidden, weight).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        packed = getattr(head, "packed", None)
+        if packed is not None:  # int8/int4 lm_head, or the tied int8 embedding table
+            logits = packed_linear(hidden, packed).float()
+        else:
+            logits = linear(hidden, head.weight).float()
         cap = self.args.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -13,9 +13,12 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.packed_weight import DENSE_FORMATS
 from worker.models.args import FULL, SLIDING, ModelArgs, rope_from_config
 from worker.models.decoder import DecoderModel
-from worker.vocab.errors import ModelLoadError
+from worker.models.packing import detach_quantized, pack_model
+from worker.quantize import WEIGHTS, QuantizedTensor, check_weights, concat_rows
+from worker.vocab.errors import ModelLoadError, PreconditionError
 
 ArgsBuilder = Callable[[dict], ModelArgs]
 _REGISTRY: dict[str, ArgsBuilder] = {}
@@ -214,8 +217,11 @@ def hf_state_dict(model: DecoderModel) -> dict[str, torch.Tensor]:
     """Every parameter under its Hugging Face name, unfused; `load_weights` reads it back.
 
     Tensors are detached copies (safetensors refuses views that share storage). A tied
-    lm_head is not written, as transformers does not write it.
+    lm_head is not written, as transformers does not write it. A model with packed
+    weights has no float parameters for them: refused rather than written incomplete.
     """
+    if model.is_packed:
+        raise PreconditionError("hf_state_dict: the model has packed (quantized) weights")
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         for hf_name, tensor in _unfuse(model.args, name, param.detach()):
@@ -258,11 +264,80 @@ def _unstack_experts(args: ModelArgs, layer: int, which: str,
     return out
 
 
-def build_model(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> DecoderModel:
+def build_model(config: dict, tensors: dict[str, torch.Tensor | QuantizedTensor],
+                dtype: torch.dtype, device: torch.device,
+                weights: str | None = None) -> DecoderModel:
+    """The model on `device` in `dtype`, its weights packed as `weights` asks
+    (worker/quantize.py; None: every weight dense in `dtype`, nothing packed)."""
+    check_weights(weights)
     args = model_args(config)
     with torch.device("meta"):
         model = DecoderModel(args)
+    quantized = {n: t for n, t in tensors.items() if isinstance(t, QuantizedTensor)}
+    dense = {n: t for n, t in tensors.items() if n not in quantized}
+    if weights is None:  # quantized tensors but a dense policy: back to float
+        dense |= {n: t.dequantize() for n, t in quantized.items()}
+        quantized = {}
+    fused = _fuse_quantized(model, quantized, dense)
+    detach_quantized(model, fused)
     model = model.to_empty(device="cpu").float()
-    load_weights(model, tensors)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    load_weights(model, dense)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    fmt = _linear_format(weights, config, dtype, bool(quantized))
+    pack_model(model, fused, fmt, _embedding_format(weights, fmt), device)
+    return model
+
+
+def _embedding_format(weights: str | None, fmt: str | None) -> str | None:
+    """The embedding table's format (a tied lm_head multiplies by the same table).
+
+    int8 under int8/int4: a quarter of fp32, but the lm_head's logits come out of the
+    kernel in bf16. Under auto the table stays in the model dtype: on SmolLM2-135M (tied,
+    Q8_0 table) the int8 table lost 2-4 of 63 teacher-forced top-1 tokens against the fp32
+    path, a bf16 table 1 (bf16 logits are 1/16 apart at |13|: near-ties become exact
+    ties), the fp32 one none. Otherwise the dense linears' format (None: model dtype).
+    """
+    if weights in ("int8", "int4"):
+        return "int8"
+    if weights == "auto":
+        return None
+    return fmt
+
+
+def _linear_format(weights: str | None, config: dict, dtype: torch.dtype,
+                   has_quantized: bool) -> str | None:
+    """The format of the linears a loader did not quantize; None: dense in `dtype`."""
+    if weights == "auto":
+        # a GGUF's float tensors stay dense; an HF checkpoint keeps its own dtype
+        weights = None if has_quantized else config.get("dtype", config.get("torch_dtype"))
+    if weights in DENSE_FORMATS and DENSE_FORMATS[weights] == dtype:
+        return None
+    return weights if weights in WEIGHTS else None
+
+
+def _fuse_quantized(model: DecoderModel, quantized: dict[str, QuantizedTensor],
+                    dense: dict[str, torch.Tensor]) -> dict[str, QuantizedTensor]:
+    """HF-named QuantizedTensors → one per fused parameter (q/k/v rows concatenated in
+    `_target`'s order). A fused parameter with a piece that is not quantized, or one that
+    cannot be packed (MoE experts), gets its pieces dequantized into `dense` instead."""
+    pieces: dict[str, list[tuple[int, str]]] = {}
+    for hf_name in quantized:
+        target, rows = _target(model, _strip_prefix(hf_name))
+        if target == "lm_head.weight" and model.lm_head is None:
+            continue  # tied: some exports still write the copy
+        start = rows.start if isinstance(rows, slice) else 0 if rows is None else -1
+        pieces.setdefault(target, []).append((start, hf_name))
+    fused = {}
+    for target, parts in pieces.items():
+        expected = _num_rows(model, target)
+        rows = sum(quantized[n].shape[0] for _, n in parts)
+        if min(s for s, _ in parts) < 0 or rows != expected:  # partly dense, or experts
+            dense |= {n: quantized[n].dequantize() for _, n in parts}
+            continue
+        fused[target] = concat_rows([quantized[n] for _, n in sorted(parts)])
+    return fused
+
+
+def _num_rows(model: DecoderModel, target: str) -> int:
+    param = model.get_parameter(target)  # on the meta device: shape only
+    return param.shape[0] if param.dim() == 2 else -1

@@ -1,0 +1,70 @@
+"""The weight of one linear layer in the format it is multiplied in.
+
+A `PackedWeight` is frozen and built once at load by a `pack_*` constructor (here for the
+dense formats, in `int8_linear` / `int4_linear` for the quantized ones); `packed_linear`
+dispatches on its `format`. Formats:
+
+  float32 | bfloat16 | float16: `data` is the dense [N, K] weight in that dtype.
+  int8: weight-only, symmetric per output channel: w[n, k] = data[n, k] * scales[n];
+        data int8 [N, K], scales [N] in `compute_dtype`.
+  int4: weight-only, asymmetric groups of `group_size` along K, torch's int4pack
+        convention w = (q - 8) * scale + zero for q in 0..15; `data` is the kernel's
+        device-specific packed layout, `scales` is scales_and_zeros [K / group, N, 2].
+
+`compute_dtype` is the activation dtype the kernel runs in (bf16 for the quantized
+formats: with fp32 activations the CPU int4/int8 kernels are 10-100x slower, and they
+need scales in the activation dtype); the output is cast back to the caller's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DENSE_FORMATS = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
+QUANTIZED_FORMATS = ("int8", "int4")
+FORMATS = (*DENSE_FORMATS, *QUANTIZED_FORMATS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class PackedWeight:
+    format: str  # one of FORMATS
+    data: torch.Tensor  # see the module docstring, per format
+    out_features: int  # N
+    in_features: int  # K
+    compute_dtype: torch.dtype
+    scales: torch.Tensor | None = None  # int8: [N]; int4: [K / group, N, 2]
+    group_size: int = 0  # int4 only
+    bias: torch.Tensor | None = None  # [N] in compute_dtype
+
+    @property
+    def num_bytes(self) -> int:
+        """Resident bytes of the packed tensors (what quantization saves)."""
+        tensors = (self.data, self.scales, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """[N, K] weight, [N] bias → (N, K); ValueError otherwise."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias {tuple(bias.shape)} does not match weight [{n}, {k}]")
+    return n, k
+
+
+def pack_dense(weight: torch.Tensor, format: str = "float32",
+               bias: torch.Tensor | None = None) -> PackedWeight:
+    """weight: [N, K] float → a dense PackedWeight stored (and multiplied) in `format`."""
+    if format not in DENSE_FORMATS:
+        raise ValueError(f"pack_dense: {format!r} is not one of {sorted(DENSE_FORMATS)}")
+    n, k = check_weight(weight, bias)
+    dtype = DENSE_FORMATS[format]
+    return PackedWeight(
+        format=format, data=weight.detach().to(dtype).contiguous(), out_features=n,
+        in_features=k, compute_dtype=dtype,
+        bias=None if bias is None else bias.detach().to(dtype),
+    )

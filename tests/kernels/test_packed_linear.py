@@ -1,0 +1,134 @@
+"""Weight formats at inference (kernels/packed_weight, int8_linear, int4_linear,
+packed_linear) against their dequantize-then-F.linear references, on every linear shape
+of SmolLM2-135M.
+
+Tolerances. The quantized kernels run in bf16 (activations cast to bf16, bf16 scales,
+bf16 output): the references get the same bf16-rounded activations and scales and run in
+fp32, so what is left is the bf16 rounding of the output (2^-8 relative) and summation
+order. Bound: |kernel - reference| <= max|reference| / 128 (measured <= 1/300). The
+dequantized int4 weight read back through the CPU kernel in fp32 is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.int4_linear import (
+    dequantize_int4,
+    int4_linear,
+    int4_linear_reference,
+    pack_int4,
+    pack_int4_quantized,
+    quantize_int4,
+)
+from kernels.int8_linear import int8_linear, int8_linear_reference, pack_int8, quantize_int8
+from kernels.packed_linear import dequantize_packed, packed_linear, packed_linear_reference
+from kernels.packed_weight import pack_dense
+
+# SmolLM2-135M (K, N): fused qkv, q, k/v, o_proj, fused gate_up, gate/up, down, lm_head
+SHAPES = [(576, 960), (576, 576), (576, 192), (576, 3072), (576, 1536), (1536, 576),
+          (576, 49152)]
+MS = [1, 4, 16]
+
+
+def _weight(k: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05
+
+
+def _x(m: int, k: int) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    bound = ref.abs().max().item() / 128
+    assert (out.float() - ref.float()).abs().max().item() <= bound
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_int8_matches_reference(k, n):
+    w = _weight(k, n)
+    q, scales = quantize_int8(w)
+    packed = pack_int8(w)
+    for m in MS:
+        x = _x(m, k)
+        ref = int8_linear_reference(x.bfloat16().float(), q, scales.bfloat16())
+        _close(int8_linear(x, packed), ref)
+
+
+@pytest.mark.parametrize("k,n,group", [(k, n, 32) for k, n in SHAPES]
+                         + [(576, 960, 64), (1536, 576, 64), (1536, 576, 128)])
+def test_int4_matches_reference(k, n, group):
+    w = _weight(k, n)
+    q, scales, zeros = quantize_int4(w, group)
+    packed = pack_int4_quantized(q, scales, zeros, group)
+    s16, z16 = scales.bfloat16(), zeros.bfloat16()
+    # the packed weight is exactly the bf16-scaled dequantization (read back through the
+    # kernel with fp32 activations, which is slow: not for the 49,152-row lm_head)
+    assert n > 4096 or torch.equal(dequantize_packed(packed), dequantize_int4(q, s16, z16, group))
+    for m in MS:
+        x = _x(m, k)
+        _close(int4_linear(x, packed), int4_linear_reference(x.bfloat16().float(), q, s16,
+                                                             z16, group))
+
+
+def test_quantization_error_is_bounded():
+    """Round to nearest: int8 within half a step of max|w|/127; int4 within half a group
+    step plus the bf16 rounding of scale and zero (|zero| + 8 scale) / 256."""
+    w = _weight(576, 960)
+    err8 = (dequantize_packed(pack_int8(w)) - w).abs()
+    step8 = w.abs().amax(dim=1, keepdim=True) / 127
+    assert (err8 <= step8 * 0.5 + 1e-3 * step8 + w.abs() / 256).all()
+    _, scales, zeros = quantize_int4(w, 32)
+    err4 = (dequantize_packed(pack_int4(w, 32)) - w).abs().reshape(960, 18, 32)
+    bound = scales * 0.5 + (zeros.abs() + 16 * scales) / 256
+    assert (err4 <= bound[..., None] * 1.001).all()
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16"])
+def test_dense_formats(fmt):
+    w, b = _weight(576, 960), torch.randn(960) * 0.1
+    packed = pack_dense(w, fmt, b)
+    for m in MS:
+        x = _x(m, 576)
+        out = packed_linear(x, packed)
+        assert out.dtype == torch.float32
+        ref = packed_linear_reference(x.to(packed.compute_dtype).float(), packed)
+        _close(out, ref)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bias_batch_dims_and_dtype(fmt):
+    """[..., K] inputs in fp32 or bf16 come back in the caller's dtype, with the bias."""
+    w, b = _weight(576, 192), torch.randn(192)
+    packed = pack_int8(w, b) if fmt == "int8" else pack_int4(w, 64, b)
+    x = torch.randn(2, 3, 576)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = packed_linear(x.to(dtype), packed)
+        assert out.shape == (2, 3, 192) and out.dtype == dtype
+        ref = packed_linear_reference(x.to(dtype).bfloat16(), packed).to(dtype)
+        _close(out, ref)
+
+
+def test_shape_checks():
+    packed = pack_int4(_weight(576, 192), 32)
+    with pytest.raises(ValueError, match="576"):
+        packed_linear(torch.randn(1, 512), packed)
+    with pytest.raises(ValueError, match="group size"):
+        pack_int4(_weight(576, 192), 48)
+    with pytest.raises(ValueError, match="not one of"):
+        pack_dense(_weight(64, 64), "int3")
+    with pytest.raises(ValueError, match="bias"):
+        pack_int8(_weight(64, 64), torch.zeros(63))
+    # 4 bits a weight + a bf16 scale and zero per 32: 5 bits
+    assert packed.num_bytes == 576 * 192 // 2 + 576 // 32 * 192 * 4

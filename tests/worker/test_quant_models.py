@@ -1,0 +1,179 @@
+"""Models with packed weights (ModelConfig.weights / build_model(weights=...)).
+
+Tiny random models have flat logits (top-1 margins of a few hundredths), so quantization
+noise alone flips many argmaxes: against the fp32 model, teacher-forced top-1 agreement
+is measured at 0.92-1.0 for int8 and only 0.44-0.81 for int4 (int4 g32 moves logits by up
+to 0.3 here). Wiring (fusion order, biases, tied tables, experts) is therefore checked
+against an fp32 model built from the *same* quantized weights, dequantized: only the bf16
+activations and outputs of the kernels differ. Measured: per-position max |logit diff|
+<= 0.007, except mixtral int4 where 3 of 64 positions reach 0.02-0.044 (bf16 noise flips
+a top-2 routing choice), and top-1 agreement 0.94-1.0 (gemma3 lowest, flat logits again).
+Bounds: 90% of positions within 0.01, all within 0.1, agreement >= 0.90; a wiring mistake
+moves every position by about what quantization noise does, 0.1-0.3.
+The real SmolLM2-135M with weights=auto (its own Q4_1 blocks as int4) is held to the
+issue's >= 99% against the fp32 path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine_driver import run_teacher_forced
+from tests.tiny_models import FAMILIES, VOCAB
+from worker.config import EngineConfig, ModelConfig
+from worker.engine import LLMEngine
+from worker.loaders import load_model_files
+from worker.loaders.hf import load_hf_dir
+from worker.models.registry import build_model, hf_state_dict
+from worker.quantize import QuantizedTensor, quantize_tensor
+from worker.vocab.errors import PreconditionError
+from worker.vocab.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+MIN_SAME_WEIGHTS_AGREEMENT = 0.90
+MAX_SAME_WEIGHTS_LOGIT_DIFF = 0.1
+TYPICAL_SAME_WEIGHTS_LOGIT_DIFF = 0.01  # for 90% of the positions
+PROMPTS = [37, 70]
+
+
+def _sequences() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(2, VOCAB, (n + 32,), generator=gen).tolist() for n in PROMPTS]
+
+
+def _round_trip(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What the packed model multiplies by: quantized, bf16 scales, dequantized."""
+    q = quantize_tensor(t, fmt)
+    zeros = None if q.zeros is None else q.zeros.bfloat16().float()
+    return QuantizedTensor(q.format, q.q, q.scales.bfloat16().float(), zeros,
+                           q.group_size).dequantize()
+
+
+def _dequantized_tensors(tensors: dict, fmt: str) -> dict:
+    """Every 2-D weight but norms/biases/the MoE router through the same quantization;
+    the embedding table (and a tied head) is int8 under both int8 and int4."""
+    out = {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and not name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            out[name] = _round_trip(t, "int8" if "embed_tokens" in name else fmt)
+        elif t.dim() == 3:  # stacked experts [E, rows, K]
+            out[name] = torch.stack([_round_trip(x, fmt) for x in t])
+        else:
+            out[name] = t
+    return out
+
+
+def _agreement(a: list[dict], b: list[dict]) -> tuple[float, list[float]]:
+    """(top-1 agreement, sorted per-position max |logit diff|)."""
+    same = total = 0
+    diffs = []
+    for x, y in zip(a, b, strict=True):
+        for pos in x:
+            same += int(x[pos].argmax() == y[pos].argmax())
+            total += 1
+            diffs.append((x[pos] - y[pos]).abs().max().item())
+    return same / total, sorted(diffs)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_model_matches_its_dequantized_weights(tiny_model_dir, family, fmt):
+    ckpt = load_hf_dir(tiny_model_dir(family))
+    packed = build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, fmt)
+    assert packed.is_packed and packed.embed_tokens.packed.format == "int8"
+    assert packed.layers[0].self_attn.qkv_proj.weight is None
+    reference = build_model(ckpt.config, _dequantized_tensors(ckpt.tensors, fmt),
+                            torch.float32, CPU)
+    seqs = _sequences()
+    agree, diffs = _agreement(run_teacher_forced(reference, seqs, PROMPTS),
+                              run_teacher_forced(packed, seqs, PROMPTS))
+    print(f"{family} {fmt}: same-weights top-1 {agree:.3f}, max |logit diff| {diffs[-1]:.4f}")
+    assert agree >= MIN_SAME_WEIGHTS_AGREEMENT
+    assert diffs[-1] <= MAX_SAME_WEIGHTS_LOGIT_DIFF
+    assert diffs[int(len(diffs) * 0.9)] <= TYPICAL_SAME_WEIGHTS_LOGIT_DIFF
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4"])
+def test_engine_generates_greedily_with_packed_weights(tiny_model_dir, fmt):
+    path = tiny_model_dir("llama")
+    results = {}
+    for weights in (None, fmt):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(path), weights=weights)))
+        assert engine.model.is_packed == (weights is not None)
+        prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+        res = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0,
+                                                      ignore_eos=True))
+        results[weights] = [r.token_ids for r in res]
+    assert all(len(t) == 8 for t in results[fmt])
+    if fmt != "int4":  # flat random logits: int4 noise may flip even the first token
+        assert [t[0] for t in results[fmt]] == [t[0] for t in results[None]]
+
+
+def test_dense_policy_and_training_refusal(tiny_model_dir):
+    ckpt = load_hf_dir(tiny_model_dir("qwen2"))
+    same = build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, "float32")
+    assert not same.is_packed  # weights == dtype: nothing to pack
+    bf16 = build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, "bfloat16")
+    head = bf16.layers[0].self_attn.qkv_proj.packed
+    assert head.format == "bfloat16" and head.bias is not None  # qwen2's qkv bias
+    with pytest.raises(PreconditionError, match="dense float weights"):
+        bf16.forward_dense(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(PreconditionError, match="packed"):
+        hf_state_dict(bf16)
+    with pytest.raises(ValueError, match="weights="):
+        build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, "int3")
+
+
+def _weight_bytes(model) -> int:
+    """Resident bytes of the model's parameters and packed weights."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        packed = getattr(m, "packed", None)
+        total += 0 if packed is None else packed.num_bytes
+    return total
+
+
+@pytest.mark.slow  # the real SmolLM2 GGUF, loaded twice
+def test_smollm2_auto_weights_track_fp32(model_cache):
+    """SmolLM2-135M (Q4_1 body, Q8_0 tied embeddings) with weights=auto: its Q4_1 blocks
+    become int4 g32 as they are, the tied table stays fp32. Teacher-forced over the real
+    models' 64-token text, top-1 must agree with the fp32 path >= 99% (measured 63/63;
+    int8 scored 57/63 and int4 59/63 there: requantized body, and bf16 logits from an int8
+    lm_head turn near-ties into exact ties)."""
+    from tests.worker.test_real_models import NUM_TOKENS, TEXT
+
+    logits, sizes = {}, {}
+    for weights in (None, "auto"):
+        ckpt = load_model_files("smollm2-135m", model_cache, weights)
+        ids = ckpt.tokenizer.encode(TEXT)[:NUM_TOKENS]
+        model = build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, weights)
+        del ckpt
+        sizes[weights] = _weight_bytes(model)
+        logits[weights] = run_teacher_forced(model, [ids], [1], max_model_len=128)[0]
+        del model
+    agree, diffs = _agreement([logits[None]], [logits["auto"]])
+    print(f"smollm2 auto: top-1 {agree:.4f}, max |logit diff| {diffs[-1]:.3f}, weights "
+          f"{sizes[None] >> 20} → {sizes['auto'] >> 20} MiB")
+    assert agree >= 0.99
+    assert sizes["auto"] < sizes[None] * 0.4
+
+
+def test_activation_dtype_probe():
+    from worker.quantize import activation_dtype, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t: fpu sse avx2 avx512f avx512bw\n")
+    dtype = activation_dtype("cpu")
+    assert dtype in (torch.float32, torch.bfloat16)
+    if not cpu_has_native_bf16():
+        assert dtype == torch.float32
+    assert activation_dtype("cpu") is dtype  # probed once
+
+
+def test_the_command_lines_weight_formats_are_the_engines() -> None:
+    from worker.config import WEIGHT_FORMATS
+    from worker.quantize import WEIGHTS
+
+    assert WEIGHT_FORMATS == WEIGHTS

@@ -1,0 +1,73 @@
+"""Pack a built DecoderModel's weights into the format `ModelConfig.weights` asks for.
+
+The registry calls `detach_quantized` before the float parameters are allocated (so the
+weights a loader handed over quantized never exist in float) and `pack_model` once the
+model sits on its device in its dtype. A packed linear keeps its bias parameter (also
+copied into the PackedWeight) and loses `weight` (None); see worker/models/decoder.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from worker.models.decoder import DecoderModel, SparseMoE
+from worker.quantize import QuantizedTensor, pack_weight
+
+# module names (as in named_modules) whose weight is a plain linear one
+_LINEAR_SUFFIXES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+def _packable(model: DecoderModel) -> dict[str, nn.Module]:
+    """name → module for every linear that may be packed, and the embedding table."""
+    out = {name: m for name, m in model.named_modules()
+           if isinstance(m, nn.Linear) and name.endswith(_LINEAR_SUFFIXES)}
+    out["embed_tokens"] = model.embed_tokens
+    return out
+
+
+def detach_quantized(model: DecoderModel, quantized: dict[str, QuantizedTensor]) -> None:
+    """Drop the float `weight` parameter of every module a QuantizedTensor will fill.
+
+    quantized: our fused parameter name ("layers.0.self_attn.qkv_proj.weight") → weight.
+    """
+    modules = _packable(model)
+    for name in quantized:
+        module_name = name.removesuffix(".weight")
+        if module_name not in modules:
+            raise ValueError(f"{name}: a quantized tensor for a weight that cannot be packed")
+        modules[module_name].register_parameter("weight", None)
+
+
+def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
+               fmt: str | None, embed_fmt: str | None, device: torch.device) -> None:
+    """Pack in place: the `quantized` weights as they are, every other linear weight in
+    `fmt` and the embedding table in `embed_fmt` (None: leave it dense in the model
+    dtype). A tied lm_head multiplies by the embedding table in whatever format it has.
+    """
+    for name, module in _packable(model).items():
+        source = quantized.get(f"{name}.weight")
+        target = embed_fmt if name == "embed_tokens" else fmt
+        if source is None:
+            if target is None:
+                continue
+            source = module.weight.data
+        bias = getattr(module, "bias", None)
+        module.packed = pack_weight(source, target, None if bias is None else bias.data,
+                                    device)
+        module.register_parameter("weight", None)
+    if fmt is not None:
+        for m in model.modules():
+            if isinstance(m, SparseMoE):
+                _pack_experts(m, fmt, device)
+
+
+def _pack_experts(moe: SparseMoE, fmt: str, device: torch.device) -> None:
+    """Stacked experts → one (gate_up, down) PackedWeight pair per expert."""
+    moe.packed_experts = [
+        (pack_weight(moe.gate_up_proj.data[e], fmt, None, device),
+         pack_weight(moe.down_proj.data[e], fmt, None, device))
+        for e in range(moe.gate_up_proj.shape[0])
+    ]
+    moe.register_parameter("gate_up_proj", None)
+    moe.register_parameter("down_proj", None)

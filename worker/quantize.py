@@ -1,0 +1,172 @@
+"""Weight formats of a loaded model: which format each weight gets, and the quantized
+weights on their way from a loader to the model.
+
+`ModelConfig.weights` picks the policy:
+  None: today's behaviour, every weight dense in the model dtype (nothing is packed);
+  float32 | bfloat16 | float16: every linear weight dense in that dtype;
+  int8: every linear weight int8 weight-only, per output channel;
+  int4: every linear weight int4 weight-only, groups of 32 (GGUF Q4_0/Q4_1/Q4_K blocks
+        map onto these exactly, see `worker/loaders/gguf_repack.py`);
+  auto: a GGUF's 4-bit tensors stay 4-bit (int4 g32), its 5/6/8-bit ones become int8,
+        float ones stay dense, and the embedding table and lm_head stay in the model
+        dtype (the quantized kernels return bf16 logits, 1/16 apart at |8..16|, which
+        turns near-ties into ties: SmolLM2 lost 1-4 of 63 teacher-forced top-1 tokens
+        with a bf16 or int8 head, Qwen2.5-0.5B 3); an HF checkpoint keeps its own dtype.
+Norms, biases and the MoE router stay dense in the model dtype. Under int8/int4 the
+embedding table is int8 per row (a gather dequantizes just the rows it reads) and a
+tied lm_head multiplies by that same int8 table: one copy serves both.
+
+A loader that quantizes hands `QuantizedTensor`s (unpacked, HF layout, rows can be
+concatenated to fuse q/k/v and gate/up) in `ModelFiles.tensors`; the model registry packs
+them on the target device. Fine-tuning needs dense float weights and refuses packed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.int4_linear import pack_int4_quantized, quantize_int4
+from kernels.int8_linear import pack_int8_quantized, quantize_int8
+from kernels.packed_weight import DENSE_FORMATS, PackedWeight, pack_dense
+
+WEIGHTS = ("auto", *DENSE_FORMATS, "int8", "int4")  # == worker.config.WEIGHT_FORMATS
+INT4_GROUP = 32
+
+
+def check_weights(weights: str | None) -> None:
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; expected one of {', '.join(WEIGHTS)}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class QuantizedTensor:
+    """An unpacked quantized [N, K] weight (CPU tensors).
+
+    int8: q int8 [N, K], scales [N] (w = q * scale).
+    int4: q uint8 [N, K] in 0..15, scales and zeros [N, K / group_size]
+          (w = (q - 8) * scale + zero, torch's int4pack convention).
+    """
+
+    format: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K]."""
+        if self.format == "int8":
+            return self.q.float() * self.scales.float()[:, None]
+        n, k = self.q.shape
+        qg = self.q.float().reshape(n, k // self.group_size, self.group_size) - 8.0
+        return (qg * self.scales[..., None] + self.zeros[..., None]).reshape(n, k)
+
+    def pack(self, bias: torch.Tensor | None = None,
+             device: torch.device | str = "cpu") -> PackedWeight:
+        q, s = self.q.to(device), self.scales.to(device)
+        b = None if bias is None else bias.to(device)
+        if self.format == "int8":
+            return pack_int8_quantized(q, s, b)
+        return pack_int4_quantized(q, s, self.zeros.to(device), self.group_size, b)
+
+
+def quantize_tensor(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
+    """A float [N, K] weight → int8 per-channel or int4 g32 QuantizedTensor."""
+    if fmt == "int8":
+        q, scales = quantize_int8(weight)
+        return QuantizedTensor("int8", q, scales)
+    if fmt == "int4":
+        q, scales, zeros = quantize_int4(weight, INT4_GROUP)
+        return QuantizedTensor("int4", q, scales, zeros, INT4_GROUP)
+    raise ValueError(f"quantize_tensor: {fmt!r} is not int8 or int4")
+
+
+def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Fuse row blocks (q/k/v, gate/up) into one weight.
+
+    Parts of different formats (a Q4_K_M file's Q4_K q/k with a Q6_K v under auto) are
+    all brought to int8 first: the int4 ones are requantized from their dequantization.
+    """
+    first = parts[0]
+    if any(p.format != first.format or p.group_size != first.group_size for p in parts):
+        parts = [p if p.format == "int8" else quantize_tensor(p.dequantize(), "int8")
+                 for p in parts]
+        first = parts[0]
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+    return QuantizedTensor(first.format, torch.cat([p.q for p in parts]),
+                           torch.cat([p.scales for p in parts]), zeros, first.group_size)
+
+
+def pack_weight(weight: torch.Tensor | QuantizedTensor, fmt: str,
+                bias: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> PackedWeight:
+    """One linear's weight in format `fmt` (a dense one, int8 or int4)."""
+    if isinstance(weight, QuantizedTensor):
+        return weight.pack(bias, device)
+    weight = weight.to(device)
+    if fmt == "int4" and weight.shape[1] % INT4_GROUP:  # no int4 layout for this K
+        fmt = "int8"
+    if fmt in DENSE_FORMATS:
+        return pack_dense(weight, fmt, bias)
+    return quantize_tensor(weight, fmt).pack(bias, device)
+
+
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_activation_dtypes: dict[str, torch.dtype] = {}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """AVX512_BF16 or AMX-BF16 among the CPU flags (Linux /proc/cpuinfo); False when
+    unknown. torch's get_cpu_capability() stops at "AVX512", so the flags are read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return any(flag in flags for flag in _NATIVE_BF16_FLAGS)
+
+
+def activation_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a model's activations should run in on `device` (for an entry point
+    that offers `--dtype auto`: it resolves it once and puts the concrete name in
+    ModelConfig.dtype, which snapshots and prompt-cache keys record).
+
+    CUDA: bf16. CPU: bf16 only with native bf16 (AVX512_BF16/AMX) *and* a probe that
+    finds a decode-sized bf16 matmul (M=4, 576x1536) faster than fp32; fp32 otherwise
+    (without native bf16, bf16 F.linear measured 0.3-0.8x of fp32 at M >= 4 on AVX2).
+    The probe takes a few ms and runs once per process.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16
+    if kind not in _activation_dtypes:
+        faster = cpu_has_native_bf16() and _bf16_matmul_is_faster()
+        _activation_dtypes[kind] = torch.bfloat16 if faster else torch.float32
+    return _activation_dtypes[kind]
+
+
+def _bf16_matmul_is_faster(reps: int = 20) -> bool:
+    import time
+
+    import torch.nn.functional as F
+
+    w = torch.randn(1536, 576)
+    x = torch.randn(4, 576)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        wd, xd = w.to(dtype), x.to(dtype)
+        F.linear(xd, wd)
+        start = time.perf_counter()
+        for _ in range(reps):
+            F.linear(xd, wd)
+        times[dtype] = min(times.get(dtype, float("inf")), time.perf_counter() - start)
+    return times[torch.bfloat16] < times[torch.float32]

@@ -29,6 +29,12 @@ from kernels.packed_weight import pack_dense
 # SmolLM2-135M (K, N): fused qkv, q, k/v, o_proj, fused gate_up, gate/up, down, lm_head
 SHAPES = [(576, 960), (576, 576), (576, 192), (576, 3072), (576, 1536), (1536, 576),
           (576, 49152)]
+
+
+def _cases(cases):
+    """The large shapes take seconds each: slow (the full suite), not unit."""
+    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] * c[1] >= 800_000 else c
+            for c in cases]
 MS = [1, 4, 16]
 
 
@@ -55,7 +61,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("k,n", _cases(SHAPES))
 def test_int8_matches_reference(k, n):
     w = _weight(k, n)
     q, scales = quantize_int8(w)
@@ -66,8 +72,9 @@ def test_int8_matches_reference(k, n):
         _close(int8_linear(x, packed), ref)
 
 
-@pytest.mark.parametrize("k,n,group", [(k, n, 32) for k, n in SHAPES]
-                         + [(576, 960, 64), (1536, 576, 64), (1536, 576, 128)])
+@pytest.mark.parametrize("k,n,group", _cases([(k, n, 32) for k, n in SHAPES]
+                                             + [(576, 960, 64), (1536, 576, 64),
+                                                (1536, 576, 128)]))
 def test_int4_matches_reference(k, n, group):
     w = _weight(k, n)
     q, scales, zeros = quantize_int4(w, group)

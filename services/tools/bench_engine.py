@@ -63,11 +63,12 @@ def run_engine_bench(args: argparse.Namespace) -> int:
 
     levels = [int(x) for x in args.concurrency.split(",")]
     model = model_config(args)
-    ckpt = load_model_files(model.model, model.cache_dir)
+    ckpt = load_model_files(model.model, model.cache_dir)  # dense: what transformers runs
     budget = max(512, args.prompt_tokens)
     config = EngineConfig(model=model, scheduler=SchedulerConfig(
         max_num_seqs=max(levels), max_num_batched_tokens=budget))
-    engine = LLMEngine(config, model_files=ckpt)
+    engine = LLMEngine(config, model_files=ckpt if model.weights is None else
+                       load_model_files(model.model, model.cache_dir, model.weights))
     prompt = _prompt_ids(engine, args.prompt_tokens)
     hf = None if args.skip_transformers else _transformers_model(ckpt, engine.dtype)
     ours: dict[int, RunResult] = {}
@@ -152,7 +153,8 @@ def _bench_transformers(model, prompt: list[int], concurrency: int,
 def _report(args, engine, levels, ours, theirs) -> dict:
     vocab = engine.model.args.vocab_size
     report = {
-        "model": engine.model_name, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "model": engine.model_name, "dtype": args.dtype, "weights": args.weights or "dense",
+        "threads": torch.get_num_threads(),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "repeat": args.repeat,
         "slotmesh": {str(c): _as_dict(ours[c]) for c in levels},

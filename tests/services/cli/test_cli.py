@@ -74,6 +74,17 @@ def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
     assert report["device_to_host_bytes_per_step"]["2"]["device_sampling"] == 8
 
 
+def test_bench_engine_runs_packed_weights_against_dense_transformers(tiny_model_dir,
+                                                                     capsys) -> None:
+    """--weights int4 packs the engine's linears; transformers still gets dense ones."""
+    rc = main(["bench", "engine", "--model", str(tiny_model_dir("llama")), "--concurrency",
+               "1", "--prompt-tokens", "8", "--new-tokens", "4", "--repeat", "1", "--json",
+               "--weights", "int4"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == "int4" and set(report["vs_transformers"]) == {"1"}
+
+
 @pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_worker_is_slotmesh_worker() -> None:
     import subprocess

@@ -17,6 +17,7 @@ a call without ending the sequence:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from protos.slotmesh.v1 import common_pb2
 from services.metadata.records import SequenceRecord, WorkerRecord
 from services.metadata.store import now_ms
 from services.rpc import plumbing as rpc
-from services.rpc.convert import GenerationRequest
+from services.rpc.convert import GenerationRequest, request_to_pb
+from worker.vocab.streams import Resume
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,7 @@ class Migration:
 class RelayedStream:
     """One sequence as this router relays it."""
 
-    request: GenerationRequest
-    forward: common_pb2.GenerateRequest  # what the first worker got (request id filled)
+    request: GenerationRequest  # as validated (request id filled, a taken-over seed set)
     prompt_hash: str
     worker: WorkerRecord | None = None
     call: grpc.aio.UnaryStreamCall | None = None
@@ -99,17 +100,16 @@ class RelayedStream:
             num_tokens_emitted=self.num_tokens_emitted, params=self.request.params.to_dict(),
             updated_ms=now_ms(), seed=self.seed or 0)
 
-    def replay_request(self) -> common_pb2.GenerateRequest:
-        """The request for a failover: same prompt, the seed in use, tokens already sent."""
-        msg = common_pb2.GenerateRequest()
-        msg.CopyFrom(self.forward)
-        msg.ClearField("resume")  # every token sent so far, the client's resume included
+    def worker_request(self) -> common_pb2.GenerateRequest:
+        """What a worker is sent: the request with the seed in use and every token sent so
+        far (the client's resume included), so a failover replays from where the lost
+        worker was, and a first call is the request as the client made it."""
+        params = self.request.params
         if self.seed is not None:
-            msg.params.seed = self.seed
-        if self.output_token_ids:
-            msg.resume.output_token_ids.extend(self.output_token_ids)
-            msg.resume.emitted_chars = self.emitted_chars
-        return msg
+            params = dataclasses.replace(params, seed=self.seed)
+        resume = (Resume(output_token_ids=tuple(self.output_token_ids),
+                         emitted_chars=self.emitted_chars) if self.output_token_ids else None)
+        return request_to_pb(dataclasses.replace(self.request, params=params, resume=resume))
 
     def on_chunk(self, msg: common_pb2.GenerateResponse) -> None:
         if self.seed is None and msg.seed:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -106,23 +107,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
         request_id = req.request_id or f"r-{uuid.uuid4().hex}"
         if request_id in self.streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        req = GenerationRequest(request_id=request_id, prompt=req.prompt, params=req.params,
-                                resume=req.resume)
-        forward = common_pb2.GenerateRequest()
-        forward.CopyFrom(request)
-        forward.request_id = request_id
+        req = dataclasses.replace(req, request_id=request_id)
         if req.resume is not None:
-            await self._take_over(req, forward)
+            req = await self._take_over(req)
         hashes, prompt_hash = prefix_hashes(req.prompt)
         route = RouteRequest(prefix_hashes=tuple(hashes),
                              prefix_owners=tuple(await self._prefix_owners(hashes)))
-        stream = RelayedStream(req, forward, prompt_hash)
+        stream = RelayedStream(req, prompt_hash)
         self.streams[request_id] = stream
         timer = StreamTimer(self.metrics.latency)
         self.metrics.streams.inc()
         finish_reason = "cancelled"
         try:
-            await self._open(stream, route, forward, context)
+            await self._open(stream, route, context)
             while True:
                 try:
                     async for msg in pump(stream):
@@ -150,23 +147,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.metrics.streams.dec()
             self.metrics.requests.labels(finish_reason).inc()
 
-    async def _take_over(self, req: GenerationRequest, forward) -> None:
+    async def _take_over(self, req: GenerationRequest) -> GenerationRequest:
         """A client resumes a stream it lost with its router (the tokens it received in
         `resume`): any router continues it. Without a seed in the request, the one the
         worker drew comes from the sequence's Redis record, so the continuation is the
         one the first worker would have produced."""
         if req.params.seed is not None or req.params.is_greedy:
-            return
+            return req
         record = await self.store.get_sequence(req.request_id)
         if record is None or not record.seed:
             raise InvalidRequestError("params.seed", f"resuming {req.request_id!r} needs "
                                       "the seed it ran with and Redis has no record of it")
-        forward.params.seed = record.seed
         log.info("taking over %s (relayed by %s) after %d tokens", req.request_id,
                  record.router_id, len(req.resume.output_token_ids))
+        return dataclasses.replace(req, params=dataclasses.replace(req.params,
+                                                                   seed=record.seed))
 
-    async def _open(self, stream: RelayedStream, route: RouteRequest, request,
-                    context) -> None:
+    async def _open(self, stream: RelayedStream, route: RouteRequest, context) -> None:
         """Start the worker call on the best worker that answers (before any token)."""
         tried: set[str] = set()
         full: rpc.UpstreamError | None = None
@@ -181,7 +178,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.writer.record_prefixes(list(route.prefix_hashes), worker.worker_id)
             self.metrics.routed.labels(worker.worker_id).inc()
             stream.call = self._stub(worker.address).Generate(
-                request, timeout=context.time_remaining())
+                stream.worker_request(), timeout=context.time_remaining())
             try:
                 await start(stream)
                 return
@@ -210,7 +207,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.registry.exclude(lost, self.config.unreachable_backoff_s)
         self.metrics.failovers.inc()
         stream.call.cancel()
-        await self._open(stream, route, stream.replay_request(), context)
+        await self._open(stream, route, context)  # replays with every token sent so far
 
     def _count(self, worker: WorkerRecord | None, delta: int) -> None:
         if worker is not None:

@@ -21,7 +21,7 @@ import pytest
 from services.client.clients import Client, Completion, RpcError
 from services.rpc.health_probe import check
 from services.rpc.plumbing import LIVENESS_SERVICE
-from tests.cluster.test_migration import MIN_STEP_MS, PROMPT, SAMPLING, set_draining
+from tests.cluster.test_migration import PROMPT, SAMPLING, set_draining
 from tests.cluster.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
 from tests.cluster_harness import tiny_cluster, wait_until
 from worker.config import EngineConfig, ModelConfig
@@ -32,6 +32,11 @@ pytestmark = pytest.mark.cluster  # real Redis and/or server processes
 
 NUM_STREAMS = 8
 MAX_TOKENS = 600  # outlives the drain below on a slow machine
+# every worker step lasts >= 40 ms, so a MAX_TOKENS stream lasts >= 24 s on any machine:
+# the preStop drain below starts two Python processes first (the health probe, then
+# `slotmesh drain`), which took ~10 s on a 2-core machine with two CPU hogs beside the
+# suite, and the streams must still be running when it arrives (10 ms was not enough)
+MIN_STEP_MS = 40
 TAKEOVER_TOKENS = 300  # outlives the kill below by a wide margin
 GRACE_S = 30.0  # the worker's --shutdown-grace, as terminationGracePeriodSeconds bounds it
 

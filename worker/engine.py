@@ -2,7 +2,8 @@
 
 `LLMEngine.step()` is `schedule → execute → update → postprocess`. Nothing else mutates
 engine state; the async wrapper (worker/async_engine.py) applies adds and aborts between
-steps. A step that raises fails only the sequences it was running.
+steps. A step that raises is redone one sequence at a time: only the sequences that fail
+alone too end with an error.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from worker.loaders import load_model_files
 from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
 from worker.models.registry import build_model
-from worker.scheduler import Scheduler
+from worker.sampler import SampleResult
+from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence, SequenceStatus
 from worker.snapshot import Snapshot, SnapshotKind
 from worker.stops import StopStringMatcher
@@ -186,6 +188,9 @@ class LLMEngine:
         if request_id in self._outputs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         params.validate(self.model.args.vocab_size)
+        if params.max_tokens > self.max_model_len:
+            raise InvalidRequestError("max_tokens", f"{params.max_tokens} is beyond the "
+                                      f"{self.max_model_len}-token context (--ctx)")
         vocab = self.model.args.vocab_size
         if any(not 0 <= t < vocab for t in output_ids):
             raise InvalidRequestError("resume.output_token_ids", f"out of vocabulary [0, {vocab})")
@@ -298,18 +303,45 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        failed: list[TokenChunk] = []
         try:
             results = self.runner.execute(out)
         except Exception as e:
-            log.exception("engine step failed; failing its %d sequences", len(out.scheduled))
-            return self._fail(out, e)
+            if len(out.scheduled) == 1:
+                log.exception("engine step failed; failing its sequence")
+                return self._fail(out, e)
+            log.exception("engine step of %d sequences failed; redoing each alone",
+                          len(out.scheduled))
+            out, results, failed = self._redo_alone(out)
         events = self.scheduler.update(out, [r.token_id for r in results])
         chunks = [self._postprocess(ev.seq, ev.token_id, r) for ev, r in zip(events, results,
                                                                               strict=True)]
         self.checkpoints.after_step(out)
-        return chunks
+        return chunks + failed
 
-    def _fail(self, out, error: Exception) -> list[TokenChunk]:
+    def _redo_alone(self, out: SchedulerOutput
+                    ) -> tuple[SchedulerOutput, list[SampleResult], list[TokenChunk]]:
+        """A failed step, redone one sequence at a time, so a fault one row causes (an input
+        the device math cannot take, a bug on one path) fails that sequence only. Rewriting
+        a row's KV slots with the same values is harmless, and the sampler's counts change
+        only when a step succeeds. -> the step of the sequences that went through, their
+        results in order, and an error chunk per sequence that failed again alone."""
+        done, results, failed = [], [], []
+        for item in out.scheduled:
+            alone = SchedulerOutput(scheduled=[item],
+                                    admitted=[s for s in out.admitted if s is item.seq])
+            try:
+                results += self.runner.execute(alone)
+            except Exception as e:
+                log.exception("sequence %s fails alone too; failing it", item.seq.seq_id)
+                failed += self._fail(alone, e)
+            else:
+                done.append(item)
+        redone = SchedulerOutput(scheduled=done, preempted=out.preempted,
+                                 admitted=[s for s in out.admitted if not s.status.is_finished])
+        return redone, results, failed
+
+    def _fail(self, out: SchedulerOutput, error: Exception) -> list[TokenChunk]:
         chunks = []
         for item in out.scheduled:
             seq = item.seq

@@ -41,6 +41,15 @@ from worker.vocab.sampling_params import SamplingParams
 _NEG_INF = float("-inf")
 _MAX_EXACT_FLOAT32_ID = 2**24  # token ids travel as float32 in the packed copy
 _TOP_K_TIE_MARGIN = 64  # extra slice columns so ties at the k-th logit stay kept
+# Repetition penalties are clamped into [2^-100, 2^100]: float32 x / r and x * r stay finite
+# (|logit + bias| < 2^10, then / temperature >= 1e-5 stays < 2^128) and keep their order,
+# so beyond the clamp the draw is already the limit (r -> 0: the largest positive logit
+# among context tokens; r -> inf: context tokens at 0 or removed).
+_MAX_REPETITION_SCALE = 2.0**100
+# Temperatures above 2^64 are 2^64: x / T then still orders the logits (top-k, top-p keep
+# what they keep at any finite T) while the noise decides the draw, the T -> inf limit;
+# in float32 1e300 would be inf and x / inf = 0 ties every token.
+_MAX_TEMPERATURE = 2.0**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,11 +338,11 @@ def _noise_lanes(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def _float_params(p: SamplingParams) -> tuple[float, ...]:
     """One row of the float parameter table; a filter that is off gets its neutral value."""
     return (
-        1.0 if p.is_greedy else p.temperature,
+        1.0 if p.is_greedy else min(p.temperature, _MAX_TEMPERATURE),
         p.top_p if p.top_p < 1.0 else float("inf"),
         p.min_p,
         p.typical_p if p.typical_p < 1.0 else float("inf"),
-        p.repetition_penalty,
+        min(max(p.repetition_penalty, 1.0 / _MAX_REPETITION_SCALE), _MAX_REPETITION_SCALE),
         p.presence_penalty,
         p.frequency_penalty,
     )

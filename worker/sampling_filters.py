@@ -2,7 +2,8 @@
 
 Stateless and vectorised over the batch: x is [B, V] (or a [B, W] top-k slice, best first)
 of temperature-scaled logits, per-row parameters are [B] tensors, removed tokens become
--inf and the top token is always kept. No host syncs. `worker/sampler.py` decides which
+-inf and at least one token is always kept (the top one; for typical-p the most typical),
+also when a parameter rounds to 0 in float32. No host syncs. `worker/sampler.py` decides which
 run and in what order.
 """
 
@@ -53,7 +54,8 @@ def _top_p_cut_key(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     key = _order_key(x)  # [b, W] int64 in [0, 2^32), monotone in x
     weight = (x - x.amax(-1, keepdim=True)).exp_().mul_(_MASS_SCALE).long()  # [b, W]
     total = weight.sum(-1, keepdim=True)  # [b, 1]
-    cut_mass = torch.ceil(top_p[:, None].double() * total.double()).long()  # [b, 1]
+    # >= 1: a top_p that rounds to 0 (float32 has no 1e-50) keeps the top token, its limit
+    cut_mass = torch.ceil(top_p[:, None].double() * total.double()).long().clamp_(min=1)
     need = torch.where(top_p[:, None] <= 1.0, cut_mass, total + 1)  # off: keep everything
     if x.shape[-1] <= _MAX_SORTED_TOP_P_WIDTH:
         return _top_mass_key_by_sort(key, weight, need)
@@ -116,8 +118,9 @@ def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def apply_typical_p(x: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
     """Locally typical sampling (HF TypicalLogitsWarper). typical_p: [B], inf = off.
 
-    Order tokens by |-log p - H| ascending and keep the smallest prefix with mass >= typical_p,
-    plus every token tied with the last one kept (so the result does not depend on how a sort
+    Order tokens by |-log p - H| ascending and keep the smallest prefix with mass >= typical_p
+    (at least the first token, as HF's min_tokens_to_keep=1), plus every token tied with the
+    last one kept (so the result does not depend on how a sort
     orders ties). The sums run in fp64, so whether this runs on [B, V] or on a top-k slice
     changes a decision only at a 1e-16 near-tie: the draw stays batch-independent.
     """
@@ -127,6 +130,7 @@ def apply_typical_p(x: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
     surprise_gap = (-logp - entropy).abs()  # [B, V]; removed tokens: +inf, sorted last
     sorted_gap, order = surprise_gap.sort(-1)  # [B, V]
     keep = _exclusive_cumsum(probs.gather(1, order)) < typical_p[:, None]  # [B, V] sorted
+    keep[:, 0] = True  # the most typical token stays, also when typical_p rounds to 0
     cut = sorted_gap.masked_fill(keep.logical_not(), -float("inf")).amax(-1, keepdim=True)
     return x.masked_fill(surprise_gap > cut, _NEG_INF)  # [B, V]
 

@@ -22,6 +22,18 @@ from worker.config import (
 )
 from worker.training.config import FinetuneConfig
 
+# Exit codes of the client subcommands (generate, seq save/restore, drain): 0 done; 2 the
+# request or file was refused, so the same call fails again until the input changes; 1 the
+# call failed (cluster unreachable, deadline, overload, a server fault): retrying may help.
+EXIT_REFUSED, EXIT_FAILED = 2, 1
+_REFUSALS = frozenset({"INVALID_ARGUMENT", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+                       "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+def exit_code_of(status_name: str) -> int:
+    """The exit code for a call that ended with the gRPC status of that name."""
+    return EXIT_REFUSED if status_name in _REFUSALS else EXIT_FAILED
+
 
 def default_of(cls, name: str):
     """The default of a (slots) dataclass field; `cls.name` is a slot descriptor there."""

@@ -109,7 +109,7 @@ def _generate_via_router(args: argparse.Namespace) -> int:
                     print(chunk.text, end="", flush=True)
     except RpcError as e:
         print(f"\nslotmesh: error: {e}", file=sys.stderr)
-        return 2 if e.code.name == "INVALID_ARGUMENT" else 1
+        return flags.exit_code_of(e.code.name)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason,

@@ -15,7 +15,7 @@ them): restoring writes them back to the cluster's prompt cache, so the sequence
 rolled back to any of them (a chat edited a turn back) without recomputing. Restore
 uploads the file and streams the continuation (text, or one JSON object with --json).
 
-File layout: b"SMSEQ\r\n\0", a uint32 count of parts, then per part a uint64 length and
+File layout: b"SMSEQ\\r\\n\\0", a uint32 count of parts, then per part a uint64 length and
 the part: the sequence's snapshot first, then its checkpoints, oldest first (each part is
 a snapshot in worker/snapshot.py's format and carries its own checksum). A bare snapshot
 (the format before checkpoints) is restored as well.
@@ -30,6 +30,7 @@ import struct
 import sys
 from pathlib import Path
 
+from services.cli.flags import exit_code_of
 from worker.vocab.errors import SlotmeshError
 
 _KINDS = ("full", "swa_only", "tokens_only")
@@ -48,17 +49,23 @@ def unpack_parts(data: bytes) -> list[bytes]:
     if not data.startswith(FILE_MAGIC):
         return [data]
     offset = len(FILE_MAGIC)
-    try:
-        (count,), offset = _COUNT.unpack_from(data, offset), offset + _COUNT.size
-        parts = []
-        for _ in range(count):
-            (size,), offset = _LENGTH.unpack_from(data, offset), offset + _LENGTH.size
-            if offset + size > len(data):
-                raise struct.error("part runs past the end")
-            parts.append(data[offset:offset + size])
-            offset += size
-    except struct.error as e:
-        raise SlotmeshError(f"file: not a complete sequence file ({e})") from e
+    if len(data) < offset + _COUNT.size:
+        raise SlotmeshError("file: not a complete sequence file (cut before its part count)")
+    (count,), offset = _COUNT.unpack_from(data, offset), offset + _COUNT.size
+    if count * _LENGTH.size > len(data) - offset:  # each part takes at least its length
+        raise SlotmeshError(f"file: not a complete sequence file (it claims {count} parts "
+                            f"in {len(data)} bytes)")
+    parts = []
+    for number in range(count):
+        if len(data) < offset + _LENGTH.size:
+            raise SlotmeshError(f"file: not a complete sequence file (cut before part "
+                                f"{number + 1} of {count})")
+        (size,), offset = _LENGTH.unpack_from(data, offset), offset + _LENGTH.size
+        if offset + size > len(data):
+            raise SlotmeshError(f"file: not a complete sequence file (part {number + 1} of "
+                                f"{count} runs past the end)")
+        parts.append(data[offset:offset + size])
+        offset += size
     if not parts or offset != len(data):
         raise SlotmeshError("file: not a complete sequence file (parts and size disagree)")
     return parts
@@ -142,7 +149,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         tmp.unlink(missing_ok=True)
         print(f"slotmesh: error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
+        return exit_code_of(e.code().name)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SlotmeshError(f"file: cannot write {args.file}: {e}") from e
@@ -176,8 +183,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     print(chunk.text, end="", flush=True)
     except grpc.RpcError as e:
         print(f"\nslotmesh: error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 2 if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
-                                 grpc.StatusCode.FAILED_PRECONDITION) else 1
+        return exit_code_of(e.code().name)
     if args.json:
         print(json.dumps({"request_id": result.request_id, "text": result.text,
                           "token_ids": result.token_ids, "finish_reason": result.finish_reason,

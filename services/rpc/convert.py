@@ -7,7 +7,6 @@ protobuf validates: a bad field raises InvalidRequestError naming it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from protos.slotmesh.v1 import common_pb2 as pb
@@ -37,6 +36,13 @@ class Prompt:
     text: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
     token_ids: tuple[int, ...] | None = None
+
+    @property
+    def field(self) -> str:
+        """The GenerateRequest field that holds this prompt (what an error names)."""
+        if self.text is not None:
+            return "text"
+        return "chat.messages" if self.messages is not None else "token_ids"
 
     def as_engine_kwargs(self) -> dict:
         """Keyword arguments of LLMEngine.encode_prompt."""
@@ -75,17 +81,8 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos, num_candidates=msg.num_candidates,
     )
-    _check_finite(params)
+    params.check_finite()  # before anything compares them
     return params
-
-
-def _check_finite(params: SamplingParams) -> None:
-    for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(params, name)):
-            raise InvalidRequestError(name, "must be a finite number")
-    if any(not math.isfinite(bias) for _t, bias in params.logit_bias):
-        raise InvalidRequestError("logit_bias", "biases must be finite numbers")
 
 
 def params_to_pb(params: SamplingParams) -> pb.SamplingParams:

@@ -80,8 +80,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         req = request_from_pb(request, vocab_size=self.engine.model.args.vocab_size)
         request_id = req.request_id or f"w-{uuid.uuid4().hex}"
         # in a thread: a long prompt takes a while and the tokenizer releases the GIL
-        prompt_ids = await asyncio.to_thread(self.engine.encode_prompt,
-                                             **req.prompt.as_engine_kwargs())
+        try:
+            prompt_ids = await asyncio.to_thread(self.engine.encode_prompt,
+                                                 **req.prompt.as_engine_kwargs())
+        except InvalidRequestError as e:  # the engine's prompt/messages: our text/chat...
+            raise e.renamed(req.prompt.field) from e
         resumed = req.resume.output_token_ids if req.resume is not None else ()
         restore = await self._lookup([*prompt_ids, *resumed])
         stream = await self.aengine.submit(request_id, prompt_ids, req.params,

@@ -26,7 +26,7 @@ import redis
 from protos.slotmesh.v1 import common_pb2 as c
 from protos.slotmesh.v1 import router_pb2 as r
 from protos.slotmesh.v1 import worker_pb2 as w
-from services.client.clients import Client
+from services.client.clients import AsyncClient, Client
 from services.metadata import keys
 from services.rpc.plumbing import channel
 from services.security.cluster_auth import CREDENTIAL_METADATA, UNAUTHENTICATED, caller_metadata
@@ -128,11 +128,16 @@ def field_cases() -> list[Case]:
             stop_token_ids=list(range(257))))),
         ("num_candidates 5000", "num_candidates", dict(text="x", params=params(
             num_candidates=5000))),
-        ("prompt past the context", "prompt", dict(text="word " * 600)),
-        ("1M token ids", "prompt", dict(token_ids=c.TokenIds(ids=[5] * 1_000_000))),
-        ("4 MiB of text", "prompt", dict(text="word " * (800 << 10))),
-        ("4 MiB of chat", "messages", dict(chat=c.ChatMessages(messages=[
+        ("prompt past the context", "text", dict(text="word " * 600)),
+        ("1M token ids", "token_ids", dict(token_ids=c.TokenIds(ids=[5] * 1_000_000))),
+        ("4 MiB of text", "text", dict(text="word " * (800 << 10))),
+        ("4 MiB of chat", "chat.messages", dict(chat=c.ChatMessages(messages=[
             c.ChatMessage(role="user", content="word " * (800 << 10))]))),
+        ("max_tokens past the context", "max_tokens", dict(text="x", params=params(
+            max_tokens=CTX + 1))),
+        ("max_tokens 10^9", "max_tokens", dict(text="x", params=params(max_tokens=10**9))),
+        ("max_tokens -1 as uint32", "max_tokens", dict(text="x", params=params(
+            max_tokens=2**32 - 1))),
         ("resume id past vocab", "resume.output_token_ids", dict(
             text="x", params=params(seed=1), resume=c.ResumeState(
                 output_token_ids=[100_000]))),
@@ -411,6 +416,54 @@ def check(cluster, case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_bad_request(cluster, background, case) -> None:
     check(cluster, case)
+
+
+# Valid requests at the extremes of every numeric sampling field (float32 rounds many of
+# them to 0, 1 or inf): each must finish like its limit does, and the background stream
+# that shares the workers' steps must stay token-exact (checked at the end of the module).
+EXTREME_PARAMS = {
+    "top_p 1e-50": dict(top_p=1e-50),
+    "top_p 5e-324": dict(top_p=5e-324),
+    "temperature 1e-310": dict(temperature=1e-310),
+    "temperature 1e-40": dict(temperature=1e-40),
+    "temperature 1e300": dict(temperature=1e300),
+    "temperature 1.7e308": dict(temperature=1.7e308),
+    "typical_p 1e-300": dict(typical_p=1e-300),
+    "min_p 1e-300": dict(min_p=1e-300),
+    "min_p 1": dict(min_p=1.0),
+    "repetition_penalty 1e-300": dict(repetition_penalty=1e-300),
+    "repetition_penalty 1.7e308": dict(repetition_penalty=1.7e308),
+    "penalties at the edges": dict(presence_penalty=-2.0, frequency_penalty=2.0),
+    "logit_bias +-100": dict(logit_bias={5: 100.0, 6: -100.0}),
+    "top_k 2^31 - 1": dict(top_k=2**31 - 1),
+    "seed 2^63 - 1": dict(seed=2**63 - 1),
+    "everything at once": dict(top_p=1e-50, temperature=1e-310, typical_p=1e-300,
+                               repetition_penalty=1e-300, min_p=1e-300, top_k=1),
+}
+EXTREME_TOKENS = 24
+GREEDY_LIMIT = {"top_p 1e-50", "top_p 5e-324", "temperature 1e-310", "temperature 1e-40",
+                "min_p 1"}  # these keep only the top token: their limit is greedy
+
+
+@pytest.mark.parametrize("name", EXTREME_PARAMS)
+def test_extreme_sampling_values_finish_and_spare_the_neighbours(cluster, background,
+                                                                 name) -> None:
+    """Four at once, so they share steps with each other and the background stream."""
+    request = dict(text="Extremes, four at a time", max_tokens=EXTREME_TOKENS, ignore_eos=True)
+
+    async def four():
+        async with AsyncClient(cluster.router_address, timeout=300) as client:
+            return await asyncio.gather(*(
+                client.generate(**request, **EXTREME_PARAMS[name]) for _ in range(4)))
+
+    runs = asyncio.run(four())
+    for done in runs:
+        assert done.finish_reason == "length", (name, done)
+        assert len(done.token_ids) == EXTREME_TOKENS
+    if name in GREEDY_LIMIT:
+        with Client(cluster.router_address, timeout=300) as client:
+            greedy = client.generate(**request, temperature=0.0).token_ids
+        assert all(done.token_ids == greedy for done in runs), name
 
 
 SNAPSHOT_CASES = ["snapshot of another model", "snapshot without a MAC",

@@ -81,6 +81,7 @@ def test_abort_mid_generation_frees_blocks(llama) -> None:
 
 
 def test_failed_step_fails_only_its_sequences(tiny_model_dir) -> None:
+    """A fault that lasts the whole step (the redo of each sequence alone fails too)."""
     engine = make_engine(tiny_model_dir("llama"), slots=2)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts(4)):
@@ -89,11 +90,11 @@ def test_failed_step_fails_only_its_sequences(tiny_model_dir) -> None:
     forward = engine.model.forward
 
     def broken(*args, **kwargs):
-        engine.model.forward = forward  # fail exactly once
         raise RuntimeError("injected device fault")
 
     engine.model.forward = broken
     chunks = engine.step()
+    engine.model.forward = forward
     assert {c.request_id for c in chunks} == {"r0", "r1"}
     assert all(c.finish_reason == "error" and "injected" in c.error for c in chunks)
     finished = {}
@@ -102,6 +103,56 @@ def test_failed_step_fails_only_its_sequences(tiny_model_dir) -> None:
             if c.finish_reason:
                 finished[c.request_id] = c.finish_reason
     assert finished == {"r2": "length", "r3": "length"}
+    assert all_blocks_free(engine)
+
+
+def run_to_end(engine: LLMEngine) -> dict[str, tuple[list[int], str]]:
+    outputs: dict[str, tuple[list[int], str]] = {}
+    while engine.has_unfinished:
+        for c in engine.step():
+            tokens, _ = outputs.get(c.request_id, ([], ""))
+            outputs[c.request_id] = (tokens + list(c.token_ids), c.finish_reason or "")
+    return outputs
+
+
+@pytest.mark.parametrize("fault", ["transient", "one_row"])
+def test_a_step_fault_is_redone_per_sequence_and_fails_only_its_cause(tiny_model_dir,
+                                                                      monkeypatch, fault):
+    """transient: the step fails once, its redo succeeds: nobody fails. one_row: one
+    sequence's row makes sampling raise every time: only that sequence ends with an error,
+    and every other sequence's tokens equal a run without the fault."""
+    def add_all(engine):
+        for i, p in enumerate(prompts(4)):
+            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0.8,
+                                                          seed=i, ignore_eos=True))
+
+    clean = make_engine(tiny_model_dir("llama"), slots=4)
+    add_all(clean)
+    expected = run_to_end(clean)
+    engine = make_engine(tiny_model_dir("llama"), slots=4)
+    add_all(engine)
+    prefill = {c.request_id: list(c.token_ids) for c in engine.step()}  # before the fault
+    sample = engine.runner.sampler.sample
+    faults = []
+
+    def faulty(logits, rows):
+        if fault == "transient" and not faults:
+            faults.append(len(rows))
+            raise RuntimeError("injected transient fault")
+        if fault == "one_row" and any(row.seed == 2 for row in rows):
+            faults.append(len(rows))
+            raise RuntimeError("injected fault of seed 2")
+        return sample(logits, rows)
+
+    monkeypatch.setattr(engine.runner.sampler, "sample", faulty)
+    outputs = run_to_end(engine)
+    monkeypatch.undo()
+    assert faults[0] > 1  # a batch failed first, then each row alone
+    for rid, (tokens, reason) in expected.items():
+        if fault == "one_row" and rid == "r2":
+            assert outputs[rid][1] == "error"
+            continue
+        assert (prefill.get(rid, []) + outputs[rid][0], outputs[rid][1]) == (tokens, reason)
     assert all_blocks_free(engine)
 
 

@@ -1,6 +1,8 @@
 """Domain errors. One interceptor at the gRPC edge (services/rpc/plumbing.py) maps each class to
 one status code; nothing inside raises gRPC errors."""
 
+from __future__ import annotations
+
 
 class SlotmeshError(Exception):
     """Base class of every error slotmesh raises on purpose."""
@@ -12,6 +14,11 @@ class InvalidRequestError(SlotmeshError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def renamed(self, field: str) -> InvalidRequestError:
+        """The same complaint about `field`: an edge names its own field for an inner one."""
+        return InvalidRequestError(field, self.message)
 
 
 class ModelLoadError(SlotmeshError):

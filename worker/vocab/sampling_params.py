@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from worker.vocab.errors import InvalidRequestError
@@ -13,15 +14,21 @@ MAX_STOP_CHARS = 256  # per stop string
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024  # entries
 MAX_ABS_LOGIT_BIAS = 100.0
+# Below this a temperature is greedy (vLLM's threshold too): x / T would overflow float32
+# or tie every positive logit at +inf, and the draw is argmax anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingParams:
     """What to sample and when to stop. Defaults follow llama.cpp's server where it has one.
 
-    temperature 0 means greedy. top_k 0, top_p 1, min_p 0 and typical_p 1 switch a filter
-    off. `seed` None draws a fresh seed per request (the engine fills it in, so the draw
-    stays a pure function of (seed, position) and replays identically).
+    temperature 0 (or below MIN_SAMPLING_TEMPERATURE) means greedy. top_k 0, top_p 1,
+    min_p 0 and typical_p 1 switch a filter off. `seed` None draws a fresh seed per request
+    (the engine fills it in, so the draw stays a pure function of (seed, position) and
+    replays identically).
     """
 
     max_tokens: int = 16
@@ -61,8 +68,7 @@ class SamplingParams:
                       "stop_token_ids": tuple(int(x) for x in d["stop_token_ids"])}
             for name in ("max_tokens", "top_k", "logprobs", "num_candidates"):
                 values[name] = _strict(int, d[name])
-            for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
-                         "presence_penalty", "frequency_penalty"):
+            for name in _FLOAT_FIELDS:
                 values[name] = float(_strict((int, float), d[name]))
             values["ignore_eos"] = _strict(bool, d["ignore_eos"])
             values["seed"] = None if d["seed"] is None else _strict(int, d["seed"])
@@ -72,12 +78,20 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    def check_finite(self) -> None:
+        """InvalidRequestError naming the first float field that is NaN or infinite."""
+        for name in _FLOAT_FIELDS:
+            _check(math.isfinite(getattr(self, name)), name, "must be a finite number")
+        _check(all(math.isfinite(b) for _t, b in self.logit_bias), "logit_bias",
+               "biases must be finite numbers")
 
     def validate(self, vocab_size: int | None) -> None:
         """Raise InvalidRequestError naming the first field out of range.
 
         vocab_size None skips the vocabulary checks (the router knows no model)."""
+        self.check_finite()
         _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
         _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")

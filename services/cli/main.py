@@ -412,10 +412,20 @@ def _bench_parser(sub) -> None:
     add_finetune_bench_parser(bench_sub)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slotmesh")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slotmesh", description="slotmesh: an LLM serving "
                                      "cluster (gRPC router, workers, Redis).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"slotmesh {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _worker_parser(sub)

@@ -1,5 +1,6 @@
 """`python -m services.rpc.health_probe [--service NAME] HOST:PORT`: one grpc.health.v1 Check,
-exit 0 when SERVING and 1 otherwise (NOT_SERVING, unknown service, unreachable).
+printing the status (SERVING, NOT_SERVING, or why the check failed) and exiting 0 when
+SERVING and 1 otherwise (NOT_SERVING, unknown service, unreachable).
 
 The containers' HEALTHCHECK uses it (Kubernetes probes gRPC health natively, but not
 over TLS: a TLS server needs this probe as an exec probe). It reads the same
@@ -24,13 +25,19 @@ from worker.vocab.errors import InvalidRequestError
 
 def check(address: str, service: str = "", timeout_s: float = 3.0,
           tls: ChannelTls | None = None) -> bool:
+    return status(address, service, timeout_s, tls) == "SERVING"
+
+
+def status(address: str, service: str = "", timeout_s: float = 3.0,
+           tls: ChannelTls | None = None) -> str:
+    """The health status's name, or the gRPC error that kept the check from an answer."""
     with blocking_channel(address, tls=tls) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-    return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"health_probe: error: {e}", file=sys.stderr)
         return 2
     tls = config.channel() if config is not None else None
-    return 0 if check(args.address, args.service, args.timeout, tls) else 1
+    answer = status(args.address, args.service, args.timeout, tls)
+    print(f"{args.address} {args.service or '(ready)'}: {answer}", flush=True)
+    return 0 if answer == "SERVING" else 1
 
 
 if __name__ == "__main__":

@@ -54,6 +54,15 @@ def test_help_lists_commands(capsys) -> None:
     assert "generate" in out and "bench" in out and "chaos" in out
 
 
+def test_version(capsys) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"slotmesh {version('slotmesh')}\n"
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--scenarios", "kill_worker,typo"], "--scenarios: unknown ['typo']"),
     (["--workers", "1"], "--workers: at least 2"),

@@ -60,7 +60,7 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                    help="known name (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), "
                         "a GGUF file or a Hugging Face directory (default: %(default)s)")
     p.add_argument("--dtype", default=default_of(ModelConfig, "dtype"),
-                   choices=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16", "float16"],
                    help="compute and KV dtype (default: %(default)s)")
     p.add_argument("--weights", default=default_of(ModelConfig, "weights"),
                    choices=WEIGHT_FORMATS,
@@ -74,8 +74,16 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                    help="where model files are fetched to (default: $SLOTMESH_CACHE or "
                         "~/.cache/slotmesh)")
     if slots:
-        p.add_argument("--slots", type=int, default=default_slots,
-                       help="concurrent sequences (default: %(default)s)")
+        p.add_argument("--slots", "--parallel", "-np", dest="slots", type=int,
+                       default=default_slots,
+                       help="concurrent sequences; --parallel / -np as in llama.cpp "
+                            "(default: %(default)s)")
+        p.add_argument("--block-size", type=int, default=default_of(CacheConfig, "block_size"),
+                       help="tokens per KV block (default: %(default)s)")
+        p.add_argument("--max-num-batched-tokens", "--batch-size", dest="max_num_batched_tokens",
+                       type=int, default=default_of(SchedulerConfig, "max_num_batched_tokens"),
+                       help="tokens one step may compute: the prefill chunk budget "
+                            "(default: %(default)s)")
         p.add_argument("--kv-cache-mb", type=int,
                        default=default_of(CacheConfig, "kv_cache_bytes") >> 20,
                        help="memory for the full-attention KV pool in MiB "
@@ -88,8 +96,9 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                        help="sliding-window layers keep every block of a sequence instead "
                             "of the window only: more memory, any earlier prefix reusable "
                             "without checkpoints (and none are made)")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="max context length (default: the model's own, capped at "
+    p.add_argument("--ctx", "--ctx-size", "--max-model-len", dest="ctx", type=int,
+                   default=None,
+                   help="max context length in tokens (default: the model's own, capped at "
                         f"{DEFAULT_MAX_MODEL_LEN})")
 
 
@@ -103,9 +112,10 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=model_config(args),
                         cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024,
-                                          swa_full=args.swa_full),
-                        scheduler=SchedulerConfig(max_num_seqs=args.slots,
-                                                  max_waiting=args.max_waiting))
+                                          swa_full=args.swa_full, block_size=args.block_size),
+                        scheduler=SchedulerConfig(
+                            max_num_seqs=args.slots, max_waiting=args.max_waiting,
+                            max_num_batched_tokens=args.max_num_batched_tokens))
 
 
 def redis_url_flag(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,8 +51,22 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=40, help="0 = off (default: 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="0 = off (default: 0.05)")
+    p.add_argument("--typical-p", type=float, default=1.0, help="1 = off (default: 1)")
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty",
+                   type=float, default=1.0, help="1 = off (default: 1)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="0 = off (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="0 = off (default: 0)")
+    p.add_argument("--logit-bias", action="append", default=[], type=_logit_bias,
+                   metavar="ID=BIAS", help="add BIAS to token ID's logit; also llama.cpp's "
+                                           "ID+BIAS / ID-BIAS (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed of the draw (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens")
+    p.add_argument("--logprobs", type=int, default=0,
+                   help="with --json: the logprob of each token and this many top "
+                        "alternatives (0-20, default: 0)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the model's chat template")
     p.add_argument("--json", action="store_true",
@@ -59,10 +74,30 @@ def _generate_parser(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    """ID=BIAS, or llama.cpp's ID+BIAS / ID-BIAS -> (id, bias)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([=+-])\s*([0-9.eE+-]+|inf)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS (e.g. 15043=-100)")
+    token_id, sign, value = match.groups()
+    return int(token_id), -float(value) if sign == "-" else float(value)
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
-            "stop": tuple(args.stop)}
+            "typical_p": args.typical_p, "repetition_penalty": args.repeat_penalty,
+            "presence_penalty": args.presence_penalty,
+            "frequency_penalty": args.frequency_penalty,
+            "logit_bias": tuple(args.logit_bias), "stop": tuple(args.stop),
+            "ignore_eos": args.ignore_eos, "logprobs": args.logprobs}
+
+
+def _logprob_entries(chunk) -> list[dict]:
+    """Per token of a chunk that carries logprobs: its id, logprob and top alternatives."""
+    return [{"token_id": t, "logprob": lp, "top": [[i, v] for i, v in top]}
+            for t, lp, top in zip(chunk.token_ids, chunk.logprobs, chunk.top_logprobs,
+                                  strict=False)]  # no logprobs asked: none
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -78,17 +113,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = engine.encode_prompt(prompt=args.prompt)
     engine.add_request("cli", ids, params)
-    text, token_ids, finish = "", [], None
+    text, token_ids, finish, logprobs = "", [], None, []
     while engine.has_unfinished:
         for chunk in engine.step():
             text += chunk.text
             token_ids += chunk.token_ids
             finish = chunk.finish_reason or finish
+            logprobs += _logprob_entries(chunk)
             if not args.json:
                 print(chunk.text, end="", flush=True)
     if args.json:
         print(json.dumps({"text": text, "token_ids": token_ids, "finish_reason": finish,
-                          "prompt_tokens": len(ids), "model": engine.model_name}))
+                          "prompt_tokens": len(ids), "model": engine.model_name,
+                          **({"logprobs": logprobs} if args.logprobs else {})}))
     else:
         print()
     return 0
@@ -99,12 +136,13 @@ def _generate_via_router(args: argparse.Namespace) -> int:
 
     prompt = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
               else {"text": args.prompt})
-    result = Completion()
+    result, logprobs = Completion(), []
     tls = flags.client_tls(args)
     try:
         with Client(args.router, timeout=args.timeout, tls=tls) as client:
             for chunk in client.stream(**prompt, **_sampling(args)):
                 result.add(chunk)
+                logprobs += _logprob_entries(chunk)
                 if not args.json:
                     print(chunk.text, end="", flush=True)
     except RpcError as e:
@@ -114,7 +152,8 @@ def _generate_via_router(args: argparse.Namespace) -> int:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason,
                           "prompt_tokens": result.num_prompt_tokens,
-                          "worker_id": result.worker_id, "request_id": result.request_id}))
+                          "worker_id": result.worker_id, "request_id": result.request_id,
+                          **({"logprobs": logprobs} if args.logprobs else {})}))
     else:
         print()
     return 0 if result.finish_reason != "error" else 1

@@ -54,6 +54,46 @@ def test_help_lists_commands(capsys) -> None:
     assert "generate" in out and "bench" in out and "chaos" in out
 
 
+def test_generate_takes_every_sampling_field(tiny_model_dir, capsys) -> None:
+    """The in-process generate forwards each sampling flag; the JSON carries logprobs."""
+    path = str(tiny_model_dir("llama"))
+    base = ["generate", "The quick brown fox", "--model", path, "--json", "--max-tokens", "4",
+            "--temperature", "0"]
+    assert main([*base, "--logit-bias", "7=100", "--ignore-eos", "--logprobs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == [7, 7, 7, 7]  # +100 wins every greedy step
+    assert [e["token_id"] for e in out["logprobs"]] == out["token_ids"]
+    assert all(len(e["top"]) == 2 and e["logprob"] <= 0 for e in out["logprobs"])
+    # llama.cpp's spelling of a bias, and the penalties: the same token is penalised away
+    assert main([*base, "--logit-bias", "7+100", "--repeat-penalty", "1e30",
+                 "--presence-penalty", "2", "--frequency-penalty", "2", "--typical-p",
+                 "0.9", "--ignore-eos"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["token_ids"]
+    assert tokens[0] == 7 and 7 not in tokens[1:]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--parallel", "3", "--ctx-size", "128"],
+    ["-np", "3", "--max-model-len", "128"],
+    ["--slots", "3", "--ctx", "128"],
+])
+def test_llama_cpp_and_vllm_flag_names(argv) -> None:
+    from services.cli.flags import engine_config
+    from services.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "x", *argv, "--block-size", "32",
+                                      "--batch-size", "96"])
+    config = engine_config(args)
+    assert config.scheduler.max_num_seqs == 3 and config.model.max_model_len == 128
+    assert config.cache.block_size == 32 and config.scheduler.max_num_batched_tokens == 96
+
+
+def test_bad_logit_bias_flag_names_the_format(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--logit-bias", "seven"])
+    assert e.value.code == 2 and "is not ID=BIAS" in capsys.readouterr().err
+
+
 def test_version(capsys) -> None:
     from importlib.metadata import version
 

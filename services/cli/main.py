@@ -335,8 +335,13 @@ def _token_parser(sub) -> None:
         sub, "token", _cmd_token, help="make a bearer token for a router's tokens file",
         description="Print a new random bearer token (give it to the client; it is not "
                     "stored anywhere) on stderr, and on stdout the JSON entry for the "
-                    "router's --auth-tokens-file, which holds only its SHA-256.")
+                    "router's --auth-tokens-file, which holds only its SHA-256. With "
+                    "--file, the entry is added to that tokens file (created if missing) "
+                    "and the token is printed on stdout.")
     p.add_argument("action", choices=["new"])
+    p.add_argument("--file", type=Path, default=None, metavar="TOKENS_JSON",
+                   help="add the entry to this tokens file (the router's "
+                        "--auth-tokens-file; a router reads it when it starts)")
     p.add_argument("name", help="who the token is for (shown in limit errors)")
     p.add_argument("--admin", action="store_true",
                    help="may call Migrate, Drain and ListWorkers (slotmesh's own callers)")
@@ -347,15 +352,20 @@ def _token_parser(sub) -> None:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from services.security.auth import entry_for, new_token
+    from services.security.auth import add_token_entry, entry_for, new_token
 
     if args.max_streams < 0 or args.tokens_per_minute < 0:
         raise SlotmeshError("--max-streams / --tokens-per-minute: must be 0 or more")
     token = new_token()
-    print(token, file=sys.stderr)
-    print(json.dumps(entry_for(args.name, token, admin=args.admin,
-                               max_streams=args.max_streams,
-                               tokens_per_minute=args.tokens_per_minute)))
+    entry = entry_for(args.name, token, admin=args.admin, max_streams=args.max_streams,
+                      tokens_per_minute=args.tokens_per_minute)
+    if args.file is None:
+        print(token, file=sys.stderr)
+        print(json.dumps(entry))
+        return 0
+    add_token_entry(args.file, entry)
+    print(f"added {args.name!r} to {args.file}", file=sys.stderr)
+    print(token)
     return 0
 
 

@@ -298,5 +298,21 @@ def write_tokens_file(path: Path, entries: list[dict]) -> None:
     path.write_text(json.dumps({"tokens": entries}, indent=2) + "\n")
 
 
+def add_token_entry(path: Path, entry: dict, flag: str = "--file") -> None:
+    """Append an entry to a tokens file (created when missing, owner-only); the file is
+    checked first and replaced atomically, so a router never reads half of it."""
+    entries = []
+    if path.exists():
+        load_tokens(path, flag)  # refuses a file a router would refuse
+        entries = json.loads(path.read_text())["tokens"]
+    if any(e["name"] == entry["name"] for e in entries):
+        raise InvalidRequestError(flag, f"{path} already has a token named {entry['name']!r}")
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"tokens": [*entries, entry]}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def entry_for(name: str, token: str, **limits) -> dict:
     return {"name": name, "sha256": hash_token(token).hex(), **limits}

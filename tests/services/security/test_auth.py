@@ -139,3 +139,22 @@ def test_bad_tokens_files_name_the_flag(tmp_path, doc, message) -> None:
     with pytest.raises(InvalidRequestError, match=message) as e:
         load_tokens(path)
     assert e.value.field == "--auth-tokens-file"
+
+
+def test_token_new_with_file_builds_a_tokens_file_a_router_loads(tmp_path, capsys) -> None:
+    from services.cli.main import main
+    from services.security.auth import hash_token
+
+    path = tmp_path / "tokens.json"
+    assert main(["token", "new", "alice", "--file", str(path), "--max-streams", "2"]) == 0
+    alice = capsys.readouterr().out.strip()
+    assert main(["token", "new", "bob", "--file", str(path), "--admin"]) == 0
+    bob = capsys.readouterr().out.strip()
+    entries = {e.name: e for e in load_tokens(path)}
+    assert set(entries) == {"alice", "bob"} and entries["bob"].admin
+    assert entries["alice"].sha256 == hash_token(alice) and entries["alice"].max_streams == 2
+    assert entries["bob"].sha256 == hash_token(bob)
+    assert os.stat(path).st_mode & 0o077 == 0  # owner-only
+    assert main(["token", "new", "alice", "--file", str(path)]) == 2  # names stay unique
+    assert "already has a token named 'alice'" in capsys.readouterr().err
+    assert len(load_tokens(path)) == 2

@@ -73,8 +73,23 @@ class RpcError(Exception):
         self.message = message
 
     @classmethod
-    def wrap(cls, error: grpc.RpcError) -> RpcError:
-        return cls(error.code(), error.details() or "")
+    def wrap(cls, error: grpc.RpcError, tls: bool | None = None) -> RpcError:
+        """tls: whether the channel used TLS; a connection refused for a TLS mismatch
+        then says what to change (gRPC itself says only "Socket closed")."""
+        details = error.details() or ""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and tls is not None:
+            details += _tls_mismatch_hint(details, tls)
+        return cls(error.code(), details)
+
+
+def _tls_mismatch_hint(details: str, tls: bool) -> str:
+    if not tls and "Socket closed" in details:
+        return (" (a plaintext client reaching a TLS server looks like this: pass tls=True, "
+                "or --tls / --tls-ca CA.pem on the command line)")
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return (" (a TLS client reaching a plaintext server looks like this: leave out "
+                "tls / --tls)")
+    return ""
 
 
 @dataclass(slots=True)
@@ -367,7 +382,7 @@ class Client(_Connections):
             for msg in call:
                 yield chunk_from_pb(msg)
         except grpc.RpcError as e:
-            raise RpcError.wrap(e) from e
+            raise RpcError.wrap(e, tls=self._tls is not None) from e
         finally:
             call.cancel()
 
@@ -381,7 +396,7 @@ class Client(_Connections):
         try:
             return getattr(self._stub, method)(msg, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise RpcError.wrap(e) from e
+            raise RpcError.wrap(e, tls=self._tls is not None) from e
 
     def abort(self, request_id: str) -> bool:
         return self._unary("Abort", common_pb2.AbortRequest(request_id=request_id)).found
@@ -448,7 +463,7 @@ class AsyncClient(_Connections):
             async for msg in call:
                 yield chunk_from_pb(msg)
         except grpc.RpcError as e:
-            raise RpcError.wrap(e) from e
+            raise RpcError.wrap(e, tls=self._tls is not None) from e
         finally:
             call.cancel()
 
@@ -462,7 +477,7 @@ class AsyncClient(_Connections):
         try:
             return await getattr(self._stub, method)(msg, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise RpcError.wrap(e) from e
+            raise RpcError.wrap(e, tls=self._tls is not None) from e
 
     async def abort(self, request_id: str) -> bool:
         resp = await self._unary("Abort", common_pb2.AbortRequest(request_id=request_id))

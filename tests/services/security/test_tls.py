@@ -227,6 +227,7 @@ def test_plaintext_or_a_foreign_ca_cannot_reach_the_router(cluster, tmp_path) ->
     with Client(cluster.router_address, timeout=10) as plain, pytest.raises(RpcError) as e:
         plain.generate(text=PROMPT, max_tokens=2)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "a plaintext client reaching a TLS server" in e.value.message  # says what to do
     other = make_local_pki(tmp_path / "other")
     with Client(cluster.router_address, timeout=10,
                 root_certificates=other.ca.read_bytes()) as foreign, \

@@ -190,8 +190,10 @@ def _worker_parser(sub) -> None:
                    default=default_of(ServerConfig, "max_snapshot_bytes") >> 20,
                    help="largest snapshot this worker imports (default: %(default)s)")
     flags.cluster_key_flag(p, "file with the cluster's secret key (>= 32 bytes, raw or hex): "
-                         "snapshots and prompt-cache entries then carry a MAC under it and "
-                         "are refused without one, and every Worker call needs the "
+                         "snapshots, prompt-cache entries and its registry record then "
+                         "carry a MAC under it (routers use only records that verify), "
+                         "snapshots and cache entries are refused without one, and every "
+                         "Worker call needs the "
                          "cluster credential derived from it or a client certificate "
                          "(--tls-require-client-cert). Unset: a SHA-256 checksum only, "
                          "and without --tls-require-client-cert any caller is served")
@@ -293,8 +295,10 @@ def _router_parser(sub) -> None:
                         "one, within each token's stream and tokens-per-minute limits "
                         "(default: $SLOTMESH_AUTH_TOKENS_FILE; unset: no checks). Peer "
                         "routers are called with $SLOTMESH_TOKEN")
-    flags.cluster_key_flag(p, "the workers' --cluster-key-file: calls to workers carry the "
-                         "cluster credential derived from it (unset: none)")
+    flags.cluster_key_flag(p, "the workers' --cluster-key-file: only worker and router "
+                         "records in Redis signed with it are used, and calls to workers "
+                         "carry the cluster credential derived from it (unset: records "
+                         "are trusted unsigned, no credential is sent)")
     p.set_defaults(func=_cmd_router)
 
 

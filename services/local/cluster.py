@@ -2,13 +2,14 @@
 --redis-url points at one), a router and N workers, each its own process.
 
 LocalCluster is also what the cluster benchmark and the integration tests start, so they
-exercise exactly the processes a user runs. With `tls` (a LocalPki, services/security/local_ca.py)
-every gRPC server serves TLS, workers require the cluster CA's client certificates
-(mutual TLS with the router and with each other), and the Redis it starts serves TLS
-only, to clients with a certificate, as an ACL user whose password travels to the
-children in $SLOTMESH_REDIS_URL, never on a command line. Children run in their own sessions: Ctrl-C
-reaches only this supervisor, which then stops workers (they deregister), the router,
-and Redis last, in that order.
+exercise exactly the processes a user runs. The Redis it starts has an ACL user with a
+random password instead of its default user; the password travels to the children in
+$SLOTMESH_REDIS_URL, never on a command line. With `tls` (a LocalPki,
+services/security/local_ca.py) every gRPC server serves TLS, workers require the cluster
+CA's client certificates (mutual TLS with the router and with each other), and that
+Redis serves TLS only, to clients with a certificate. Children run in their own
+sessions: Ctrl-C reaches only this supervisor, which then stops workers (they
+deregister), the router, and Redis last, in that order.
 """
 
 from __future__ import annotations
@@ -141,14 +142,19 @@ class LocalCluster:
         return ChannelTls.from_files(ca=self.tls.ca, cert=self.tls.client_cert,
                                      key=self.tls.client_key)
 
+    def cluster_key(self) -> bytes | None:
+        """The cluster key (None without one): what a tool reading the registry from
+        Redis verifies records with (services/metadata/signing.py)."""
+        from worker.vocab.integrity import load_key
+
+        return load_key(self.cluster_key_file) if self.cluster_key_file else None
+
     def worker_credential(self) -> tuple[tuple[str, str], ...]:
         """The call metadata a direct caller of these workers sends: the credential
         derived from the cluster key (services/security/cluster_auth.py); none without a key."""
         from services.security.cluster_auth import caller_metadata
-        from worker.vocab.integrity import load_key
 
-        return caller_metadata(load_key(self.cluster_key_file) if self.cluster_key_file
-                               else None)
+        return caller_metadata(self.cluster_key())
 
     def add_router(self, port: int = 0) -> ServiceProcess:
         """Another router replica on the same Redis (any replica serves any client)."""
@@ -221,11 +227,13 @@ class LocalCluster:
 
 
 def _local_redis(install: bool, tls: LocalPki | None) -> RedisServer:
-    """Plain, or with a TLS cluster: TLS only, client certificates required, and an ACL
-    user with a random password instead of the default user."""
+    """Always an ACL user `slotmesh` with a random password instead of the default user
+    (only the processes given $SLOTMESH_REDIS_URL can read or write the registry); with
+    a TLS cluster also TLS only, client certificates required."""
+    user = ("slotmesh", secrets.token_hex(16))
     if tls is None:
-        return RedisServer(install=install)
-    return RedisServer(install=install, user=("slotmesh", secrets.token_hex(16)),
+        return RedisServer(install=install, user=user)
+    return RedisServer(install=install, user=user,
                        tls=RedisServerTls(tls.server_cert, tls.server_key, tls.ca,
                                           auth_clients=True))
 
@@ -245,7 +253,8 @@ def bench_pki(args: argparse.Namespace, directory: str | Path) -> LocalPki | Non
 def add_up_parser(sub, add_model_flags) -> None:
     p = sub.add_parser(
         "up", help="start a local cluster: Redis, a router and N workers",
-        description="Start redis-server on a free loopback port (unless --redis-url is "
+        description="Start redis-server on a free loopback port with an ACL user and a "
+                    "random password (unless --redis-url is "
                     "given; installed with apt-get when missing, if run as root), a router "
                     "and N workers as processes. Prints the router's address; Ctrl-C or "
                     "SIGTERM stops them all cleanly.")
@@ -262,8 +271,8 @@ def add_up_parser(sub, add_model_flags) -> None:
     p.add_argument("--log-dir", type=Path, default=None,
                    help="write each process's log to DIR/NAME.log (default: this terminal)")
     p.add_argument("--cluster-key-file", type=Path, default=None,
-                   help="the key snapshots and prompt-cache entries are authenticated with "
-                        "(default: a throwaway key made for this run)")
+                   help="the key snapshots, prompt-cache entries and registry records are "
+                        "authenticated with (default: a throwaway key made for this run)")
     p.add_argument("--tls", action="store_true",
                    help="secure the cluster with a throwaway CA made for this run: TLS on "
                         "the router, the workers and Redis, mutual TLS between router and "

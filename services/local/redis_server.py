@@ -6,8 +6,9 @@ allows it and runs as root; otherwise a SlotmeshError says how to install it.
 
 With `tls` it serves TLS only (`--port 0 --tls-port N`; Debian's redis-server is built
 with TLS), and with `tls.auth_clients` it also requires client certificates. With an
-ACL `user` (name, password) the default user is switched off; the password goes into a
-config file readable by this user only, not onto redis-server's command line.
+ACL `user` (name, password) the default user is switched off. Passwords (the user's, or
+the default user's `password`) go into a config file readable by this user only, not
+onto redis-server's command line.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class RedisServer:
         """Settings with secrets, in a file only this user can read."""
         path = Path(self._dir.name) / "redis.conf"
         path.touch(mode=0o600)
-        lines = []
+        lines = [f"requirepass {self.password}"] if self.password else []
         if self.user:
             name, password = self.user
             lines = ["user default off", f"user {name} on >{password} ~* &* +@all"]
@@ -114,8 +115,7 @@ class RedisServer:
         cmd = [self.binary, str(self._config_file()), *self._listen_flags(),
                "--bind", "127.0.0.1",
                "--save", "", "--appendonly", "no", "--dir", self._dir.name,
-               "--logfile", "", "--loglevel", "notice",
-               *(["--requirepass", self.password] if self.password else [])]
+               "--logfile", "", "--loglevel", "notice"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self._wait_ready(timeout_s)

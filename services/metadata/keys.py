@@ -18,6 +18,9 @@ hash tag keeps one layout's keys in one Redis Cluster slot, as its scripts need:
     slotmesh:{pc:LAYOUT}:sizes        HASH, entry key → payload bytes
     slotmesh:{pc:LAYOUT}:bytes        STRING, sum of the sizes: what the budget limits
 
+With a cluster key, worker and router records also carry `expires_ms` and an HMAC
+(services/metadata/signing.py); readers ignore records that do not verify.
+
 A worker (or router) whose key has expired is dead even if its id is still in the set;
 readers prune such ids. Sequence and prefix keys carry a TTL too, so a crashed router
 leaks nothing for long.

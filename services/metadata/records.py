@@ -57,18 +57,28 @@ class SequenceRecord:
     seed: int  # the seed the worker samples with (failover replays with it)
 
 
+def to_dict(record: Any) -> dict[str, Any]:
+    return dataclasses.asdict(record)
+
+
 def encode(record: Any) -> str:
-    return json.dumps(dataclasses.asdict(record), separators=(",", ":"), sort_keys=True)
+    return json.dumps(to_dict(record), separators=(",", ":"), sort_keys=True)
 
 
-def decode(cls: type[T], raw: bytes | str) -> T:
-    """Parse and type-check one record; raise CorruptRecordError on any mismatch."""
+def parse_object(cls: type, raw: bytes | str) -> dict[str, Any]:
+    """The JSON object of one stored value; CorruptRecordError if it is not one."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptRecordError(f"{cls.__name__}: not JSON ({e})") from e
     if not isinstance(data, dict):
         raise CorruptRecordError(f"{cls.__name__}: not a JSON object")
+    return data
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Type-check one record's fields (others are ignored); CorruptRecordError on any
+    mismatch."""
     values = {}
     for f in dataclasses.fields(cls):
         value = data.get(f.name)
@@ -78,6 +88,11 @@ def decode(cls: type[T], raw: bytes | str) -> T:
                                      f"got {type(value).__name__}")
         values[f.name] = value
     return cls(**values)
+
+
+def decode(cls: type[T], raw: bytes | str) -> T:
+    """Parse and type-check one record; raise CorruptRecordError on any mismatch."""
+    return from_dict(cls, parse_object(cls, raw))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

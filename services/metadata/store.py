@@ -8,6 +8,7 @@ surfaces as StoreUnavailableError.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 import urllib.parse
@@ -20,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from services.metadata import keys
+from services.metadata import keys, signing
 from services.metadata.records import (
     CorruptRecordError,
     RouterRecord,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_MAX_LOGGED_UNVERIFIED = 1000
 
 # Shared by the prompt-cache scripts: KEYS[1..3] are the layout's index, sizes, bytes.
 _DROP = """
@@ -124,11 +126,19 @@ def redact_url(url: str) -> str:
 class RedisStore:
     """`url`: redis:// or rediss:// (TLS), with an optional user and password (Redis
     ACLs) that never reach a log line; `tls`: the CA and client certificate of a
-    rediss:// URL (services/security/tls.py)."""
+    rediss:// URL (services/security/tls.py); `cluster_key`: worker and router records
+    are signed with it and read only when they verify (services/metadata/signing.py).
 
-    def __init__(self, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None
-                 ) -> None:
+    num_unverified counts, by kind ("worker", "router"), the records a listing skipped
+    because they did not verify; each such Redis key is logged once per reason.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None,
+                 cluster_key: bytes | None = None) -> None:
         self.url = redact_url(url)  # the password never reaches a log line
+        self._cluster_key = cluster_key
+        self.num_unverified: collections.Counter[str] = collections.Counter()
+        self._logged_unverified: set[tuple[str, str]] = set()
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
@@ -137,10 +147,10 @@ class RedisStore:
         self._delete = self._redis.register_script(_DELETE)
 
     @classmethod
-    async def connect(cls, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None
-                      ) -> RedisStore:
+    async def connect(cls, url: str, *, timeout_s: float = 1.0, tls: RedisTls | None = None,
+                      cluster_key: bytes | None = None) -> RedisStore:
         """Open and ping; a store that cannot be reached now is a startup error."""
-        store = cls(url, timeout_s=timeout_s, tls=tls)
+        store = cls(url, timeout_s=timeout_s, tls=tls, cluster_key=cluster_key)
         try:
             await store.ping()
         except StoreUnavailableError:
@@ -167,16 +177,20 @@ class RedisStore:
         """Write (or renew) a worker's record with an expiry; every heartbeat calls this,
         so the registry rebuilds itself after Redis restarts empty."""
         await self._register(keys.WORKERS, keys.worker(record.worker_id), record.worker_id,
-                             encode(record), ttl_s)
+                             record, ttl_s)
 
     async def deregister_worker(self, worker_id: str) -> None:
         await self._deregister(keys.WORKERS, keys.worker(worker_id), worker_id)
 
-    async def _register(self, members: str, key: str, member_id: str, value: str,
-                        ttl_s: float) -> None:
-        """One registry entry: its expiring key and its id in the members set."""
+    async def _register(self, members: str, key: str, member_id: str,
+                        record: WorkerRecord | RouterRecord, ttl_s: float) -> None:
+        """One registry entry: its expiring key (the record, signed under the cluster
+        key) and its id in the members set."""
+        ttl_ms = int(ttl_s * 1000)
+        value = signing.sign(record, key=self._cluster_key, redis_key=key,
+                             expires_ms=now_ms() + ttl_ms)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(key, value, px=int(ttl_s * 1000))
+        pipe.set(key, value, px=ttl_ms)
         pipe.sadd(members, member_id)
         await self._call(f"register {member_id}", pipe.execute)
 
@@ -188,11 +202,12 @@ class RedisStore:
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Live workers (key not expired), by id. Ids whose key expired are pruned."""
-        return await self._list_live(WorkerRecord, keys.WORKERS, keys.worker)
+        return await self._list_live(WorkerRecord, "worker", keys.WORKERS, keys.worker)
 
-    async def _list_live(self, cls: type[T], members: str, key: Callable[[str], str]
-                         ) -> list[T]:
-        """The records of a registry set whose keys have not expired; prunes the rest."""
+    async def _list_live(self, cls: type[T], kind: str, members: str,
+                         key: Callable[[str], str]) -> list[T]:
+        """The records of a registry set whose keys have not expired and that verify;
+        prunes the ids of expired keys."""
         what = f"list {cls.__name__}s"
         ids = sorted(m.decode() for m in await self._call(
             what, lambda: self._redis.smembers(members)))
@@ -205,7 +220,10 @@ class RedisStore:
                 dead.append(member_id)
                 continue
             try:
-                records.append(decode(cls, raw))
+                records.append(signing.verify(cls, raw, key=self._cluster_key,
+                                              redis_key=key(member_id), now_ms=now_ms()))
+            except signing.UnverifiedRecordError as e:
+                self._unverified(kind, key(member_id), e.reason)
             except CorruptRecordError as e:
                 log.warning("ignoring %s %r: %s", cls.__name__, member_id, e)
         if dead:
@@ -263,14 +281,26 @@ class RedisStore:
 
     async def register_router(self, record: RouterRecord, ttl_s: float) -> None:
         await self._register(keys.ROUTERS, keys.router(record.router_id), record.router_id,
-                             encode(record), ttl_s)
+                             record, ttl_s)
 
     async def deregister_router(self, router_id: str) -> None:
         await self._deregister(keys.ROUTERS, keys.router(router_id), router_id)
 
     async def list_routers(self) -> list[RouterRecord]:
         """Live routers (key not expired), by id."""
-        return await self._list_live(RouterRecord, keys.ROUTERS, keys.router)
+        return await self._list_live(RouterRecord, "router", keys.ROUTERS, keys.router)
+
+    def _unverified(self, kind: str, redis_key: str, reason: str) -> None:
+        """Count a record that did not verify; log it once per key and reason (a planted
+        record is seen on every poll)."""
+        self.num_unverified[kind] += 1
+        if (redis_key, reason) in self._logged_unverified:
+            return
+        if len(self._logged_unverified) >= _MAX_LOGGED_UNVERIFIED:
+            self._logged_unverified.clear()  # bounded, whatever is written into Redis
+        self._logged_unverified.add((redis_key, reason))
+        log.warning("ignoring %s record %r: %s (Redis is not trusted: only records that "
+                    "verify under the cluster key are used)", kind, redis_key[:200], reason)
 
     # -- the cluster-wide prompt cache -----------------------------------------------------
 

@@ -4,6 +4,9 @@ Refreshed from Redis every `poll_s`. While Redis is unreachable the last copy st
 use (a warning is logged once), so routing survives a Redis blip; the first successful
 poll afterwards replaces it. A worker the router could not reach is excluded locally for
 one heartbeat expiry, long enough for its registry key to lapse if it is really gone.
+Only records that verify under the cluster key are listed (the store checks them,
+services/metadata/signing.py), so every address here, and only these, gets the worker
+credential.
 """
 
 from __future__ import annotations

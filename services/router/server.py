@@ -461,7 +461,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> int:
     """Run the router until SIGTERM/SIGINT; return the process exit code."""
     # unreachable at start: an error
-    store = await RedisStore.connect(config.redis_url, tls=config.redis_tls)
+    store = await RedisStore.connect(config.redis_url, tls=config.redis_tls,
+                                     cluster_key=config.cluster_key)
     registry = WorkerRegistry(store, config.registry_poll_s)
     writer = MetadataWriter(store, sequence_ttl_s=config.sequence_ttl_s,
                             prefix_ttl_s=config.prefix_ttl_s)
@@ -472,7 +473,8 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     address = config.advertise_address or f"{config.host}:{port}"
     peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s, config.peer_token,
                         tls=rpc.dial_tls(config.tls))
-    metrics = RouterMetrics(lambda: len(registry.routable()), lambda: writer.num_pending)
+    metrics = RouterMetrics(lambda: len(registry.routable()), lambda: writer.num_pending,
+                            lambda: store.num_unverified)
     policy = policy or PrefixAffinity(LeastLoaded(), config.max_load_imbalance)
     service = RouterService(config, router_id, store, registry, writer, policy, metrics,
                             peers)

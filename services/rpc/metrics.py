@@ -8,10 +8,11 @@ arrival to its chunks, the router from the client's request to the chunks it rel
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -147,8 +148,12 @@ def _usage(load) -> float:
 
 
 class RouterMetrics:
+    """num_unverified: registry records skipped because they did not verify under the
+    cluster key, by kind (the store's RedisStore.num_unverified)."""
+
     def __init__(self, num_workers: Callable[[], int],
-                 num_metadata_pending: Callable[[], int] = lambda: 0) -> None:
+                 num_metadata_pending: Callable[[], int] = lambda: 0,
+                 num_unverified: Callable[[], Mapping[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = LatencyHistograms.create(r, "slotmesh_router")
@@ -179,6 +184,28 @@ class RouterMetrics:
         self.failovers = Counter("slotmesh_router_failovers",
                                  "Streams continued on another worker after theirs died",
                                  registry=r)
+        r.register(_KindCounts("slotmesh_router_unverified_records",
+                               "Worker and router records in Redis ignored because they "
+                               "did not verify under the cluster key (planted, altered, "
+                               "moved, expired), per poll that saw them",
+                               ("worker", "router"), num_unverified))
+
+
+class _KindCounts:
+    """A Prometheus counter read from a `{kind: count}` mapping another object keeps
+    (every kind in `kinds` is shown, 0 until counted)."""
+
+    def __init__(self, name: str, documentation: str, kinds: tuple[str, ...],
+                 counts: Callable[[], Mapping[str, int]]) -> None:
+        self.name, self.documentation, self.kinds, self.counts = (name, documentation,
+                                                                   kinds, counts)
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=["kind"])
+        counts = self.counts()
+        for kind in sorted({*self.kinds, *counts}):
+            family.add_metric([kind], counts.get(kind, 0))
+        yield family
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:

@@ -201,7 +201,7 @@ class Chaos:
         from services.metadata.store import RedisStore, StoreUnavailableError
 
         t0 = time.monotonic()
-        store = RedisStore(self.cluster.redis_url)
+        store = RedisStore(self.cluster.redis_url, cluster_key=self.cluster.cluster_key())
         try:
             while time.monotonic() - t0 < timeout_s:
                 with contextlib.suppress(StoreUnavailableError):

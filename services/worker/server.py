@@ -319,7 +319,7 @@ class Heartbeat:
 async def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
     """Run the worker until SIGTERM/SIGINT; return the process exit code."""
     store = await RedisStore.connect(config.redis_url,  # fail fast, before loading
-                                     tls=config.redis_tls)
+                                     tls=config.redis_tls, cluster_key=config.cluster_key)
     try:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
         return await _serve_engine(AsyncEngine(engine, min_step_s=config.min_step_s),

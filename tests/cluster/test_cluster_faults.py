@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import grpc
 import pytest
@@ -129,6 +130,11 @@ def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> 
         redis_url = next(ln.split()[1] for ln in out.seen if ln.startswith("redis"))
         assert main(["generate", "--router", router, "hello", "--temperature", "0",
                      "--max-tokens", "3"]) == 0
+        assert redis_url.startswith("redis://slotmesh:***@")  # an ACL user, masked
+        anonymous = redis.Redis(host="127.0.0.1", port=urllib.parse.urlsplit(redis_url).port)
+        with pytest.raises(redis.AuthenticationError, match=r"NOAUTH|authenticated"):
+            anonymous.ping()
+        anonymous.close()
         up.send_signal(subprocess.signal.SIGINT)
         assert up.wait(60) == 0
     finally:

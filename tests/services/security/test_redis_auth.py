@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,43 @@ def test_a_wrong_password_fails_without_revealing_it(redis_with_password) -> Non
                          text=True, timeout=60)
     assert out.returncode == 2
     assert "not-the-password" not in out.stderr and "unavailable" in out.stderr
+
+
+def test_slotmesh_up_redis_refuses_unauthenticated_clients() -> None:
+    """The Redis `slotmesh up` starts (LocalCluster's, even without --tls) has only an
+    ACL user with a random password: a client without it can neither read nor write,
+    the default user is off, and the password is on no command line."""
+    import redis
+
+    from services.local.cluster import LocalCluster
+
+    cluster = LocalCluster(worker_args=[], num_workers=1)
+    server = cluster.redis
+    server.start()
+    try:
+        url = cluster.redis_url
+        assert url.startswith("redis://slotmesh:") and "@127.0.0.1:" in url
+        password = url.split("@")[0].rsplit(":", 1)[1]
+        assert len(password) >= 32
+        anonymous = redis.Redis(host="127.0.0.1", port=server.port)
+        for op in (anonymous.ping, lambda: anonymous.get("slotmesh:workers"),
+                   lambda: anonymous.set("slotmesh:worker:evil", "{}")):
+            with pytest.raises(redis.exceptions.AuthenticationError,
+                               match=r"NOAUTH|authenticated"):
+                op()
+        for user, pw in (("default", ""), ("default", "x"), ("slotmesh", "wrong")):
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                redis.Redis(host="127.0.0.1", port=server.port, username=user,
+                            password=pw).ping()
+        anonymous.close()
+        with redis.Redis.from_url(url) as user:
+            assert user.set("slotmesh:probe", "1") and user.get("slotmesh:probe") == b"1"
+        cmdline = (Path("/proc") / str(server.proc.pid) / "cmdline").read_bytes()
+        assert password.encode() not in cmdline
+    finally:
+        server.close()
+
+
+def test_a_password_stays_off_the_command_line(redis_with_password) -> None:
+    cmdline = (Path("/proc") / str(redis_with_password.proc.pid) / "cmdline").read_bytes()
+    assert PASSWORD.encode() not in cmdline

@@ -159,7 +159,7 @@ def test_redis_over_tls_with_an_acl_user(cluster) -> None:
                    key_file=str(pki.client_key))
 
     async def routers(url: str, tls: RedisTls | None) -> list:
-        store = await RedisStore.connect(url, tls=tls)
+        store = await RedisStore.connect(url, tls=tls, cluster_key=cluster.cluster_key())
         try:
             return await store.list_routers()
         finally:

@@ -67,6 +67,15 @@ def scrape(metrics_address: str) -> str:
         return r.read().decode()
 
 
+def metric_sample(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples named `name` whose labels include `labels` (others may follow)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
 def metric_value(text: str, name: str) -> float:
     """Sum of a metric's samples named exactly `name` (any labels)."""
     total = 0.0

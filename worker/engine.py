@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,9 @@ class EngineLoad:
     num_prefix_query_tokens: int
     num_prefix_hit_tokens: int
     num_restored_tokens: int  # of the hits: installed from the cluster-wide prompt cache
+    num_prompt_tokens: int  # of every request queued (cached ones included)
+    num_generation_tokens: int  # sampled
+    num_preemptions: int
 
 
 @dataclass(slots=True)
@@ -116,6 +120,7 @@ class LLMEngine:
         self.checkpoints = Checkpointer(self.kv, checkpoints)
         self._outputs: dict[str, _Output] = {}
         self._arrivals = 0
+        self._num_prompt_tokens = self._num_generation_tokens = 0  # monotonic, for metrics
         if config.warmup:
             warmup(self.runner, config.scheduler, self.max_model_len)
 
@@ -180,6 +185,7 @@ class LLMEngine:
         state = self._output_state(seq, resume.emitted_chars if resume is not None else 0)
         self._queue(seq, restore)
         self._arrivals += 1
+        self._num_prompt_tokens += len(prompt_token_ids)
         self._outputs[request_id] = state
         return seq
 
@@ -303,6 +309,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        now = time.monotonic()
+        for item in out.scheduled:
+            if item.seq.queue_time_s is None:
+                item.seq.queue_time_s = now - item.seq.arrival_time
         failed: list[TokenChunk] = []
         try:
             results = self.runner.execute(out)
@@ -314,6 +324,7 @@ class LLMEngine:
                           len(out.scheduled))
             out, results, failed = self._redo_alone(out)
         events = self.scheduler.update(out, [r.token_id for r in results])
+        self._num_generation_tokens += len(events)
         chunks = [self._postprocess(ev.seq, ev.token_id, r) for ev, r in zip(events, results,
                                                                               strict=True)]
         self.checkpoints.after_step(out)
@@ -375,6 +386,7 @@ class LLMEngine:
             top_logprobs=(tuple(result.top_logprobs),) if want_lp else (),
             seed=seq.seed if first else None,
             num_cached_tokens=seq.num_cached_tokens if first else None,
+            queue_time_s=seq.queue_time_s if first else None,
         )
 
     # -- conveniences ----------------------------------------------------------------------
@@ -405,6 +417,9 @@ class LLMEngine:
             num_prefix_query_tokens=sched.num_prefix_query_tokens,
             num_prefix_hit_tokens=sched.num_prefix_hit_tokens,
             num_restored_tokens=self.checkpoints.num_restored_tokens,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+            num_preemptions=sched.num_preemptions,
         )
 
     def info(self) -> dict:

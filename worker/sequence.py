@@ -6,6 +6,7 @@ Plain Python (no torch): the scheduler and the block manager work on these.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from worker.vocab.sampling_params import SamplingParams
@@ -64,6 +65,8 @@ class Sequence:
     block_tables: list[list[int]] = field(default_factory=list)
     slot: int | None = None
     error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    queue_time_s: float | None = None  # arrival to its first step, once it had one
 
     @property
     def num_tokens(self) -> int:

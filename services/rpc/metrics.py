@@ -11,12 +11,24 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+# Counters show only NAME_total: the NAME_created series every counter and histogram would
+# also carry doubles what dashboards scan and means nothing to rate()
+disable_created_metrics()
 
 
 @dataclass(slots=True)
@@ -66,11 +78,30 @@ class StreamTimer:
 
 
 class WorkerMetrics:
-    def __init__(self, load: Callable[[], object]) -> None:
-        """`load()` returns the engine's EngineLoad; gauges read it at scrape time."""
+    def __init__(self, load: Callable[[], object], model_name: str = "",
+                 info: Mapping[str, str] | None = None) -> None:
+        """`load()` returns the engine's EngineLoad; gauges and the engine's counters read
+        it at scrape time. model_name labels the token counters and request histograms
+        (vLLM's `model_name`); `info` becomes the labels of slotmesh_worker_info."""
         self.registry = CollectorRegistry()
         self.latency = LatencyHistograms.create(self.registry, "slotmesh_worker")
         r = self.registry
+        Gauge("slotmesh_worker_info", "Always 1; the labels say what this worker serves",
+              ["model_name", *sorted(info or {})], registry=r).labels(
+            model_name, *(v for _k, v in sorted((info or {}).items()))).set(1)
+        r.register(_EngineCounters(load, model_name))
+        per_model = {"labelnames": ["model_name"], "registry": r}
+        self.queue_time = Histogram(
+            "slotmesh_worker_request_queue_time_seconds",
+            "Request arrival to its first engine step", buckets=_TTFT_BUCKETS, **per_model
+        ).labels(model_name)
+        self.request_prompt_tokens = Histogram(
+            "slotmesh_worker_request_prompt_tokens", "Prompt tokens per request",
+            buckets=_LENGTH_BUCKETS, **per_model).labels(model_name)
+        self.request_generation_tokens = Histogram(
+            "slotmesh_worker_request_generation_tokens",
+            "Tokens generated per request (this worker's part of it)",
+            buckets=_LENGTH_BUCKETS, **per_model).labels(model_name)
         for name, doc, attr in (
             ("slotmesh_worker_running_sequences", "Sequences in a slot", "num_running"),
             ("slotmesh_worker_waiting_sequences", "Sequences queued for a slot",
@@ -83,13 +114,6 @@ class WorkerMetrics:
                 lambda attr=attr: getattr(load(), attr))
         Gauge("slotmesh_worker_kv_usage_ratio", "Fraction of KV blocks in use",
               registry=r).set_function(lambda: _usage(load()))
-        # counters that the engine keeps; exposed as gauges of a monotonic value
-        Gauge("slotmesh_worker_prefix_cache_queries_tokens",
-              "Prompt tokens looked up in the prefix cache (monotonic)",
-              registry=r).set_function(lambda: load().num_prefix_query_tokens)
-        Gauge("slotmesh_worker_prefix_cache_hits_tokens",
-              "Prompt tokens found in the prefix cache (monotonic)",
-              registry=r).set_function(lambda: load().num_prefix_hit_tokens)
         self.requests = Counter("slotmesh_worker_requests", "Requests by finish reason",
                                 ["finish_reason"], registry=r)
         self.snapshot_bytes = Counter("slotmesh_worker_snapshot_bytes",
@@ -97,13 +121,41 @@ class WorkerMetrics:
                                       ["direction"], registry=r)
         self.imports = Counter("slotmesh_worker_imported_sequences",
                                "Sequences imported from a peer or a file", registry=r)
-        saved = Gauge("slotmesh_worker_prompt_tokens_saved",
-                      "Prompt tokens not computed thanks to a cache, by where the KV came "
-                      "from (monotonic)", ["source"], registry=r)
-        saved.labels("local").set_function(
-            lambda: load().num_prefix_hit_tokens - load().num_restored_tokens)
-        saved.labels("redis").set_function(lambda: load().num_restored_tokens)
         self.prompt_cache = PromptCacheMetrics.create(r)
+
+
+class _EngineCounters:
+    """The counters the engine keeps (monotonic over its life), read at scrape time, so
+    Prometheus' rate() and increase() see a counter reset when a worker restarts."""
+
+    def __init__(self, load: Callable[[], object], model_name: str) -> None:
+        self.load, self.model_name = load, model_name
+
+    def collect(self):
+        load, model = self.load(), [self.model_name]
+
+        def counter(name: str, doc: str, value: int, labels=(), label_values=()):
+            family = CounterMetricFamily(name, doc, labels=[*labels, "model_name"])
+            family.add_metric([*label_values, *model], value)
+            return family
+
+        yield counter("slotmesh_worker_prompt_tokens", "Prompt tokens of the requests "
+                      "queued (cached ones included; vLLM's prompt_tokens)",
+                      load.num_prompt_tokens)
+        yield counter("slotmesh_worker_generation_tokens", "Tokens generated",
+                      load.num_generation_tokens)
+        yield counter("slotmesh_worker_num_preemptions", "Sequences preempted (their KV "
+                      "given back, recomputed later)", load.num_preemptions)
+        yield counter("slotmesh_worker_prefix_cache_queries_tokens",
+                      "Prompt tokens looked up in the prefix cache", load.num_prefix_query_tokens)
+        yield counter("slotmesh_worker_prefix_cache_hits_tokens",
+                      "Prompt tokens found in the prefix cache", load.num_prefix_hit_tokens)
+        saved = CounterMetricFamily("slotmesh_worker_prompt_tokens_saved",
+                                    "Prompt tokens not computed thanks to a cache, by where "
+                                    "the KV came from", labels=["source", "model_name"])
+        saved.add_metric(["local", *model], load.num_prefix_hit_tokens - load.num_restored_tokens)
+        saved.add_metric(["redis", *model], load.num_restored_tokens)
+        yield saved
 
 
 @dataclass(slots=True)

@@ -102,11 +102,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _relay(self, stream, first: dict | None):
         """Engine chunks → responses; `first` fields go on the first one (if any)."""
         timer = StreamTimer(self.metrics.latency)
-        finish_reason = "cancelled"
+        finish_reason, num_generated = "cancelled", 0
+        num_prompt_tokens = first.get("num_prompt_tokens") if first is not None else None
         async with contextlib.aclosing(stream):
             try:
                 async for chunk in stream:
                     timer.on_tokens(len(chunk.token_ids))
+                    num_generated += len(chunk.token_ids)
+                    if chunk.queue_time_s is not None:
+                        self.metrics.queue_time.observe(chunk.queue_time_s)
                     extra = {}
                     if first is not None:
                         extra, first = {**first, "worker_id": self.worker_id}, None
@@ -115,6 +119,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             finally:
                 timer.on_finish()
                 self.metrics.requests.labels(finish_reason).inc()
+                self.metrics.request_generation_tokens.observe(num_generated)
+                if num_prompt_tokens is not None:
+                    self.metrics.request_prompt_tokens.observe(num_prompt_tokens)
 
     async def Abort(self, request, context):
         return common_pb2.AbortResponse(found=await self.aengine.abort(request.request_id))
@@ -333,7 +340,10 @@ async def _serve_engine(aengine: AsyncEngine, store: RedisStore, config: ServerC
     port = rpc.bind(server, config.host, config.port, config.tls)
     address = config.advertise_address or f"{config.host}:{port}"
     worker_id = config.worker_id or f"{socket.gethostname()}-{port}"
-    metrics = WorkerMetrics(aengine.engine.load)
+    info = aengine.engine.info()
+    metrics = WorkerMetrics(aengine.engine.load, model_name=info["model"],
+                            info={"fingerprint": info["fingerprint"], "dtype": info["dtype"],
+                                  "device": info["device"], "worker_id": worker_id})
     service = WorkerService(aengine, worker_id, address, metrics, config)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health = rpc.add_health_and_reflection(server, [SERVICE_NAME])

@@ -16,6 +16,7 @@ from services.client.clients import AsyncClient, Client, RpcError
 from services.metadata import keys
 from tests.cluster_harness import (
     is_idle,
+    metric_sample,
     metric_value,
     scrape,
     tiny_cluster,
@@ -218,9 +219,54 @@ def test_prometheus_metrics(cluster) -> None:
         for name in ("slotmesh_worker_time_to_first_token_seconds_count",
                      "slotmesh_worker_kv_blocks_free", "slotmesh_worker_running_sequences",
                      "slotmesh_worker_waiting_sequences", "slotmesh_worker_kv_usage_ratio",
-                     "slotmesh_worker_prefix_cache_queries_tokens",
-                     "slotmesh_worker_prefix_cache_hits_tokens"):
+                     "slotmesh_worker_prefix_cache_queries_tokens_total",
+                     "slotmesh_worker_prefix_cache_hits_tokens_total"):
             assert name in text, (w.name, name)
+
+
+# what dashboards rate() or sum(): each must be a counter (vLLM's names in docs/metrics.md)
+WORKER_COUNTERS = ("slotmesh_worker_prompt_tokens", "slotmesh_worker_generation_tokens",
+                   "slotmesh_worker_num_preemptions",
+                   "slotmesh_worker_prefix_cache_queries_tokens",
+                   "slotmesh_worker_prefix_cache_hits_tokens",
+                   "slotmesh_worker_prompt_tokens_saved", "slotmesh_worker_requests")
+WORKER_HISTOGRAMS = ("slotmesh_worker_request_queue_time_seconds",
+                     "slotmesh_worker_request_prompt_tokens",
+                     "slotmesh_worker_request_generation_tokens",
+                     "slotmesh_worker_time_to_first_token_seconds")
+
+
+def test_worker_metrics_have_the_types_names_and_labels_dashboards_expect(cluster) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def families(w):
+        return {f.name: f for f in text_string_to_metric_families(scrape(w.metrics_address))}
+
+    before = {w.name: scrape(w.metrics_address) for w in cluster.workers}
+    with Client(cluster.router_address, timeout=30) as client:
+        done = client.generate(text="count these tokens", max_tokens=6, temperature=0,
+                               ignore_eos=True)
+    worker = next(w for w in cluster.workers if w.name == done.worker_id)
+    after = families(worker)
+    for name in WORKER_COUNTERS:
+        assert after[name].type == "counter", name
+    for name in WORKER_HISTOGRAMS:
+        assert after[name].type == "histogram", name
+    text = scrape(worker.metrics_address)
+    assert "_created" not in text  # no second series per counter
+    [info] = after["slotmesh_worker_info"].samples
+    model = info.labels["model_name"]
+    assert model and info.labels["worker_id"] == worker.name and info.value == 1
+
+    def grew(name: str, **labels) -> float:
+        return (metric_sample(text, name, model_name=model, **labels)
+                - metric_sample(before[worker.name], name, model_name=model, **labels))
+
+    assert grew("slotmesh_worker_generation_tokens_total") == 6
+    assert grew("slotmesh_worker_prompt_tokens_total") == done.num_prompt_tokens
+    assert grew("slotmesh_worker_request_queue_time_seconds_count") == 1
+    assert grew("slotmesh_worker_request_generation_tokens_sum") == 6
+    assert grew("slotmesh_worker_request_prompt_tokens_sum") == done.num_prompt_tokens
 
 
 def test_prefix_affinity_sends_a_continuation_to_the_same_worker(cluster) -> None:

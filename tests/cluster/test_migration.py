@@ -17,7 +17,14 @@ from protos.slotmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.client.clients import Client, RpcError
 from services.rpc.plumbing import blocking_channel
 from services.security.cluster_auth import caller_metadata
-from tests.cluster_harness import is_idle, metric_value, scrape, tiny_cluster, wait_until
+from tests.cluster_harness import (
+    is_idle,
+    metric_sample,
+    metric_value,
+    scrape,
+    tiny_cluster,
+    wait_until,
+)
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.cluster  # real Redis and/or server processes
@@ -251,9 +258,7 @@ def live_workers(cluster) -> list:
 
 
 def counter(worker, name: str, **labels) -> float:
-    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    return metric_value(scrape(worker.metrics_address), name + (f"{{{label}}}" if label
-                                                                 else ""))
+    return metric_sample(scrape(worker.metrics_address), name, **labels)
 
 
 def test_prompt_processed_on_one_worker_resumes_on_another(cluster, model_dir) -> None:
@@ -264,11 +269,11 @@ def test_prompt_processed_on_one_worker_resumes_on_another(cluster, model_dir) -
     worker_generate(a.address, token_ids=prompt, max_tokens=4, temperature=0.0)
     wait_until(lambda: counter(a, "slotmesh_worker_checkpoint_writes_total",
                                result="written") > written, 20, "A's checkpoint in Redis")
-    saved = counter(b, "slotmesh_worker_prompt_tokens_saved", source="redis")
+    saved = counter(b, "slotmesh_worker_prompt_tokens_saved_total", source="redis")
     done = worker_generate(b.address, token_ids=continued, max_tokens=8, temperature=0.0,
                            ignore_eos=True)
     assert done.num_cached_tokens == len(prompt)  # B computed only the 16 new tokens
-    assert counter(b, "slotmesh_worker_prompt_tokens_saved", source="redis") == \
+    assert counter(b, "slotmesh_worker_prompt_tokens_saved_total", source="redis") == \
         saved + len(prompt)
     assert done.token_ids == cold_tokens(model_dir, continued, 8)
 

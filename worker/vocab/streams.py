@@ -22,9 +22,10 @@ class Resume:
 class TokenChunk:
     """The one output type, from the engine step to the client: what one step produced
     for one request. finish_reason is set on the last chunk. The engine fills the first
-    five fields and, on a sequence's first chunk, seed and num_cached_tokens; the worker's
-    edge adds num_prompt_tokens, num_resumed_tokens and worker_id to the first chunk it
-    sends (`dataclasses.replace`). Protobuf's zero means "not on this chunk"."""
+    five fields and, on a sequence's first chunk, seed, num_cached_tokens and
+    queue_time_s; the worker's edge adds num_prompt_tokens, num_resumed_tokens and
+    worker_id to the first chunk it sends (`dataclasses.replace`). Protobuf's zero means
+    "not on this chunk"."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -35,6 +36,7 @@ class TokenChunk:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()  # per token: (id, logprob)
     seed: int | None = None  # on a sequence's first chunk: the seed it samples with
     num_cached_tokens: int | None = None  # on the first chunk: prompt tokens not computed
+    queue_time_s: float | None = None  # on the first chunk: arrival to its first step
     num_prompt_tokens: int = 0
     num_resumed_tokens: int = 0
     worker_id: str = ""

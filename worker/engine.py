@@ -121,8 +121,9 @@ class LLMEngine:
         self._outputs: dict[str, _Output] = {}
         self._arrivals = 0
         self._num_prompt_tokens = self._num_generation_tokens = 0  # monotonic, for metrics
+        self.warmup_s = 0.0  # what the warmup took (0 when config.warmup is off)
         if config.warmup:
-            warmup(self.runner, config.scheduler, self.max_model_len)
+            self.warmup_s = warmup(self.runner, config.scheduler, self.max_model_len)
 
     # -- requests ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from services.cli import flags
@@ -71,6 +72,11 @@ def _generate_parser(sub) -> None:
                    help="wrap the prompt as a user message in the model's chat template")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text, token_ids, finish_reason")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the warmup steps (the first tokens come slower, but sooner "
+                        "for one short request)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (they are shown only on a terminal)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -93,6 +99,13 @@ def _sampling(args: argparse.Namespace) -> dict:
             "ignore_eos": args.ignore_eos, "logprobs": args.logprobs}
 
 
+def _progress_printer(quiet: bool):
+    """A line on stderr per stage of a wait, when stderr is a terminal and not --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return lambda line: None
+    return lambda line: print(f"slotmesh: {line}", file=sys.stderr, flush=True)
+
+
 def _logprob_entries(chunk) -> list[dict]:
     """Per token of a chunk that carries logprobs: its id, logprob and top alternatives."""
     return [{"token_id": t, "logprob": lp, "top": [[i, v] for i, v in top]}
@@ -106,7 +119,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from worker.engine import LLMEngine
     from worker.vocab.sampling_params import SamplingParams
 
-    engine = LLMEngine(flags.engine_config(args))
+    progress = _progress_printer(args.quiet)
+    progress(f"loading {args.model} (--quiet hides these lines) ...")
+    start = time.perf_counter()
+    config = flags.engine_config(args)
+    engine = LLMEngine(dataclasses.replace(config, warmup=config.warmup and not args.no_warmup))
+    progress(f"ready in {time.perf_counter() - start:.1f}s "
+             f"(warmup {engine.warmup_s:.1f}s{'' if engine.warmup_s else ', skipped'})")
     params = SamplingParams(**_sampling(args))
     if args.chat:
         ids = engine.encode_prompt(messages=[{"role": "user", "content": args.prompt}])

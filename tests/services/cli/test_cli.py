@@ -94,6 +94,26 @@ def test_bad_logit_bias_flag_names_the_format(capsys) -> None:
     assert e.value.code == 2 and "is not ID=BIAS" in capsys.readouterr().err
 
 
+def test_generate_no_warmup_skips_it_and_progress_shows_on_a_terminal(tiny_model_dir, capsys,
+                                                                      monkeypatch) -> None:
+    import sys
+
+    import worker.engine
+
+    def no_warmup(*args):
+        raise AssertionError("--no-warmup ran the warmup")
+
+    monkeypatch.setattr(worker.engine, "warmup", no_warmup)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = ["generate", "x", "--model", str(tiny_model_dir("llama")), "--max-tokens", "2",
+            "--no-warmup", "--json"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "slotmesh: loading" in err and "(warmup 0.0s, skipped)" in err
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_version(capsys) -> None:
     from importlib.metadata import version
 

@@ -200,6 +200,14 @@ def _sidecar(path: Path, digest: str) -> dict:
 def _pip_install(packages: tuple[str, ...], target_dir: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
            "--disable-pip-version-check", "--target", str(target_dir), *packages]
+    if sys.stderr.isatty():  # a person waits: pip's own progress (bytes, rate) on stderr
+        print(f"slotmesh: fetching {', '.join(packages)} with pip ...", file=sys.stderr,
+              flush=True)
+        result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+        if result.returncode != 0:
+            raise ModelLoadError(f"pip install of {', '.join(packages)} failed (its output "
+                                 "is above)")
+        return
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout)[-2000:]

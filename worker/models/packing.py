@@ -71,3 +71,28 @@ def _pack_experts(moe: SparseMoE, fmt: str, device: torch.device) -> None:
     ]
     moe.register_parameter("gate_up_proj", None)
     moe.register_parameter("down_proj", None)
+
+
+def describe_weights(model: DecoderModel) -> str:
+    """What the linears and the embedding table multiply in, for Info and the logs, e.g.
+    "int4 x150, int8 x31 (activations bfloat16); float32 x1": packed formats with the
+    activation dtype their kernels run in, then the weights left dense in the model dtype."""
+    packed: dict[tuple[str, torch.dtype], int] = {}
+    for m in model.modules():
+        weights = [w for pair in getattr(m, "packed_experts", None) or () for w in pair]
+        if getattr(m, "packed", None) is not None:
+            weights.append(m.packed)
+        for w in weights:
+            packed[(w.format, w.compute_dtype)] = packed.get((w.format, w.compute_dtype), 0) + 1
+    dense = sum(1 for m in _packable(model).values() if getattr(m, "weight", None) is not None)
+    dense += sum(1 for m in model.modules()
+                 if isinstance(m, SparseMoE) and m.gate_up_proj is not None)
+    parts = []
+    for act in sorted({a for _f, a in packed}, key=str):
+        formats = ", ".join(f"{f} x{n}" for (f, a), n in sorted(packed.items(), key=str)
+                            if a == act)
+        parts.append(f"{formats} (activations {str(act).removeprefix('torch.')})")
+    if dense:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        parts.append(f"{dtype} x{dense}")
+    return "; ".join(parts)

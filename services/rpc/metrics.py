@@ -148,7 +148,8 @@ def _usage(load) -> float:
 
 class RouterMetrics:
     def __init__(self, num_workers: Callable[[], int],
-                 num_metadata_pending: Callable[[], int] = lambda: 0) -> None:
+                 num_metadata_pending: Callable[[], int] = lambda: 0,
+                 num_registry_polls: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = LatencyHistograms.create(r, "slotmesh_router")
@@ -163,6 +164,11 @@ class RouterMetrics:
                              registry=r)
         self.requests = Counter("slotmesh_router_requests", "Requests by finish reason",
                                 ["finish_reason"], registry=r)
+        # before the workers gauge: a scrape reads the polls first, so a poll that lands
+        # mid-scrape can make it report a routable worker one poll early, never late
+        Gauge("slotmesh_router_registry_polls",
+              "Successful refreshes of the worker registry from Redis (monotonic)",
+              registry=r).set_function(num_registry_polls)
         Gauge("slotmesh_router_workers", "Routable workers",
               registry=r).set_function(num_workers)
         Gauge("slotmesh_router_metadata_pending",

@@ -328,8 +328,11 @@ def _drain_parser(sub) -> None:
         description="Ask a router to drain a worker: it stops routing to it, marks it "
                     "draining (readiness NOT_SERVING) and migrates every sequence on it — "
                     "the ones any router relays — to other workers, returning when they "
-                    "continue there. The defaults come from the same environment the "
-                    "worker reads, so a Kubernetes preStop hook is just `slotmesh drain`. "
+                    "continue there. The drain applies to the worker process running now: "
+                    "a new process under the same id is routed to as soon as it registers; "
+                    "`slotmesh undrain` returns a drained one to routing. The defaults "
+                    "come from the same environment the worker reads, so a Kubernetes "
+                    "preStop hook is just `slotmesh drain`. "
                     "Exit 0 when nothing stayed behind, 1 when some sequences could not "
                     "move (they finish on the worker within its grace period), 2 on error.")
     p.add_argument("--router", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS"),

@@ -6,6 +6,7 @@ the environment, and passes it down.
     slotmesh router     the client-facing router
     slotmesh up         Redis + router + N workers on this machine
     slotmesh drain      move every sequence off a worker (Kubernetes' preStop hook)
+    slotmesh undrain    return a drained worker to routing
     slotmesh fetch-model  put a known model into the cache (a container's init step)
     slotmesh seq        save a running sequence to a file / restore it on a worker
     slotmesh bench      engine / cluster benchmarks
@@ -399,8 +400,11 @@ def _drain_parser(sub) -> None:
         description="Ask a router to drain a worker: it stops routing to it, marks it "
                     "draining (readiness NOT_SERVING) and migrates every sequence on it — "
                     "the ones any router relays — to other workers, returning when they "
-                    "continue there. The defaults come from the same environment the "
-                    "worker reads, so a Kubernetes preStop hook is just `slotmesh drain`. "
+                    "continue there. The drain applies to the worker process running now: "
+                    "a new process under the same id is routed to as soon as it registers; "
+                    "`slotmesh undrain` returns a drained one to routing. The defaults "
+                    "come from the same environment the worker reads, so a Kubernetes "
+                    "preStop hook is just `slotmesh drain`. "
                     "Exit 0 when nothing stayed behind, 1 when some sequences could not "
                     "move (they finish on the worker within its grace period), 2 on error.")
     p.add_argument("--router", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS"),
@@ -428,6 +432,39 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         return 2
     print(f"drained {args.worker_id}: {migrated} migrated, {failed} stayed", flush=True)
     return 0 if failed == 0 else 1
+
+
+def _undrain_parser(sub) -> None:
+    p = _command(
+        sub, "undrain", _cmd_undrain, help="return a drained worker to routing",
+        description="Undo `slotmesh drain`: the worker leaves its draining state "
+                    "(readiness SERVING) and every router routes to it again. A drain "
+                    "applies to one worker process only, so a worker restarted under the "
+                    "same id needs no undrain. Exit 0 when done, 2 on error (NOT_FOUND: "
+                    "no worker has that id).")
+    p.add_argument("worker_id", help="the worker to return to routing")
+    p.add_argument("--router", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="any router of the cluster (default: $SLOTMESH_ROUTER_ADDRESS)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds the call may take (default: 30)")
+    add_tls_flags(p, server=False)
+
+
+def _cmd_undrain(args: argparse.Namespace) -> int:
+    from services.client.clients import Client, RpcError
+
+    if not args.router:
+        raise SlotmeshError("undrain: --router is required (or $SLOTMESH_ROUTER_ADDRESS)")
+    try:
+        with Client(args.router, timeout=args.timeout, tls=flags.client_tls(args)) as client:
+            was_draining = client.undrain(args.worker_id)
+    except RpcError as e:
+        print(f"slotmesh: undrain of {args.worker_id} failed: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.worker_id}: {'returned to routing' if was_draining else 'was not drained'}",
+          flush=True)
+    return 0
 
 
 def _fetch_model_parser(sub) -> None:
@@ -504,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     _router_parser(sub)
     _up_parser(sub)
     _drain_parser(sub)
+    _undrain_parser(sub)
     _token_parser(sub)
     _fetch_model_parser(sub)
     _seq_parser(sub)

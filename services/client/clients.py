@@ -204,6 +204,7 @@ class WorkerSummary:
     kv_blocks_total: int
     attention_backend: str
     version: str
+    instance_id: str  # the worker process (new at every start)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,7 +271,7 @@ def _worker_summary(w: common_pb2.WorkerInfo) -> WorkerSummary:
         worker_id=w.worker_id, address=w.address, model=w.model, fingerprint=w.fingerprint,
         slots=w.slots, num_running=w.load.num_running, num_waiting=w.load.num_waiting,
         kv_blocks_free=w.load.kv_blocks_free, kv_blocks_total=w.load.kv_blocks_total,
-        attention_backend=w.attention_backend, version=w.version)
+        attention_backend=w.attention_backend, version=w.version, instance_id=w.instance_id)
 
 
 def channel_tls(tls: ChannelTls | bool | None, root_certificates: bytes | None
@@ -419,6 +420,11 @@ class Client(_Connections):
         resp = self._unary("Drain", router_pb2.DrainRequest(worker_id=worker_id))
         return resp.num_migrated, resp.num_failed
 
+    def undrain(self, worker_id: str) -> bool:
+        """Return a drained worker to routing; whether it was drained."""
+        return self._unary("Undrain",
+                           router_pb2.UndrainRequest(worker_id=worker_id)).was_draining
+
 
 class AsyncClient(_Connections):
     """The asyncio client; same arguments and methods as Client, awaitable."""
@@ -500,4 +506,8 @@ class AsyncClient(_Connections):
     async def drain(self, worker_id: str) -> tuple[int, int]:
         resp = await self._unary("Drain", router_pb2.DrainRequest(worker_id=worker_id))
         return resp.num_migrated, resp.num_failed
+
+    async def undrain(self, worker_id: str) -> bool:
+        resp = await self._unary("Undrain", router_pb2.UndrainRequest(worker_id=worker_id))
+        return resp.was_draining
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import secrets
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 
 from services.local.process import ServiceProcess, child_env, spawn_service, spawn_services
 from services.local.redis_server import RedisServer, RedisServerTls
+from services.local.supervisor import Child, RestartPolicy, Supervisor
 from services.metadata.store import redact_url
 from services.security.tls import ChannelTls, RedisTls
 from worker.vocab.errors import SlotmeshError
@@ -61,7 +61,7 @@ class LocalCluster:
         self.router: ServiceProcess | None = None
         self.routers: list[ServiceProcess] = []  # the first is `router`; workers drain via it
         self.workers: list[ServiceProcess] = []
-        self._logs: list[IO] = []
+        self._logs: dict[str, IO] = {}  # one per child name, reused by its restarts
         self._next_worker = 0
 
     @property
@@ -72,10 +72,11 @@ class LocalCluster:
     def _log(self, name: str) -> IO | None:
         if self.log_dir is None:
             return None
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.log_dir / f"{name}.log", "a")  # noqa: SIM115 - closed in stop()
-        self._logs.append(f)
-        return f
+        if name not in self._logs:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            path = self.log_dir / f"{name}.log"
+            self._logs[name] = open(path, "a")  # noqa: SIM115 - closed in stop()
+        return self._logs[name]
 
     def _metrics_flag(self) -> list[str]:
         return ["--metrics-port", "0"] if self.metrics else []
@@ -94,9 +95,11 @@ class LocalCluster:
             raise
         return self
 
-    def _worker_spec(self, extra_args: list[str] | None = None) -> tuple:
-        name = f"worker-{self._next_worker}"
-        self._next_worker += 1
+    def _worker_spec(self, extra_args: list[str] | None = None,
+                     name: str | None = None) -> tuple:
+        if name is None:
+            name = f"worker-{self._next_worker}"
+            self._next_worker += 1
         return (name, [
             "worker", "--port", "0", "--worker-id", name,
             "--heartbeat-ttl", str(self.heartbeat_ttl_s), *self._metrics_flag(),
@@ -193,6 +196,39 @@ class LocalCluster:
         self.workers.append(proc)
         return proc
 
+    def restart_worker(self, index: int) -> ServiceProcess:
+        """Start worker `index` again under the same name and worker id (killed first if
+        it still runs): a new process, so a new instance id, on a new free port."""
+        old = self.workers[index]
+        old.kill()
+        name, argv, log = self._worker_spec(name=old.name)
+        proc = spawn_service(name, argv, stderr=log, env=self._env())
+        self.workers[index] = proc
+        return proc
+
+    def supervised(self, policy: RestartPolicy | None = None,
+                   out: IO[str] | None = None) -> Supervisor:
+        """A supervisor (not started) that restarts every child of this cluster that
+        exits: the Redis it started (on its port, empty: workers re-register by
+        heartbeat), each router (on its port) and each worker (same id, new port)."""
+        children = [Child(r.name, lambda i=i: self.routers[i].proc.poll(),
+                          lambda i=i: self.restart_router(i).address)
+                    for i, r in enumerate(self.routers)]
+        children += [Child(w.name, lambda i=i: self.workers[i].proc.poll(),
+                           lambda i=i: self.restart_worker(i).address)
+                     for i, w in enumerate(self.workers)]
+        if self.redis is not None:
+            children.insert(0, Child("redis", self._redis_exit_code, self._restart_redis))
+        return Supervisor(children, policy, out)
+
+    def _redis_exit_code(self) -> int | None:
+        proc = self.redis.proc
+        return 1 if proc is None else proc.poll()  # None: its last start failed
+
+    def _restart_redis(self) -> str:
+        self.redis.restart()
+        return redact_url(self.redis_url)
+
     def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> None:
         """Until the router lists exactly `count` workers (its registry poll catches up)."""
         from services.client.clients import Client
@@ -214,7 +250,7 @@ class LocalCluster:
             codes[r.name] = r.terminate()
         if self.redis is not None:
             self.redis.close()
-        for f in self._logs:
+        for f in self._logs.values():
             f.close()
         self._logs.clear()
         return codes
@@ -256,8 +292,11 @@ def add_up_parser(sub, add_model_flags) -> None:
         description="Start redis-server on a free loopback port with an ACL user and a "
                     "random password (unless --redis-url is "
                     "given; installed with apt-get when missing, if run as root), a router "
-                    "and N workers as processes. Prints the router's address; Ctrl-C or "
-                    "SIGTERM stops them all cleanly.")
+                    "and N workers as processes. Prints the router's address. A process "
+                    "that exits (killed, crashed, or stopped after a drain) is started "
+                    "again after 0.5 s, doubling to 10 s while it keeps failing: a worker "
+                    "under the same id, the router and Redis on their ports. Only Ctrl-C "
+                    "or SIGTERM stops the cluster, cleanly.")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     add_model_flags(p)
     p.add_argument("--port", type=int, default=50051,
@@ -320,10 +359,16 @@ def write_key_file(path: Path) -> Path:
 def _run_up(cluster: LocalCluster, args: argparse.Namespace, stop: threading.Event) -> int:
     print(f"slotmesh up: starting {args.workers} worker(s) on {args.model}…", flush=True)
     cluster.start()
+    supervisor = None
     try:
         _print_cluster(cluster)
-        return _supervise(cluster, stop)
+        supervisor = cluster.supervised().start()
+        while not stop.wait(0.5):  # a timeout: the signal handler runs between waits
+            pass
+        return 0
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         codes = cluster.stop()
         print(f"slotmesh up: stopped ({', '.join(f'{k}={v}' for k, v in codes.items())})",
               flush=True)
@@ -347,15 +392,3 @@ def _print_cluster(cluster: LocalCluster) -> None:
         tls = f"--tls-ca {pki.ca} "
     print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
           f"{tls}\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
-
-
-def _supervise(cluster: LocalCluster, stop: threading.Event) -> int:
-    """Until a signal (exit 0) or a child dies on its own (exit 1)."""
-    procs = [cluster.router, *cluster.workers]
-    while not stop.wait(0.5):
-        for p in procs:
-            if p.proc.poll() is not None:
-                print(f"slotmesh up: {p.name} exited with code {p.proc.returncode}; "
-                      "stopping the cluster", file=sys.stderr, flush=True)
-                return 1
-    return 0

@@ -40,6 +40,7 @@ class WorkerRecord:
     kv_blocks_total: int
     heartbeat_ms: int
     draining: bool
+    instance_id: str  # random per process start: a drain excludes this process only
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,10 +5,10 @@ A stream is relayed by exactly one router (the one the client called); its
 `slotmesh:router:{id}` = its address with an expiring heartbeat (like a worker), so a
 router that receives Migrate for a sequence it does not relay looks up the relaying
 router's address and forwards the call there (one hop, marked `forwarded`), and a
-router that receives Drain drains its own streams and forwards the drain to every other
-live router. The relaying router stays the only one that touches its stream: no
-cross-process locking, no pub/sub, and nothing to clean up when a router dies (its key
-expires and its streams ended with its client connections).
+router that receives Drain (or Undrain) acts on its own streams and exclusions and
+forwards the call to every other live router. The relaying router stays the only one
+that touches its stream: no cross-process locking, no pub/sub, and nothing to clean up
+when a router dies (its key expires and its streams ended with its client connections).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 
 import grpc
 
-from protos.slotmesh.v1 import router_pb2, router_pb2_grpc
+from protos.slotmesh.v1 import router_pb2_grpc
 from services.metadata.records import RouterRecord
 from services.metadata.store import RedisStore, StoreUnavailableError, now_ms
 from services.rpc import plumbing as rpc
@@ -84,24 +84,23 @@ class RouterPeers:
             self._channels[address] = (ch, router_pb2_grpc.RouterStub(ch))
         return self._channels[address][1]
 
-    async def drain_others(self, worker_id: str, timeout_s: float | None
-                           ) -> tuple[int, int]:
-        """Forward a drain to every other live router; (migrated, failed) summed. A peer
-        that cannot be reached is logged: its streams on the worker are not counted (the
-        worker's own SIGTERM wait still covers them)."""
+    async def forward(self, method: str, request, timeout_s: float | None) -> list:
+        """Call `method` (Drain, Undrain: the request marked forwarded) on every other
+        live router at once; their responses. A peer that cannot be reached is logged
+        and left out (for a drain, the worker's own SIGTERM wait still covers its
+        streams)."""
         peers = await self.others()
-        request = router_pb2.DrainRequest(worker_id=worker_id, forwarded=True)
         results = await asyncio.gather(
-            *(self.stub(p.address).Drain(request, timeout=timeout_s) for p in peers),
+            *(getattr(self.stub(p.address), method)(request, timeout=timeout_s)
+              for p in peers),
             return_exceptions=True)
-        migrated = failed = 0
+        answered = []
         for peer, result in zip(peers, results, strict=True):
             if isinstance(result, grpc.aio.AioRpcError):
-                log.warning("drain of %s on router %s failed: %s", worker_id, peer.router_id,
-                            result.details())
+                log.warning("%s of %s on router %s failed: %s", method, request.worker_id,
+                            peer.router_id, result.details())
                 continue
             if isinstance(result, BaseException):
                 raise result
-            migrated += result.num_migrated
-            failed += result.num_failed
-        return migrated, failed
+            answered.append(result)
+        return answered

@@ -184,7 +184,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 return
             except WorkerUnreachableError:
                 log.warning("worker %s unreachable; trying another", worker.worker_id)
-                self.registry.exclude(worker.worker_id, self.config.unreachable_backoff_s)
+                self.registry.exclude(worker, self.config.unreachable_backoff_s)
             except WorkerFullError as e:
                 full = e.error
 
@@ -201,10 +201,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _fail_over(self, stream: RelayedStream, route: RouteRequest, context,
                          reason: str) -> None:
-        lost = stream.worker.worker_id if stream.worker else "?"
+        lost = stream.worker
         log.warning("worker %s lost %s after %d tokens (%s); replaying on another worker",
-                    lost, stream.request_id, stream.num_tokens_emitted, reason)
-        self.registry.exclude(lost, self.config.unreachable_backoff_s)
+                    lost.worker_id if lost else "?", stream.request_id,
+                    stream.num_tokens_emitted, reason)
+        if lost is not None:
+            self.registry.exclude(lost, self.config.unreachable_backoff_s)
         self.metrics.failovers.inc()
         stream.call.cancel()
         await self._open(stream, route, context)  # replays with every token sent so far
@@ -423,21 +425,29 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return chosen.record
 
     async def Drain(self, request, context):
-        worker_id = request.worker_id
-        if not worker_id:
-            raise InvalidRequestError("worker_id", "must not be empty")
-        parts = [self._drain_local(worker_id)]
-        if not request.forwarded:  # every router moves the streams it relays, at once
-            parts.append(self.peers.drain_others(worker_id, context.time_remaining()))
-        counts = await asyncio.gather(*parts)
-        return router_pb2.DrainResponse(num_migrated=sum(m for m, _ in counts),
-                                        num_failed=sum(f for _, f in counts))
+        worker_id = _worker_id(request)
+        record = await self.registry.lookup(worker_id)
+        if record is None and not request.forwarded:
+            raise NotFoundError(f"worker_id: no worker {worker_id!r} in the registry")
+        local = self._drain_local(worker_id, record)
+        if request.forwarded:
+            migrated, failed = await local
+            return router_pb2.DrainResponse(num_migrated=migrated, num_failed=failed)
+        # every router moves the streams it relays, at once
+        forward = router_pb2.DrainRequest(worker_id=worker_id, forwarded=True)
+        (migrated, failed), peers = await asyncio.gather(
+            local, self.peers.forward("Drain", forward, context.time_remaining()))
+        return router_pb2.DrainResponse(
+            num_migrated=migrated + sum(r.num_migrated for r in peers),
+            num_failed=failed + sum(r.num_failed for r in peers))
 
-    async def _drain_local(self, worker_id: str) -> tuple[int, int]:
-        """Stop routing to the worker and migrate every stream this router relays on it."""
-        self.registry.exclude(worker_id, self.config.drain_exclusion_s)
-        record = self.registry.workers.get(worker_id)
+    async def _drain_local(self, worker_id: str, record: WorkerRecord | None
+                           ) -> tuple[int, int]:
+        """Stop routing to the worker's current process and migrate every stream this
+        router relays on it. record None: a forwarded drain of a worker this router's
+        registry does not hold (it may still relay streams there)."""
         if record is not None:
+            self.registry.exclude(record, self.config.drain_exclusion_s)
             with contextlib.suppress(grpc.aio.AioRpcError):  # others learn it from Redis
                 await self._stub(record.address).SetDraining(
                     worker_pb2.SetDrainingRequest(draining=True), timeout=5)
@@ -451,9 +461,38 @@ class RouterService(router_pb2_grpc.RouterServicer):
             log.warning("drain of %s: %s stays: %s", worker_id, request_id, error)
         return len(ids) - len(failed), len(failed)
 
+    async def Undrain(self, request, context):
+        worker_id = _worker_id(request)
+        was_excluded = self.registry.include(worker_id)
+        if request.forwarded:  # the receiving router told the worker already
+            await self.registry.refresh()
+            return router_pb2.UndrainResponse(was_draining=was_excluded)
+        record = await self.registry.lookup(worker_id)
+        if record is None:
+            raise NotFoundError(f"worker_id: no worker {worker_id!r} in the registry")
+        try:  # the worker re-registers without the draining flag before it answers
+            await self._stub(record.address).SetDraining(
+                worker_pb2.SetDrainingRequest(draining=False),
+                timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            raise rpc.UpstreamError.from_rpc(e, f"worker {worker_id}: ") from e
+        await self.registry.refresh()  # routable here now, not at the next poll
+        forward = router_pb2.UndrainRequest(worker_id=worker_id, forwarded=True)
+        peers = await self.peers.forward("Undrain", forward, context.time_remaining())
+        log.info("worker %s returned to routing", worker_id)
+        return router_pb2.UndrainResponse(
+            was_draining=was_excluded or record.draining or any(r.was_draining
+                                                                for r in peers))
+
     async def ListWorkers(self, request, context):
         return router_pb2.ListWorkersResponse(
             workers=[record_to_info(r) for r in self.registry.routable()])
+
+
+def _worker_id(request) -> str:
+    if not request.worker_id:
+        raise InvalidRequestError("worker_id", "must not be empty")
+    return request.worker_id
 
 
 # -- the process -------------------------------------------------------------------------
@@ -474,7 +513,7 @@ async def serve(config: RouterConfig, policy: RoutingPolicy | None = None) -> in
     peers = RouterPeers(store, router_id, address, config.heartbeat_ttl_s, config.peer_token,
                         tls=rpc.dial_tls(config.tls))
     metrics = RouterMetrics(lambda: len(registry.routable()), lambda: writer.num_pending,
-                            lambda: store.num_unverified)
+                            lambda: store.num_unverified, lambda: registry.num_polls)
     policy = policy or PrefixAffinity(LeastLoaded(), config.max_load_imbalance)
     service = RouterService(config, router_id, store, registry, writer, policy, metrics,
                             peers)

@@ -205,7 +205,8 @@ class RouterMetrics:
 
     def __init__(self, num_workers: Callable[[], int],
                  num_metadata_pending: Callable[[], int] = lambda: 0,
-                 num_unverified: Callable[[], Mapping[str, int]] = dict) -> None:
+                 num_unverified: Callable[[], Mapping[str, int]] = dict,
+                 num_registry_polls: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = LatencyHistograms.create(r, "slotmesh_router")
@@ -220,6 +221,11 @@ class RouterMetrics:
                              registry=r)
         self.requests = Counter("slotmesh_router_requests", "Requests by finish reason",
                                 ["finish_reason"], registry=r)
+        # before the workers gauge: a scrape reads the polls first, so a poll that lands
+        # mid-scrape can make it report a routable worker one poll early, never late
+        r.register(_Count("slotmesh_router_registry_polls",
+                          "Successful refreshes of the worker registry from Redis",
+                          num_registry_polls))
         Gauge("slotmesh_router_workers", "Routable workers",
               registry=r).set_function(num_workers)
         Gauge("slotmesh_router_metadata_pending",
@@ -241,6 +247,16 @@ class RouterMetrics:
                                "did not verify under the cluster key (planted, altered, "
                                "moved, expired), per poll that saw them",
                                ("worker", "router"), num_unverified))
+
+
+class _Count:
+    """A Prometheus counter read from a count another object keeps."""
+
+    def __init__(self, name: str, documentation: str, count: Callable[[], int]) -> None:
+        self.name, self.documentation, self.count = name, documentation, count
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.count())
 
 
 class _KindCounts:

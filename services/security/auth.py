@@ -10,7 +10,8 @@ The tokens file (JSON, e.g. a Kubernetes Secret mounted as a file) holds only ha
 stay open for probes):
 
 - no token, or one not in the file: UNAUTHENTICATED, with nothing else said;
-- Migrate, Drain and ListWorkers (operating the cluster) with a token that is not admin:
+- Migrate, Drain, Undrain and ListWorkers (operating the cluster) with a token that is
+  not admin:
   PERMISSION_DENIED;
 - a Generate beyond the token's max_streams concurrent streams, or once its streams got
   tokens_per_minute tokens in the last 60 s: RESOURCE_EXHAUSTED (0 = no limit).
@@ -36,7 +37,7 @@ import grpc
 from worker.vocab.errors import InvalidRequestError
 
 ROUTER_SERVICE = "/slotmesh.v1.Router/"
-ADMIN_METHODS = frozenset({"Migrate", "Drain", "ListWorkers"})
+ADMIN_METHODS = frozenset({"Migrate", "Drain", "Undrain", "ListWorkers"})
 UNAUTHENTICATED = "a valid bearer token is required"
 _WINDOW_S = 60.0
 

@@ -42,7 +42,7 @@ from worker.config import EngineConfig
 from worker.engine import LLMEngine
 from worker.kv_transfer import is_complete
 from worker.snapshot import CHUNK_BYTES, Assembler, Snapshot, decode, iter_chunks
-from worker.vocab.errors import InvalidRequestError, UnavailableError
+from worker.vocab.errors import InvalidRequestError, PreconditionError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.aengine = engine
         self.engine = engine.engine
         self.worker_id = worker_id
+        # new at every process start: routers exclude a drained process by it, so a
+        # restart under the same worker_id (a StatefulSet pod) is routed to at once
+        self.instance_id = uuid.uuid4().hex[:16]
         self.address = address
         self.metrics = metrics
         self.config = config
         self.is_draining = False
+        self.is_stopping = False  # SIGTERM: draining for good (no undrain)
         self.on_draining: Callable[[bool], Awaitable[None]] | None = None
         self.prompt_cache: PromptCache | None = None
 
@@ -231,6 +235,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             yield msg
 
     async def SetDraining(self, request, context):
+        if self.is_stopping and not request.draining:
+            raise PreconditionError(f"worker {self.worker_id} is stopping")
         self.is_draining = request.draining
         if self.on_draining is not None:
             await self.on_draining(request.draining)
@@ -248,7 +254,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             attention_backend=info["attention_backend"], version=slotmesh_version(),
             num_running=load.num_running, num_waiting=load.num_waiting,
             kv_blocks_free=load.kv_blocks_free, kv_blocks_total=load.kv_blocks_total,
-            heartbeat_ms=now_ms(), draining=self.is_draining,
+            heartbeat_ms=now_ms(), draining=self.is_draining, instance_id=self.instance_id,
         )
 
 
@@ -312,7 +318,8 @@ class Heartbeat:
             self.is_registered = False
             return
         if not self.is_registered:
-            log.info("registered as %s at %s", self.service.worker_id, self.service.address)
+            log.info("registered as %s (instance %s) at %s", self.service.worker_id,
+                     self.service.instance_id, self.service.address)
         self.is_registered = True
 
     async def stop(self) -> None:
@@ -396,7 +403,7 @@ async def _drain(service: WorkerService, config: ServerConfig) -> None:
     """SIGTERM: take no new work, ask the router to migrate what runs here (Kubernetes'
     preStop path), then wait for what is left, up to the grace period."""
     deadline = time.monotonic() + config.shutdown_grace_s
-    service.is_draining = True
+    service.is_stopping = service.is_draining = True
     await service.on_draining(True)
     if config.router_address:
         try:

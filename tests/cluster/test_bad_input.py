@@ -221,6 +221,14 @@ def call_cases() -> list[Case]:
              grpc.StatusCode.NOT_FOUND, "request_id:"),
         Case("Drain without a worker", "router", "/slotmesh.v1.Router/Drain",
              r.DrainRequest().SerializeToString(), INVALID, "worker_id:"),
+        Case("Drain of an unknown worker", "router", "/slotmesh.v1.Router/Drain",
+             r.DrainRequest(worker_id="nope").SerializeToString(),
+             grpc.StatusCode.NOT_FOUND, "worker_id: no worker 'nope'"),
+        Case("Undrain without a worker", "router", "/slotmesh.v1.Router/Undrain",
+             r.UndrainRequest().SerializeToString(), INVALID, "worker_id:"),
+        Case("Undrain of an unknown worker", "router", "/slotmesh.v1.Router/Undrain",
+             r.UndrainRequest(worker_id="nope").SerializeToString(),
+             grpc.StatusCode.NOT_FOUND, "worker_id: no worker 'nope'"),
         Case("Export of an unknown id", "worker", "/slotmesh.v1.Worker/ExportSequence",
              w.ExportSequenceRequest(request_id="nope", kind=1).SerializeToString(),
              grpc.StatusCode.NOT_FOUND, "request_id:"),
@@ -376,7 +384,7 @@ def background(cluster):
 
 
 CASES = [*field_cases(), *wire_cases(), *call_cases()]
-UNARY = ("Abort", "GetSequence", "Migrate", "Drain", "CommitExport")
+UNARY = ("Abort", "GetSequence", "Migrate", "Drain", "Undrain", "CommitExport")
 # room to send what the servers must refuse (their limit is services/rpc/plumbing.py's 16 MiB)
 OVERSIZE_OPTIONS = (("grpc.max_send_message_length", 64 << 20),)
 

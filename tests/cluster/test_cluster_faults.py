@@ -3,10 +3,13 @@ cleanly or killed, Redis stopped and restarted under load."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 import grpc
 import pytest
@@ -114,20 +117,30 @@ def test_redis_outage_under_load(model_dir, tmp_path) -> None:
         rdb.close()
 
 
-def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> None:
+def test_slotmesh_up_restarts_a_killed_worker_and_stops_only_on_sigint(model_dir,
+                                                                       tmp_path) -> None:
+    """The real command: kill -9 of a worker does not stop the cluster; `up` logs the
+    exit, starts the worker again under its id and keeps serving; SIGINT stops every
+    process cleanly (the restarted worker included) and Redis with them."""
     from services.cli.main import main
     from services.local.process import LineReader
 
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--workers", "2", "--port", "0",
          "--model", str(model_dir), "--log-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
-    out = LineReader(up.stdout)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = LineReader(up.stdout), LineReader(up.stderr)
     try:
         ready = out.wait_for(lambda ln: "slotmesh up: ready" in ln, 120)
         assert ready, out.seen
         router = next(ln.split()[1] for ln in out.seen if ln.startswith("router"))
         redis_url = next(ln.split()[1] for ln in out.seen if ln.startswith("redis"))
+        os.kill(child_pid(up.pid, "worker-1"), signal.SIGKILL)
+        assert err.wait_for(lambda ln: "worker-1 restarted" in ln, 120), err.seen
+        assert any("worker-1 exited (killed by SIGKILL)" in ln for ln in err.seen), err.seen
+        assert up.poll() is None
+        with Client(router, timeout=30) as client:
+            wait_until(lambda: len(client.list_workers()) == 2, 30, "worker-1 back")
         assert main(["generate", "--router", router, "hello", "--temperature", "0",
                      "--max-tokens", "3"]) == 0
         assert redis_url.startswith("redis://slotmesh:***@")  # an ACL user, masked
@@ -135,7 +148,7 @@ def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> 
         with pytest.raises(redis.AuthenticationError, match=r"NOAUTH|authenticated"):
             anonymous.ping()
         anonymous.close()
-        up.send_signal(subprocess.signal.SIGINT)
+        up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
     finally:
         if up.poll() is None:
@@ -144,6 +157,19 @@ def test_slotmesh_up_serves_and_stops_cleanly_on_sigint(model_dir, tmp_path) -> 
         "stopped (worker-0=0, worker-1=0, router=0)")
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+
+
+def child_pid(parent_pid: int, worker_id: str) -> int:
+    """The pid of the parent's child process started with `--worker-id worker_id`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+        if ppid == parent_pid and worker_id.encode() in argv and b"--worker-id" in argv:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child process {worker_id} of {parent_pid}")
 
 
 def test_full_queues_are_resource_exhausted_and_other_streams_continue(model_dir,

@@ -23,7 +23,7 @@ from services.rpc.health_probe import check
 from services.rpc.plumbing import LIVENESS_SERVICE
 from tests.cluster.test_migration import PROMPT, SAMPLING, set_draining
 from tests.cluster.test_migration import model_dir as model_dir  # the same tiny 4k-context Gemma 3
-from tests.cluster_harness import tiny_cluster, wait_until
+from tests.cluster_harness import metric_value, scrape, tiny_cluster, wait_until
 from worker.config import EngineConfig, ModelConfig
 from worker.engine import LLMEngine
 from worker.vocab.sampling_params import SamplingParams
@@ -39,6 +39,7 @@ MAX_TOKENS = 600  # outlives the drain below on a slow machine
 MIN_STEP_MS = 40
 TAKEOVER_TOKENS = 300  # outlives the kill below by a wide margin
 GRACE_S = 30.0  # the worker's --shutdown-grace, as terminationGracePeriodSeconds bounds it
+POLLS = "slotmesh_router_registry_polls_total"  # the router's successful registry refreshes
 
 
 def seeded(i: int) -> dict:
@@ -155,6 +156,83 @@ def test_rolling_update_of_a_worker_keeps_every_stream(cluster, routers, referen
         assert chunks[-1].finish_reason == "length"
         if i in on_victim:
             assert [c.worker_id for c in chunks if c.worker_id][-1] != victim_id
+
+
+def test_the_drained_worker_restarted_under_its_id_takes_streams_within_two_polls(
+        cluster, routers) -> None:
+    """The rest of the rolling update above: the pod comes back under the same id (a
+    StatefulSet keeps ids). The drain excluded the process that drained (its instance
+    id), not the id, so every router routes to the new process from the first or second
+    registry poll that can see its record — not after `drain_exclusion_s` (120 s)."""
+    victim = cluster.workers[0]
+    assert victim.proc.poll() == 0  # drained and stopped by the test above
+    restarted = cluster.restart_worker(0)  # ready: its record is in Redis already
+    polls = [polls_until_routable(router, 2) for router in cluster.routers]
+    print(f"\nrestarted under its id: routable after {polls} registry polls (routers A, B)")
+    assert all(n <= 2 for n in polls), polls
+    listed = {w.worker_id: w.instance_id for w in routers[0].list_workers()}
+    assert set(listed) == {victim.name, cluster.workers[1].name}
+    assert all(listed.values())  # every process reports its instance
+    # new streams: two at once through each router (short prompts: no prefix affinity),
+    # one on each worker, the restarted one included
+    for client in routers:
+        wait_until(lambda c=client: all(w.num_running + w.num_waiting == 0
+                                        for w in c.list_workers()), 30,
+                   "both workers idle in the registry (least loaded then alternates)")
+        streams = [client.stream(text=f"back {i}", max_tokens=MAX_TOKENS, ignore_eos=True,
+                                 temperature=0) for i in range(2)]
+        try:
+            assert {next(s).worker_id for s in streams} == set(listed)
+        finally:
+            for s in streams:
+                s.close()
+    assert restarted.proc.poll() is None
+
+
+def polls_until_routable(router, count: int, timeout_s: float = 30.0) -> int:
+    """Registry polls the router makes from now until it routes to `count` workers. One
+    scrape reads the poll counter before the workers gauge (services/rpc/metrics.py), so
+    a poll landing mid-scrape can only make the count lower, never higher."""
+    start = metric_value(scrape(router.metrics_address), POLLS)
+    at: list[float] = []
+
+    def routable() -> bool:
+        text = scrape(router.metrics_address)
+        if metric_value(text, "slotmesh_router_workers") != count:
+            return False
+        at.append(metric_value(text, POLLS))
+        return True
+
+    wait_until(routable, timeout_s, f"{router.name} to route to {count} workers")
+    return int(at[0] - start)
+
+
+def test_undrain_returns_a_worker_to_every_router(cluster, routers, capsys) -> None:
+    """Drain an idle worker through router B (forwarded to A), then undrain it through
+    the CLI against A: both routers route to it again as soon as the call returns, and
+    its readiness is SERVING again. Unknown workers are NOT_FOUND, naming the worker."""
+    from services.cli.main import main
+
+    a, b = routers
+    worker = cluster.workers[1]
+    both = {w.worker_id for w in a.list_workers()}
+    assert b.drain(worker.name) == (0, 0)
+    for client in routers:  # excluded on both before Drain answered
+        assert worker.name not in {w.worker_id for w in client.list_workers()}
+    assert probe(worker.address) == 1
+    assert main(["undrain", "--router", cluster.routers[0].address, worker.name]) == 0
+    assert capsys.readouterr().out == f"{worker.name}: returned to routing\n"
+    for client in routers:
+        assert {w.worker_id for w in client.list_workers()} == both
+    assert probe(worker.address) == 0
+    assert b.undrain(worker.name) is False  # routable already: nothing to undo
+    for call in (a.drain, a.undrain, b.undrain):
+        with pytest.raises(RpcError) as e:
+            call("no-such-worker")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        assert "'no-such-worker'" in e.value.message
+    assert main(["undrain", "--router", cluster.routers[1].address, "no-such-worker"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
 
 
 def probe(address: str) -> int:

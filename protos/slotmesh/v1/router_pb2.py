@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.slotmesh.v1 import common_pb2 as protos_dot_slotmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/slotmesh/v1/router.proto\x12\x0bslotmesh.v1\x1a\x1fprotos/slotmesh/v1/common.proto\"z\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10target_worker_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.slotmesh.v1.SnapshotKind\x12\x11\n\tforwarded\x18\x04 \x01(\x08\"\x92\x01\n\x0fMigrateResponse\x12\x18\n\x10source_worker_id\x18\x01 \x01(\t\x12\x18\n\x10target_worker_id\x18\x02 \x01(\t\x12\x1f\n\x17num_tokens_at_migration\x18\x03 \x01(\r\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x16\n\x0esnapshot_bytes\x18\x05 \x01(\x04\"4\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tforwarded\x18\x02 \x01(\x08\"9\n\rDrainResponse\x12\x14\n\x0cnum_migrated\x18\x01 \x01(\r\x12\x12\n\nnum_failed\x18\x02 \x01(\r\"(\n\x12GetSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd3\x01\n\x0cSequenceInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.slotmesh.v1.SequenceStatus\x12\x1a\n\x12num_tokens_emitted\x18\x04 \x01(\r\x12\x13\n\x0bprompt_hash\x18\x05 \x01(\t\x12+\n\x06params\x18\x06 \x01(\x0b\x32\x1b.slotmesh.v1.SamplingParams\x12\x11\n\trouter_id\x18\x07 \x01(\t\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.slotmesh.v1.WorkerInfo*\x8a\x01\n\x0eSequenceStatus\x12\x1f\n\x1bSEQUENCE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SEQUENCE_STATUS_WAITING\x10\x01\x12\x1b\n\x17SEQUENCE_STATUS_RUNNING\x10\x02\x12\x1d\n\x19SEQUENCE_STATUS_MIGRATING\x10\x03\x32\xb6\x03\n\x06Router\x12I\n\x08Generate\x12\x1c.slotmesh.v1.GenerateRequest\x1a\x1d.slotmesh.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.slotmesh.v1.AbortRequest\x1a\x1a.slotmesh.v1.AbortResponse\x12I\n\x0bGetSequence\x12\x1f.slotmesh.v1.GetSequenceRequest\x1a\x19.slotmesh.v1.SequenceInfo\x12P\n\x0bListWorkers\x12\x1f.slotmesh.v1.ListWorkersRequest\x1a .slotmesh.v1.ListWorkersResponse\x12\x44\n\x07Migrate\x12\x1b.slotmesh.v1.MigrateRequest\x1a\x1c.slotmesh.v1.MigrateResponse\x12>\n\x05\x44rain\x12\x19.slotmesh.v1.DrainRequest\x1a\x1a.slotmesh.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/slotmesh/v1/router.proto\x12\x0bslotmesh.v1\x1a\x1fprotos/slotmesh/v1/common.proto\"z\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10target_worker_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.slotmesh.v1.SnapshotKind\x12\x11\n\tforwarded\x18\x04 \x01(\x08\"\x92\x01\n\x0fMigrateResponse\x12\x18\n\x10source_worker_id\x18\x01 \x01(\t\x12\x18\n\x10target_worker_id\x18\x02 \x01(\t\x12\x1f\n\x17num_tokens_at_migration\x18\x03 \x01(\r\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x16\n\x0esnapshot_bytes\x18\x05 \x01(\x04\"4\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tforwarded\x18\x02 \x01(\x08\"9\n\rDrainResponse\x12\x14\n\x0cnum_migrated\x18\x01 \x01(\r\x12\x12\n\nnum_failed\x18\x02 \x01(\r\"6\n\x0eUndrainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tforwarded\x18\x02 \x01(\x08\"\'\n\x0fUndrainResponse\x12\x14\n\x0cwas_draining\x18\x01 \x01(\x08\"(\n\x12GetSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd3\x01\n\x0cSequenceInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.slotmesh.v1.SequenceStatus\x12\x1a\n\x12num_tokens_emitted\x18\x04 \x01(\r\x12\x13\n\x0bprompt_hash\x18\x05 \x01(\t\x12+\n\x06params\x18\x06 \x01(\x0b\x32\x1b.slotmesh.v1.SamplingParams\x12\x11\n\trouter_id\x18\x07 \x01(\t\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.slotmesh.v1.WorkerInfo*\x8a\x01\n\x0eSequenceStatus\x12\x1f\n\x1bSEQUENCE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SEQUENCE_STATUS_WAITING\x10\x01\x12\x1b\n\x17SEQUENCE_STATUS_RUNNING\x10\x02\x12\x1d\n\x19SEQUENCE_STATUS_MIGRATING\x10\x03\x32\xfc\x03\n\x06Router\x12I\n\x08Generate\x12\x1c.slotmesh.v1.GenerateRequest\x1a\x1d.slotmesh.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.slotmesh.v1.AbortRequest\x1a\x1a.slotmesh.v1.AbortResponse\x12I\n\x0bGetSequence\x12\x1f.slotmesh.v1.GetSequenceRequest\x1a\x19.slotmesh.v1.SequenceInfo\x12P\n\x0bListWorkers\x12\x1f.slotmesh.v1.ListWorkersRequest\x1a .slotmesh.v1.ListWorkersResponse\x12\x44\n\x07Migrate\x12\x1b.slotmesh.v1.MigrateRequest\x1a\x1c.slotmesh.v1.MigrateResponse\x12>\n\x05\x44rain\x12\x19.slotmesh.v1.DrainRequest\x1a\x1a.slotmesh.v1.DrainResponse\x12\x44\n\x07Undrain\x12\x1b.slotmesh.v1.UndrainRequest\x1a\x1c.slotmesh.v1.UndrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.slotmesh.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEQUENCESTATUS']._serialized_start=811
-  _globals['_SEQUENCESTATUS']._serialized_end=949
+  _globals['_SEQUENCESTATUS']._serialized_start=908
+  _globals['_SEQUENCESTATUS']._serialized_end=1046
   _globals['_MIGRATEREQUEST']._serialized_start=81
   _globals['_MIGRATEREQUEST']._serialized_end=203
   _globals['_MIGRATERESPONSE']._serialized_start=206
@@ -42,14 +42,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINREQUEST']._serialized_end=406
   _globals['_DRAINRESPONSE']._serialized_start=408
   _globals['_DRAINRESPONSE']._serialized_end=465
-  _globals['_GETSEQUENCEREQUEST']._serialized_start=467
-  _globals['_GETSEQUENCEREQUEST']._serialized_end=507
-  _globals['_SEQUENCEINFO']._serialized_start=510
-  _globals['_SEQUENCEINFO']._serialized_end=721
-  _globals['_LISTWORKERSREQUEST']._serialized_start=723
-  _globals['_LISTWORKERSREQUEST']._serialized_end=743
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=745
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=808
-  _globals['_ROUTER']._serialized_start=952
-  _globals['_ROUTER']._serialized_end=1390
+  _globals['_UNDRAINREQUEST']._serialized_start=467
+  _globals['_UNDRAINREQUEST']._serialized_end=521
+  _globals['_UNDRAINRESPONSE']._serialized_start=523
+  _globals['_UNDRAINRESPONSE']._serialized_end=562
+  _globals['_GETSEQUENCEREQUEST']._serialized_start=564
+  _globals['_GETSEQUENCEREQUEST']._serialized_end=604
+  _globals['_SEQUENCEINFO']._serialized_start=607
+  _globals['_SEQUENCEINFO']._serialized_end=818
+  _globals['_LISTWORKERSREQUEST']._serialized_start=820
+  _globals['_LISTWORKERSREQUEST']._serialized_end=840
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=842
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=905
+  _globals['_ROUTER']._serialized_start=1049
+  _globals['_ROUTER']._serialized_end=1557
 # @@protoc_insertion_point(module_scope)

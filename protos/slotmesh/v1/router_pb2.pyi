@@ -61,6 +61,20 @@ class DrainResponse(_message.Message):
     num_failed: int
     def __init__(self, num_migrated: _Optional[int] = ..., num_failed: _Optional[int] = ...) -> None: ...
 
+class UndrainRequest(_message.Message):
+    __slots__ = ("worker_id", "forwarded")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    forwarded: bool
+    def __init__(self, worker_id: _Optional[str] = ..., forwarded: _Optional[bool] = ...) -> None: ...
+
+class UndrainResponse(_message.Message):
+    __slots__ = ("was_draining",)
+    WAS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    was_draining: bool
+    def __init__(self, was_draining: _Optional[bool] = ...) -> None: ...
+
 class GetSequenceRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,11 @@ class RouterStub:
                 request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
                 response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/slotmesh.v1.Router/Undrain',
+                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -117,7 +122,18 @@ class RouterServicer:
     def Drain(self, request, context):
         """Migrate every sequence on a worker off it, and stop routing to it. Any router
         answers: it drains the streams it relays and forwards the drain to every other live
-        router (from the Redis router registry), and reports the sum.
+        router (from the Redis router registry), and reports the sum. The drain applies to
+        the worker process registered now (its instance_id): a new process under the same
+        worker_id is routed to as soon as it registers. NOT_FOUND when no worker has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undrain(self, request, context):
+        """Return a drained worker to routing: the worker leaves its draining state (readiness
+        SERVING again) and every live router stops excluding it. NOT_FOUND when no worker
+        has that id; UNAVAILABLE when the worker cannot be told.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +171,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.FromString,
                     response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainRequest.FromString,
+                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +341,33 @@ class Router:
             '/slotmesh.v1.Router/Drain',
             protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
             protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotmesh.v1.Router/Undrain',
+            protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainRequest.SerializeToString,
+            protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,7 +143,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetDraining(self, request, context):
-        """Stop taking new sequences (readiness goes NOT_SERVING, the registry says draining).
+        """Stop taking new sequences (readiness goes NOT_SERVING, the registry says draining),
+        or take them again (draining=false; FAILED_PRECONDITION once the worker is stopping).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,5 +1,5 @@
 """Router pieces without servers: conversion and validation at the edge, prefix hashes,
-routing policies, Redis record decoding."""
+routing policies, Redis record decoding, registry exclusions."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from protos.slotmesh.v1 import common_pb2
 from services.metadata.records import CorruptRecordError, WorkerRecord, decode, encode
 from services.router.policy import Candidate, LeastLoaded, PrefixAffinity, RouteRequest
 from services.router.prefix import BYTE_BLOCK, MAX_BLOCKS, TOKEN_BLOCK, prefix_hashes
+from services.router.registry import WorkerRegistry
 from services.rpc.convert import (
     Prompt,
     chunk_from_pb,
@@ -73,12 +74,13 @@ def test_prefix_hashes_share_leading_blocks() -> None:
 
 
 def record(worker_id: str, running: int = 0, waiting: int = 0, free: int = 100,
-           slots: int = 4) -> WorkerRecord:
+           slots: int = 4, instance_id: str = "i0") -> WorkerRecord:
     return WorkerRecord(worker_id=worker_id, address="x:1", model="m", fingerprint="f",
                         architecture="a", dtype="float32", device="cpu", max_model_len=512,
                         slots=slots, block_size=16, attention_backend="sdpa", version="0",
                         num_running=running, num_waiting=waiting, kv_blocks_free=free,
-                        kv_blocks_total=100, heartbeat_ms=0, draining=False)
+                        kv_blocks_total=100, heartbeat_ms=0, draining=False,
+                        instance_id=instance_id)
 
 
 def test_least_loaded_uses_fresher_of_heartbeat_and_inflight() -> None:
@@ -111,3 +113,35 @@ def test_records_reject_wrong_types() -> None:
     for raw in (bad, "not json", "[]", '{"worker_id": "a"}', b"\xff\xfe"):
         with pytest.raises(CorruptRecordError):
             decode(WorkerRecord, raw)
+
+
+def routable_ids(registry: WorkerRegistry) -> list[str]:
+    return [r.worker_id for r in registry.routable()]
+
+
+def test_a_drain_excludes_the_process_that_drained_not_a_new_one_under_its_id() -> None:
+    """The registry's cached copy only (a refresh replaces `workers` with what Redis
+    holds): exclusions are keyed by (worker id, instance id)."""
+    registry = WorkerRegistry(store=None, poll_s=1.0)
+    drained = record("w", instance_id="first")
+    registry.workers = {"v": record("v"), "w": drained}
+    registry.exclude(drained, 120.0)
+    assert routable_ids(registry) == ["v"]
+    registry.workers = {"v": record("v"), "w": record("w", instance_id="second")}  # restarted
+    assert routable_ids(registry) == ["v", "w"]
+    registry.workers["w"] = drained  # the drained process is still excluded
+    assert routable_ids(registry) == ["v"]
+    assert registry.include("w") is True  # undrain: every process of the worker
+    assert routable_ids(registry) == ["v", "w"]
+    assert registry.include("w") is False
+    registry.workers["w"] = dataclasses.replace(drained, draining=True)  # its own flag
+    assert routable_ids(registry) == ["v"]
+
+
+def test_a_shorter_exclusion_never_cuts_a_longer_one() -> None:
+    registry = WorkerRegistry(store=None, poll_s=1.0)
+    w = record("w")
+    registry.workers = {"w": w}
+    registry.exclude(w, 120.0)  # drained
+    registry.exclude(w, 0.0)  # then unreachable for no time at all
+    assert routable_ids(registry) == []

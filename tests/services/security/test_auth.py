@@ -87,7 +87,7 @@ def test_health_stays_open(router) -> None:
 def test_operating_the_cluster_needs_an_admin_token(router) -> None:
     with Client(router, timeout=30, token=USER) as user:
         for call in (user.list_workers, lambda: user.migrate("x"),
-                     lambda: user.drain("worker-0")):
+                     lambda: user.drain("worker-0"), lambda: user.undrain("worker-0")):
             with pytest.raises(RpcError) as e:
                 call()
             assert e.value.code == grpc.StatusCode.PERMISSION_DENIED

@@ -23,6 +23,7 @@ from worker.kv_cache import KVView, plan_kv_layout
 from worker.loaders import load_model_files
 from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
+from worker.models.packing import describe_weights
 from worker.models.registry import build_model
 from worker.sampler import SampleResult
 from worker.scheduler import Scheduler, SchedulerOutput
@@ -95,6 +96,7 @@ class LLMEngine:
         self.dtype = _DTYPES[config.model.dtype]
         self.model = build_model(files.config, files.tensors, self.dtype, self.device,
                                  config.model.weights)
+        self.weights_summary = describe_weights(self.model)  # e.g. "int4 x210 (activations …)"
         args = self.model.args
         self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)
@@ -432,4 +434,5 @@ class LLMEngine:
             "slots": self.config.scheduler.max_num_seqs, "block_size": bm.block_size,
             "kv_blocks_total": bm.num_total_blocks, "kv_blocks_free": bm.num_free_blocks,
             "attention_backend": self.attention_backend,
+            "weights": self.weights_summary,
         }

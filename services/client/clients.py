@@ -205,6 +205,7 @@ class WorkerSummary:
     attention_backend: str
     version: str
     instance_id: str  # the worker process (new at every start)
+    weights: str  # what the linears multiply in, with the activation dtype
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -271,7 +272,8 @@ def _worker_summary(w: common_pb2.WorkerInfo) -> WorkerSummary:
         worker_id=w.worker_id, address=w.address, model=w.model, fingerprint=w.fingerprint,
         slots=w.slots, num_running=w.load.num_running, num_waiting=w.load.num_waiting,
         kv_blocks_free=w.load.kv_blocks_free, kv_blocks_total=w.load.kv_blocks_total,
-        attention_backend=w.attention_backend, version=w.version, instance_id=w.instance_id)
+        attention_backend=w.attention_backend, version=w.version, instance_id=w.instance_id,
+        weights=w.weights)
 
 
 def channel_tls(tls: ChannelTls | bool | None, root_certificates: bytes | None

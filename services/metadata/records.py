@@ -41,6 +41,7 @@ class WorkerRecord:
     heartbeat_ms: int
     draining: bool
     instance_id: str  # random per process start: a drain excludes this process only
+    weights: str  # what the linears multiply in (worker/models/packing.py describe_weights)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

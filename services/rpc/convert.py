@@ -203,7 +203,7 @@ def record_to_info(record: WorkerRecord) -> pb.WorkerInfo:
         load=pb.WorkerLoad(
             num_running=record.num_running, num_waiting=record.num_waiting,
             kv_blocks_free=record.kv_blocks_free, kv_blocks_total=record.kv_blocks_total),
-        draining=record.draining, instance_id=record.instance_id,
+        draining=record.draining, instance_id=record.instance_id, weights=record.weights,
     )
 
 

@@ -255,6 +255,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_running=load.num_running, num_waiting=load.num_waiting,
             kv_blocks_free=load.kv_blocks_free, kv_blocks_total=load.kv_blocks_total,
             heartbeat_ms=now_ms(), draining=self.is_draining, instance_id=self.instance_id,
+            weights=info["weights"],
         )
 
 

@@ -202,6 +202,7 @@ def test_list_workers_and_info(cluster) -> None:
     for w in workers:
         assert w.model and len(w.fingerprint) >= 16 and w.slots == 4
         assert w.kv_blocks_total > 0 and w.version and w.attention_backend
+        assert w.weights == "float32 x18"  # the tiny llama's 18 linears + table, dense
 
 
 def test_prometheus_metrics(cluster) -> None:

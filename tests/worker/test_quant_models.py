@@ -177,3 +177,14 @@ def test_the_command_lines_weight_formats_are_the_engines() -> None:
     from worker.quantize import WEIGHTS
 
     assert WEIGHT_FORMATS == WEIGHTS
+
+
+@pytest.mark.parametrize(("weights", "summary"), [
+    (None, "float32 x18"),
+    ("int8", "int8 x18 (activations bfloat16)"),
+    ("int4", "int4 x17, int8 x1 (activations bfloat16)"),
+])
+def test_info_says_what_the_weights_multiply_in(tiny_model_dir, weights, summary) -> None:
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir("llama")),
+                                                      weights=weights), warmup=False))
+    assert engine.info()["weights"] == summary

@@ -190,7 +190,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "fingerprint", "architecture", "dtype", "device", "max_model_len", "slots", "block_size", "attention_backend", "version", "load", "draining", "instance_id")
+    __slots__ = ("worker_id", "address", "model", "fingerprint", "architecture", "dtype", "device", "max_model_len", "slots", "block_size", "attention_backend", "version", "load", "draining", "instance_id", "weights")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class WorkerInfo(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     model: str
@@ -221,7 +222,8 @@ class WorkerInfo(_message.Message):
     load: WorkerLoad
     draining: bool
     instance_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., slots: _Optional[int] = ..., block_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., version: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., draining: _Optional[bool] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., slots: _Optional[int] = ..., block_size: _Optional[int] = ..., attention_backend: _Optional[str] = ..., version: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., draining: _Optional[bool] = ..., instance_id: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
     __slots__ = ("data", "part")

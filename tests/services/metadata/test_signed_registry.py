@@ -27,7 +27,7 @@ def worker_record(worker_id: str, address: str = "127.0.0.1:50061") -> WorkerRec
         architecture="LlamaForCausalLM", dtype="float32", device="cpu", max_model_len=2048,
         slots=4, block_size=16, attention_backend="sdpa", version="0.1", num_running=0,
         num_waiting=0, kv_blocks_free=64, kv_blocks_total=64, heartbeat_ms=now_ms(),
-        draining=False)
+        draining=False, instance_id="i0", weights="float32 x18")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ RECORD = WorkerRecord(
     architecture="LlamaForCausalLM", dtype="float32", device="cpu", max_model_len=2048,
     slots=4, block_size=16, attention_backend="sdpa", version="0.1", num_running=0,
     num_waiting=0, kv_blocks_free=64, kv_blocks_total=64, heartbeat_ms=NOW_MS,
-    draining=False)
+    draining=False, instance_id="i0", weights="float32 x18")
 REDIS_KEY = keys.worker(RECORD.worker_id)
 
 

@@ -80,7 +80,7 @@ def record(worker_id: str, running: int = 0, waiting: int = 0, free: int = 100,
                         slots=slots, block_size=16, attention_backend="sdpa", version="0",
                         num_running=running, num_waiting=waiting, kv_blocks_free=free,
                         kv_blocks_total=100, heartbeat_ms=0, draining=False,
-                        instance_id=instance_id)
+                        instance_id=instance_id, weights="float32 x18")
 
 
 def test_least_loaded_uses_fresher_of_heartbeat_and_inflight() -> None:

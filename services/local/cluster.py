@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -382,6 +384,9 @@ def _print_cluster(cluster: LocalCluster) -> None:
         print(f"{w.name} {w.address}"
               + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
     print(f"redis    {redact_url(cluster.redis_url)}")
+    if cluster.cluster_key_file is not None:
+        print(f"key      {cluster.cluster_key_file} (the cluster key: `slotmesh seq save|restore "
+              "--cluster-key-file` and a second router need it)")
     tls = ""
     if cluster.tls is not None:
         pki = cluster.tls
@@ -390,5 +395,19 @@ def _print_cluster(cluster: LocalCluster) -> None:
         print(f"         Python: Client('{cluster.router_address}', "
               f"root_certificates=Path('{pki.ca}').read_bytes())")
         tls = f"--tls-ca {pki.ca} "
-    print(f"slotmesh up: ready. Try: slotmesh generate --router {cluster.router_address} "
+    slotmesh = _slotmesh_command()
+    print(f"slotmesh up: ready. Try: {slotmesh} generate --router {cluster.router_address} "
           f"{tls}\"Hello\"   (Ctrl-C stops the cluster)", flush=True)
+
+
+def _slotmesh_command() -> str:
+    """How to run `slotmesh` from the user's shell: the bare name when it is on PATH (an
+    activated venv), else the path of the one running now (the README's .venv/bin)."""
+    here = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    on_path = shutil.which("slotmesh")
+    if here is None or here.name != "slotmesh" or (on_path and Path(on_path).resolve() == here):
+        return "slotmesh"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)

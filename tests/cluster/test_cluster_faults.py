@@ -135,6 +135,8 @@ def test_slotmesh_up_restarts_a_killed_worker_and_stops_only_on_sigint(model_dir
         assert ready, out.seen
         router = next(ln.split()[1] for ln in out.seen if ln.startswith("router"))
         redis_url = next(ln.split()[1] for ln in out.seen if ln.startswith("redis"))
+        key_file = next(ln.split()[1] for ln in out.seen if ln.startswith("key"))
+        assert len(bytes.fromhex(Path(key_file).read_text().strip())) == 32  # the key it uses
         os.kill(child_pid(up.pid, "worker-1"), signal.SIGKILL)
         assert err.wait_for(lambda ln: "worker-1 restarted" in ln, 120), err.seen
         assert any("worker-1 exited (killed by SIGKILL)" in ln for ln in err.seen), err.seen

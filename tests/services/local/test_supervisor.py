@@ -96,3 +96,22 @@ def test_stop_ends_supervision_during_a_backoff() -> None:
         supervisor.stop()  # returns at once: the backoff wait ends on stop
         child.close()
     assert supervisor.restarts["sleeper"] == 0 and len(child.procs) == 1
+
+
+def test_up_hints_a_slotmesh_command_that_runs_from_the_users_shell(tmp_path,
+                                                                     monkeypatch) -> None:
+    """A bare `slotmesh` only where PATH finds this one; else its path (.venv/bin/...)."""
+    from services.local import cluster
+
+    script = tmp_path / ".venv" / "bin" / "slotmesh"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [str(script), "up"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert cluster._slotmesh_command() == ".venv/bin/slotmesh"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # an activated venv
+    assert cluster._slotmesh_command() == "slotmesh"
+    monkeypatch.setattr("sys.argv", ["/x/services/cli/__main__.py", "up"])  # python -m
+    assert cluster._slotmesh_command() == "slotmesh"

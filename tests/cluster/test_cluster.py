@@ -193,6 +193,25 @@ def test_health_and_reflection_on_every_server(cluster) -> None:
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
             names = {s.name for s in resp.list_services_response.service}
             assert {service, "grpc.health.v1.Health"} <= names
+            # what grpcurl does next: the service's file, then its imports by name, all
+            # named relative to the proto root protos/ (buf's layout)
+            files = reflected_files(refl, file_containing_symbol=service)
+            file = files[f"slotmesh/v1/{service.rsplit('.', 1)[1].lower()}.proto"]
+            assert list(file.dependency) == ["slotmesh/v1/common.proto"]
+            files = reflected_files(refl, file_by_filename="slotmesh/v1/common.proto")
+            assert files["slotmesh/v1/common.proto"].package == "slotmesh.v1"
+
+
+def reflected_files(stub, **request) -> dict:
+    """The slotmesh files of a reflection answer (a file comes with its imports), by name."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    [resp] = list(stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=5))
+    files = [descriptor_pb2.FileDescriptorProto.FromString(blob)
+             for blob in resp.file_descriptor_response.file_descriptor_proto]
+    return {f.name: f for f in files if f.name.startswith("slotmesh/")}
 
 
 def test_list_workers_and_info(cluster) -> None:

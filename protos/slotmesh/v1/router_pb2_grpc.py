@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.slotmesh.v1 import common_pb2 as protos_dot_slotmesh_dot_v1_dot_common__pb2
-from protos.slotmesh.v1 import router_pb2 as protos_dot_slotmesh_dot_v1_dot_router__pb2
+from protos.slotmesh.v1 import common_pb2 as slotmesh_dot_v1_dot_common__pb2
+from protos.slotmesh.v1 import router_pb2 as slotmesh_dot_v1_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/slotmesh/v1/router_pb2_grpc.py depends on'
+        + ' but the generated code in slotmesh/v1/router_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,38 +38,38 @@ class RouterStub:
         """
         self.Generate = channel.unary_stream(
                 '/slotmesh.v1.Router/Generate',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/slotmesh.v1.Router/Abort',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetSequence = channel.unary_unary(
                 '/slotmesh.v1.Router/GetSequence',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.GetSequenceRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.SequenceInfo.FromString,
+                request_serializer=slotmesh_dot_v1_dot_router__pb2.GetSequenceRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_router__pb2.SequenceInfo.FromString,
                 _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/slotmesh.v1.Router/ListWorkers',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
         self.Migrate = channel.unary_unary(
                 '/slotmesh.v1.Router/Migrate',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_router__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_router__pb2.MigrateResponse.FromString,
                 _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/slotmesh.v1.Router/Drain',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
                 _registered_method=True)
         self.Undrain = channel.unary_unary(
                 '/slotmesh.v1.Router/Undrain',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_router__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_router__pb2.UndrainResponse.FromString,
                 _registered_method=True)
 
 
@@ -144,38 +144,38 @@ def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_common__pb2.GenerateRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_common__pb2.AbortRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.AbortResponse.SerializeToString,
             ),
             'GetSequence': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSequence,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.GetSequenceRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.SequenceInfo.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_router__pb2.GetSequenceRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_router__pb2.SequenceInfo.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
             ),
             'Migrate': grpc.unary_unary_rpc_method_handler(
                     servicer.Migrate,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_router__pb2.MigrateRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_router__pb2.MigrateResponse.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_router__pb2.DrainRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_router__pb2.DrainResponse.SerializeToString,
             ),
             'Undrain': grpc.unary_unary_rpc_method_handler(
                     servicer.Undrain,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_router__pb2.UndrainRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_router__pb2.UndrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -204,8 +204,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/Generate',
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -231,8 +231,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/Abort',
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
+            slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,8 +258,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/GetSequence',
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.GetSequenceRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.SequenceInfo.FromString,
+            slotmesh_dot_v1_dot_router__pb2.GetSequenceRequest.SerializeToString,
+            slotmesh_dot_v1_dot_router__pb2.SequenceInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -285,8 +285,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/ListWorkers',
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+            slotmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
+            slotmesh_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -312,8 +312,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/Migrate',
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.MigrateResponse.FromString,
+            slotmesh_dot_v1_dot_router__pb2.MigrateRequest.SerializeToString,
+            slotmesh_dot_v1_dot_router__pb2.MigrateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -339,8 +339,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/Drain',
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
+            slotmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
+            slotmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -366,8 +366,8 @@ class Router:
             request,
             target,
             '/slotmesh.v1.Router/Undrain',
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_router__pb2.UndrainResponse.FromString,
+            slotmesh_dot_v1_dot_router__pb2.UndrainRequest.SerializeToString,
+            slotmesh_dot_v1_dot_router__pb2.UndrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.slotmesh.v1 import common_pb2 as protos_dot_slotmesh_dot_v1_dot_common__pb2
-from protos.slotmesh.v1 import worker_pb2 as protos_dot_slotmesh_dot_v1_dot_worker__pb2
+from protos.slotmesh.v1 import common_pb2 as slotmesh_dot_v1_dot_common__pb2
+from protos.slotmesh.v1 import worker_pb2 as slotmesh_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/slotmesh/v1/worker_pb2_grpc.py depends on'
+        + ' but the generated code in slotmesh/v1/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,43 +38,43 @@ class WorkerStub:
         """
         self.Generate = channel.unary_stream(
                 '/slotmesh.v1.Worker/Generate',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/slotmesh.v1.Worker/Abort',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/slotmesh.v1.Worker/Info',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+                request_serializer=slotmesh_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.WorkerInfo.FromString,
                 _registered_method=True)
         self.ExportSequence = channel.unary_stream(
                 '/slotmesh.v1.Worker/ExportSequence',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
+                request_serializer=slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
         self.CommitExport = channel.unary_unary(
                 '/slotmesh.v1.Worker/CommitExport',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.FromString,
                 _registered_method=True)
         self.ImportSequence = channel.unary_stream(
                 '/slotmesh.v1.Worker/ImportSequence',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.RestoreSequence = channel.stream_stream(
                 '/slotmesh.v1.Worker/RestoreSequence',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.SetDraining = channel.unary_unary(
                 '/slotmesh.v1.Worker/SetDraining',
-                request_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.SerializeToString,
-                response_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.FromString,
+                request_serializer=slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.SerializeToString,
+                response_deserializer=slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.FromString,
                 _registered_method=True)
 
 
@@ -155,43 +155,43 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_common__pb2.GenerateRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_common__pb2.AbortRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.AbortResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_worker__pb2.InfoRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
             ),
             'ExportSequence': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportSequence,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
             ),
             'CommitExport': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitExport,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.SerializeToString,
             ),
             'ImportSequence': grpc.unary_stream_rpc_method_handler(
                     servicer.ImportSequence,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
             ),
             'RestoreSequence': grpc.stream_stream_rpc_method_handler(
                     servicer.RestoreSequence,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
             ),
             'SetDraining': grpc.unary_unary_rpc_method_handler(
                     servicer.SetDraining,
-                    request_deserializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.FromString,
-                    response_serializer=protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.SerializeToString,
+                    request_deserializer=slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.FromString,
+                    response_serializer=slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,8 +220,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/Generate',
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            slotmesh_dot_v1_dot_common__pb2.GenerateRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -247,8 +247,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/Abort',
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
+            slotmesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -274,8 +274,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/Info',
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+            slotmesh_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,8 +301,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/ExportSequence',
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
+            slotmesh_dot_v1_dot_worker__pb2.ExportSequenceRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -328,8 +328,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/CommitExport',
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.FromString,
+            slotmesh_dot_v1_dot_worker__pb2.CommitExportRequest.SerializeToString,
+            slotmesh_dot_v1_dot_worker__pb2.CommitExportResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -355,8 +355,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/ImportSequence',
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            slotmesh_dot_v1_dot_worker__pb2.ImportSequenceRequest.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -382,8 +382,8 @@ class Worker:
             request_iterator,
             target,
             '/slotmesh.v1.Worker/RestoreSequence',
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            slotmesh_dot_v1_dot_common__pb2.SnapshotChunk.SerializeToString,
+            slotmesh_dot_v1_dot_common__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -409,8 +409,8 @@ class Worker:
             request,
             target,
             '/slotmesh.v1.Worker/SetDraining',
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.SerializeToString,
-            protos_dot_slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.FromString,
+            slotmesh_dot_v1_dot_worker__pb2.SetDrainingRequest.SerializeToString,
+            slotmesh_dot_v1_dot_worker__pb2.SetDrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

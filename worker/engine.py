@@ -25,6 +25,7 @@ from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
 from worker.models.packing import describe_weights
 from worker.models.registry import build_model
+from worker.progress import Progress, stderr_progress
 from worker.sampler import SampleResult
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence, SequenceStatus
@@ -34,7 +35,7 @@ from worker.tokenizer import IncrementalDetokenizer
 from worker.vocab.errors import InvalidRequestError, NotFoundError, PreconditionError
 from worker.vocab.sampling_params import SamplingParams
 from worker.vocab.streams import Resume, TokenChunk
-from worker.warmup import check_attention_backend, warmup
+from worker.warmup import check_attention_backend, warmup, warmup_shapes
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,14 @@ class GenerationResult:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_files: ModelFiles | None = None) -> None:
+    def __init__(self, config: EngineConfig, model_files: ModelFiles | None = None,
+                 progress: Progress | None = None) -> None:
+        """Load the model, lay out the KV cache, warm up. `progress` hears each stage of
+        that wait (default: lines on stderr when it is a terminal, worker/progress.py)."""
+        started = time.perf_counter()
+        progress = stderr_progress() if progress is None else progress
         self.config = config
+        progress(f"loading {config.model.model} ...")
         files = model_files or load_model_files(config.model.model, config.model.cache_dir,
                                                 config.model.weights)
         # packed weights compute other KV than dense ones: a snapshot or prompt-cache entry
@@ -125,7 +132,13 @@ class LLMEngine:
         self._num_prompt_tokens = self._num_generation_tokens = 0  # monotonic, for metrics
         self.warmup_s = 0.0  # what the warmup took (0 when config.warmup is off)
         if config.warmup:
-            self.warmup_s = warmup(self.runner, config.scheduler, self.max_model_len)
+            shapes = warmup_shapes(config.scheduler, self.max_model_len, layout.block_size,
+                                   self.device)
+            progress(f"loaded in {time.perf_counter() - started:.1f}s; warming up "
+                     f"({len(shapes)} step shapes) ...")
+            self.warmup_s = warmup(self.runner, shapes)
+        progress(f"ready in {time.perf_counter() - started:.1f}s "
+                 f"(warmup {self.warmup_s:.1f}s{'' if config.warmup else ', skipped'})")
 
     # -- requests ----------------------------------------------------------------------
 

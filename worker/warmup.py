@@ -1,10 +1,11 @@
 """Startup work so the first real request is not the slow one.
 
-`warmup` runs the step shapes the scheduler will use (a full prefill chunk, a decode
-batch of every slot, a mixed step) through the model and the sampler; the dense MoE path
-runs every expert on every step, so one pass touches them all. Its KV writes land in the
-null block, which no sequence reads unmasked. `check_attention_backend` tries the fast
-SDPA kernels for this head size and dtype and reports which one attention will use.
+`warmup` runs the step shapes the scheduler will use (a prefill, a decode batch of every
+slot, a mixed step; `warmup_shapes` says how long each prefill is) through the model and
+the sampler; the dense MoE path runs every expert on every step, so one pass touches them
+all. Its KV writes land in the null block, which no sequence reads unmasked.
+`check_attention_backend` tries the fast SDPA kernels for this head size and dtype and
+reports which one attention will use.
 """
 
 from __future__ import annotations
@@ -31,13 +32,30 @@ _WARMUP_PARAMS = (
 )
 
 
-def warmup(runner: ModelRunner, sched: SchedulerConfig, max_model_len: int) -> float:
-    """Returns the seconds it took."""
+def warmup_shapes(sched: SchedulerConfig, max_model_len: int, block_size: int,
+                  device: torch.device) -> list[list[int]]:
+    """The steps to run, as the new tokens of each sequence in them: a prefill alone, a
+    decode batch of every slot, and a mixed step (one prefill among decodes).
+
+    Only CUDA gets a full prefill chunk: its caching allocator then holds the largest
+    step's activations, so the first long prompt allocates nothing and an out-of-memory
+    shows at startup. Elsewhere, and in the mixed step everywhere, a short prefill warms
+    the same code at a fraction of the cost: on a CPU a full chunk of a 135M model takes
+    seconds and warms nothing a short one does not (no kernel is compiled or chosen per
+    shape; scripts/warmup_timing.py measures it).
+    """
+    full = min(sched.max_num_batched_tokens, max_model_len - 1)
+    short = min(full, 2 * block_size + 1)  # spans three blocks: the block-table gather
+    shapes = [[full if device.type == "cuda" else short], [1] * sched.max_num_seqs]
+    if sched.max_num_seqs > 1 and short > sched.max_num_seqs:
+        shapes.append([short - sched.max_num_seqs + 1] + [1] * (sched.max_num_seqs - 1))
+    return shapes
+
+
+def warmup(runner: ModelRunner, shapes: list[list[int]]) -> float:
+    """Run `shapes` (warmup_shapes) through the model and the sampler; returns the seconds
+    it took."""
     t0 = time.perf_counter()
-    prefill = min(sched.max_num_batched_tokens, max_model_len - 1)
-    shapes = [[prefill], [1] * sched.max_num_seqs]
-    if sched.max_num_seqs > 1 and prefill > sched.max_num_seqs:
-        shapes.append([prefill - sched.max_num_seqs + 1] + [1] * (sched.max_num_seqs - 1))
     for lengths in shapes:
         runner.execute(_fake_step(runner, lengths))
     for cache in runner.kv_caches:

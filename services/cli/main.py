@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 from services.cli import flags
@@ -100,13 +99,6 @@ def _sampling(args: argparse.Namespace) -> dict:
             "ignore_eos": args.ignore_eos, "logprobs": args.logprobs}
 
 
-def _progress_printer(quiet: bool):
-    """A line on stderr per stage of a wait, when stderr is a terminal and not --quiet."""
-    if quiet or not sys.stderr.isatty():
-        return lambda line: None
-    return lambda line: print(f"slotmesh: {line}", file=sys.stderr, flush=True)
-
-
 def _logprob_entries(chunk) -> list[dict]:
     """Per token of a chunk that carries logprobs: its id, logprob and top alternatives."""
     return [{"token_id": t, "logprob": lp, "top": [[i, v] for i, v in top]}
@@ -118,15 +110,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.router:
         return _generate_via_router(args)
     from worker.engine import LLMEngine
+    from worker.progress import stderr_progress
     from worker.vocab.sampling_params import SamplingParams
 
-    progress = _progress_printer(args.quiet)
-    progress(f"loading {args.model} (--quiet hides these lines) ...")
-    start = time.perf_counter()
     config = flags.engine_config(args)
-    engine = LLMEngine(dataclasses.replace(config, warmup=config.warmup and not args.no_warmup))
-    progress(f"ready in {time.perf_counter() - start:.1f}s "
-             f"(warmup {engine.warmup_s:.1f}s{'' if engine.warmup_s else ', skipped'})")
+    engine = LLMEngine(dataclasses.replace(config, warmup=config.warmup and not args.no_warmup),
+                       progress=stderr_progress(args.quiet))
     params = SamplingParams(**_sampling(args))
     if args.chat:
         ids = engine.encode_prompt(messages=[{"role": "user", "content": args.prompt}])
@@ -209,6 +198,9 @@ def _worker_parser(sub) -> None:
     p.add_argument("--max-snapshot-mb", type=int,
                    default=default_of(ServerConfig, "max_snapshot_bytes") >> 20,
                    help="largest snapshot this worker imports (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr while the model loads and warms up "
+                        "(they are shown only on a terminal)")
     flags.cluster_key_flag(p, "file with the cluster's secret key (>= 32 bytes, raw or hex): "
                          "snapshots, prompt-cache entries and its registry record then "
                          "carry a MAC under it (routers use only records that verify), "
@@ -254,6 +246,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from services.worker.config import ServerConfig
     from services.worker.server import serve
     from worker.config import CheckpointConfig
+    from worker.progress import stderr_progress
     from worker.vocab.errors import InvalidRequestError
 
     for flag in ("prompt_cache_mb", "swa_checkpoints", "checkpoint_every",
@@ -277,7 +270,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                                        every_tokens=args.checkpoint_every,
                                        min_step_tokens=args.checkpoint_min_step)
     engine = dataclasses.replace(flags.engine_config(args), checkpoints=checkpoints)
-    return asyncio.run(serve(engine, config))
+    return asyncio.run(serve(engine, config, progress=stderr_progress(args.quiet)))
 
 
 def _router_parser(sub) -> None:

@@ -41,6 +41,7 @@ from worker.checkpoints import PrefixRestore
 from worker.config import EngineConfig
 from worker.engine import LLMEngine
 from worker.kv_transfer import is_complete
+from worker.progress import Progress, silent
 from worker.snapshot import CHUNK_BYTES, Assembler, Snapshot, decode, iter_chunks
 from worker.vocab.errors import InvalidRequestError, PreconditionError, UnavailableError
 
@@ -331,12 +332,14 @@ class Heartbeat:
             log.warning("could not deregister (the key expires by itself): %s", e)
 
 
-async def serve(engine_config: EngineConfig, config: ServerConfig) -> int:
-    """Run the worker until SIGTERM/SIGINT; return the process exit code."""
+async def serve(engine_config: EngineConfig, config: ServerConfig,
+                progress: Progress = silent) -> int:
+    """Run the worker until SIGTERM/SIGINT; return the process exit code. `progress`
+    hears the model load and warmup (worker/progress.py)."""
     store = await RedisStore.connect(config.redis_url,  # fail fast, before loading
                                      tls=config.redis_tls, cluster_key=config.cluster_key)
     try:
-        engine = await asyncio.to_thread(LLMEngine, engine_config)
+        engine = await asyncio.to_thread(LLMEngine, engine_config, progress=progress)
         return await _serve_engine(AsyncEngine(engine, min_step_s=config.min_step_s),
                                    store, config)
     finally:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from services.local.cluster import add_bench_tls_flag
+from services.tools.plots import Chart, add_plot_flag, render, series
 
 _TEXT = ("Distributed systems trade one kind of difficulty for another: a single machine "
          "fails all at once, a cluster fails a little at a time, and most of the work of "
@@ -52,6 +53,7 @@ def add_cluster_bench_parser(bench_sub, add_model_flags) -> None:
                    help="runs per side and concurrency, alternating; best kept (default: 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_bench_tls_flag(p)
+    add_plot_flag(p, "tokens/s against concurrent streams")
     p.set_defaults(func=run_cluster_bench)
 
 
@@ -75,7 +77,27 @@ def run_cluster_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print(report)
+    if args.plot:
+        render(cluster_chart(report), args.plot)
     return 0
+
+
+def cluster_chart(report: dict) -> Chart:
+    """Aggregate tokens/s against concurrent streams: straight to the worker, through the
+    router, and through the router to two workers."""
+    one = report["one_worker"]
+    return Chart(title=f"slotmesh bench cluster: {report['model']}",
+                 note=f"{report['new_tokens']} new tokens per stream, best of "
+                      f"{report['repeat']}, {report['cpu_count']} CPUs"
+                      + (", TLS" if report.get("tls") else ""),
+                 xlabel="concurrent streams", ylabel="generated tokens/s",
+                 series=(series("direct to the worker", one,
+                                lambda r: r["direct"]["tokens_per_s"], dashed=True),
+                         series("through the router", one,
+                                lambda r: r["router"]["tokens_per_s"]),
+                         series("through the router, 2 workers", report["two_workers"],
+                                lambda r: r["tokens_per_s"])),
+                 logx=True)
 
 
 async def _measure(cluster, args, levels: list[int]) -> dict:

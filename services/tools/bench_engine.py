@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.tools.plots import Chart, add_plot_flag, render, series
+
 _TEXT = (
     "The history of computing is a story of layered abstractions. Early machines were "
     "programmed by rewiring panels; stored programs replaced the wires with memory, and "
@@ -51,6 +53,7 @@ def add_bench_parser(sub, add_model_flags):
     e.add_argument("--skip-transformers", action="store_true",
                    help="measure the engine only (no ratios)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_plot_flag(e, "tokens/s against concurrency")
     e.set_defaults(func=run_engine_bench)
     return bench_sub
 
@@ -82,7 +85,23 @@ def run_engine_bench(args: argparse.Namespace) -> int:
                 theirs[c] = _best(theirs.get(c), run)
     report = _report(args, engine, levels, ours, theirs)
     print(json.dumps(report, indent=None if args.json else 2))
+    if args.plot:
+        render(engine_chart(report), args.plot)
     return 0
+
+
+def engine_chart(report: dict) -> Chart:
+    """Tokens/s against concurrent sequences, slotmesh and (when run) transformers."""
+    lines = [series("slotmesh", report["slotmesh"], lambda r: r["tokens_per_s"])]
+    if "transformers" in report:
+        lines.append(series("transformers generate()", report["transformers"],
+                            lambda r: r["tokens_per_s"], dashed=True))
+    return Chart(title=f"slotmesh bench engine: {report['model']}",
+                 note=f"{report['dtype']}, weights {report['weights']}, "
+                      f"{report['prompt_tokens']} + {report['new_tokens']} tokens, "
+                      f"{report['threads']} threads",
+                 xlabel="concurrent sequences", ylabel="generated tokens/s",
+                 series=tuple(lines), logx=True)
 
 
 def _best(a: RunResult | None, b: RunResult) -> RunResult:

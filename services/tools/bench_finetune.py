@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from services.cli.flags import add_device_flags
+from services.tools.plots import Chart, Line, Series, add_plot_flag, render
 
 OPTIMIZER_NAMES = ("adamw", "sgd")
 _CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-max-ctx", action="store_true", help="skip the largest-context search")
     add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_plot_flag(p, "peak memory against context, per optimizer")
 
 
 def add_finetune_bench_parser(bench_sub) -> None:
@@ -92,7 +94,33 @@ def run_bench(args: argparse.Namespace) -> int:
                                      args.ctx, report[name]["peak_memory_bytes"], cap,
                                      args.ctx_step, report[name]["max_position_embeddings"])
     print(json.dumps(report, indent=None if args.json else 2))
+    if args.plot:
+        render(finetune_chart(report), args.plot)
     return 0
+
+
+_OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD (in backward)"}
+
+
+def finetune_chart(report: dict) -> Chart:
+    """Peak memory against context per optimizer (every probe the run made), the memory
+    cap, and the largest context each fits under it."""
+    lines, marks = [], []
+    for name, label in _OPTIMIZERS.items():
+        r = report[name]
+        probes = r.get("probes") or {str(report["ctx"]): r["peak_memory_bytes"]}
+        lines.append(Series(label=label, points=tuple(sorted(
+            (float(c), b / 1e9) for c, b in probes.items()))))
+        if "max_ctx_under_cap" in r:
+            marks.append(Line(at=r["max_ctx_under_cap"], vertical=True,
+                              label=f"{label}: {r['max_ctx_under_cap']:,}"))
+    if "memory_cap_bytes" in report:
+        cap = report["memory_cap_bytes"]
+        marks.append(Line(at=cap / 1e9, label=f"cap {cap / 2**30:g} GiB"))
+    return Chart(title=f"slotmesh bench finetune: {report['model']}",
+                 note=f"batch {report['batch']}, {report['device']}, peak resident memory",
+                 xlabel="context (tokens per window)", ylabel="peak memory (GB)",
+                 series=tuple(lines), lines=tuple(marks))
 
 
 def _max_ctx(spec: dict, ctx0: int, peak0: int, cap: int, step: int,

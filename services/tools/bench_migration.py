@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from services.local.cluster import add_bench_tls_flag
+from services.tools.plots import Chart, add_plot_flag, render, series
 
 
 def add_migration_bench_parser(bench_sub, add_model_flags) -> None:
@@ -41,6 +42,7 @@ def add_migration_bench_parser(bench_sub, add_model_flags) -> None:
     p.add_argument("--migrate-at", type=int, default=8,
                    help="move the sequence after this many tokens (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_plot_flag(p, "migration time against context length")
     add_bench_tls_flag(p)
     p.set_defaults(func=run_migration_bench)
 
@@ -74,7 +76,27 @@ def run_migration_bench(args: argparse.Namespace) -> int:
                            for r in results.values()),
     }
     print(json.dumps(report, indent=2) if args.json else _table(report))
+    if args.plot:
+        render(migration_chart([report]), args.plot)
     return 0
+
+
+def migration_chart(reports: list[dict]) -> Chart:
+    """Migration time (Migrate call → first token from the target) against context, by
+    snapshot and by replay; several reports (models) share the axes."""
+    lines = []
+    for report in reports:
+        model = f" ({report['model']})" if len(reports) > 1 else ""
+        lines += [series(f"snapshot{model}", report["contexts"],
+                         lambda r: r["snapshot"]["migrate_s"]),
+                  series(f"replay{model}", report["contexts"],
+                         lambda r: r["replay"]["migrate_s"], dashed=True)]
+    models = ", ".join(r["model"] for r in reports)
+    return Chart(title=f"slotmesh bench migration: {models}",
+                 note=f"moved after {reports[0]['migrate_at']} of "
+                      f"{reports[0]['new_tokens']} new tokens",
+                 xlabel="context (prompt tokens)", ylabel="migration time (s)",
+                 series=tuple(lines), logx=True, logy=True)
 
 
 def _prompt(n: int, salt: int) -> list[int]:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from services.local.cluster import add_bench_tls_flag
+from services.tools.plots import Chart, add_plot_flag, render, series
 
 SUFFIX = 16
 
@@ -40,6 +41,7 @@ def add_swa_bench_parser(bench_sub, add_model_flags) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per measurement, best kept (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_plot_flag(p, "cold and warm time to first token against prompt length")
     add_bench_tls_flag(p)
     p.set_defaults(func=run_swa_bench)
 
@@ -71,7 +73,23 @@ def run_swa_bench(args: argparse.Namespace) -> int:
         "same_token": all(r["same_token"] for r in results.values()),
     }
     print(json.dumps(report, indent=2) if args.json else _table(report))
+    if args.plot:
+        render(swa_chart(report), args.plot)
     return 0
+
+
+def swa_chart(report: dict) -> Chart:
+    """Time to first token against prompt length: cold, warm on the same worker, warm on
+    another worker (through Redis)."""
+    table = report["contexts"]
+    return Chart(title=f"slotmesh bench swa: {report['model']}",
+                 note=f"{report['dtype']}, prompt cache in Redis",
+                 xlabel="prompt tokens", ylabel="time to first token (s)",
+                 series=(series("cold", table, lambda r: r["cold_s"], dashed=True),
+                         series("warm, same worker", table, lambda r: r["warm_same_s"]),
+                         series("warm, other worker (Redis)", table,
+                                lambda r: r["warm_other_s"])),
+                 logx=True, logy=True)
 
 
 def _prompt(n: int, salt: int) -> list[int]:

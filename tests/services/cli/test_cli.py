@@ -132,15 +132,18 @@ def test_chaos_refuses_bad_flags_before_starting_anything(argv, message, capsys)
     assert message in capsys.readouterr().err
 
 
-def test_bench_engine_reports_ratios(tiny_model_dir, capsys) -> None:
+def test_bench_engine_reports_ratios(tiny_model_dir, capsys, tmp_path) -> None:
     """Smoke test of the benchmark's plumbing on a tiny model (no timing asserted)."""
+    plot = tmp_path / "engine.png"
     rc = main(["bench", "engine", "--model", str(tiny_model_dir("llama")), "--concurrency",
-               "1,2", "--prompt-tokens", "8", "--new-tokens", "4", "--repeat", "1", "--json"])
+               "1,2", "--prompt-tokens", "8", "--new-tokens", "4", "--repeat", "1", "--json",
+               "--plot", str(plot)])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["vs_transformers"]) == {"1", "2"}
     assert report["dtype"] == "float32"
     assert report["device_to_host_bytes_per_step"]["2"]["device_sampling"] == 8
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_bench_engine_runs_packed_weights_against_dense_transformers(tiny_model_dir,

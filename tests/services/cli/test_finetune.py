@@ -189,9 +189,9 @@ def test_help_lists_finetune(capsys) -> None:
     assert "finetune" in out and "--lr-halvings" in out and "--memory-cap-gib" in out
 
 
-def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys) -> None:
+def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys, tmp_path) -> None:
     """The benchmark's plumbing with the child processes replaced by a fake that grows
-    linearly with the context: ratio, and the largest context under the cap."""
+    linearly with the context: ratio, the largest context under the cap, and its plot."""
     from services.tools import bench_finetune as bench
 
     def fake(spec: dict, plain_malloc: bool = False) -> dict:
@@ -201,12 +201,14 @@ def test_bench_finetune_report(tiny_model_dir, monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(bench, "_measure", fake)
     rc = main(["bench", "finetune", "--model", "x", "--ctx", "64", "--memory-cap-gib",
-               str(8000 / 2**30), "--ctx-step", "32", "--json"])
+               str(8000 / 2**30), "--ctx-step", "32", "--json", "--plot",
+               str(tmp_path / "finetune.png")])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["sgd_over_adamw_peak_memory"] == round(2640 / 4640, 3)
     assert report["adamw"]["max_ctx_under_cap"] == 384  # 4000 + 10·384 ≤ 8000 < 4000 + 10·416
     assert report["sgd"]["max_ctx_under_cap"] == 576
+    assert (tmp_path / "finetune.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bench_child_measures_a_real_step(tiny_model_dir) -> None:

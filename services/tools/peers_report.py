@@ -126,10 +126,10 @@ def format_report(report: dict) -> str:
     w = report["workload"]
     lines += ["", *notes, "",
               f"{report['model']}: {w['prompt_tokens']}-token prompts + {w['new_tokens']} "
-              f"greedy tokens (EOS ignored), {w['rounds']} requests per client, median of "
+              f"greedy tokens (EOS ignored), requests per client per run: {w['rounds']}, median of "
               f"{w['repeat']}; best peer: " + ", ".join(f"c={c} {n}" for c, n in
                                                         report["best_peer"].items()),
-              f"CPU: {cpu_line(report['cpu'])}; every system on {report['threads']} threads",
+              f"CPU: {cpu_line(report['cpu'])}; threads per system: {report['threads']}",
               f"load average (1/5/15 min) before {report['loadavg']['before']}, after "
               f"{report['loadavg']['after']}", f"date: {report['date']}"]
     lines += [f"- {r['name']}: {r['detail']}" for r in report["rows"] if r["detail"]]

@@ -127,3 +127,11 @@ def test_bench_peers_runs_in_process_rows_and_reports_missing_peers(tiny_model_d
     assert "llama-server" in not_run[0]["not_run"] and "/nonexistent" in not_run[1]["not_run"]
     table = format_report(report)
     assert "| c=1 tok/s | c=2 tok/s | TTFT p50 at c=2 |" in table and "not run (" in table
+
+
+@pytest.mark.parametrize("argv", [["--weights", "int3"], ["--weights", "int4:float64"],
+                                  ["--concurrency", "1,x"], ["--concurrency", "0"]])
+def test_bad_flags_are_refused_before_anything_loads(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "peers", *argv])
+    assert e.value.code == 2 and f"error: argument {argv[0]}: " in capsys.readouterr().err

@@ -51,11 +51,12 @@ def add_peers_bench_parser(bench_sub, add_model_flags) -> None:
                              description=__doc__, conflict_handler="resolve",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p, slots=False)  # the engine gets one slot per concurrent client
-    p.add_argument("--weights", dest="weight_rows", type=_weight_rows, default="dense,auto",
+    p.add_argument("--weights", dest="weight_rows", metavar="LIST", type=_weight_rows,
+                   default="dense,auto",
                    help="slotmesh rows: comma-separated weight formats (dense = nothing "
                         "packed, auto, float32, bfloat16, float16, int8, int4), each with an "
-                        "optional :DTYPE for its activations (default: %(default)s, "
-                        "activations in --dtype)")
+                        "optional :DTYPE, that row's --dtype (default: %(default)s, all in "
+                        "--dtype)")
     p.add_argument("--concurrency", type=_levels, default="1,4,16",
                    help="comma-separated closed-loop client counts (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -265,7 +266,7 @@ def _llama_specs(args, model, workload: Workload, threads: int) -> list[SystemSp
                 raise PeerUnavailable("no llama-server binary: give --llama-server PATH or "
                                       "put one on PATH")
             if gguf is None or not gguf.is_file():
-                raise PeerUnavailable(f"needs a GGUF file; {model.model} is not one")
+                raise PeerUnavailable(f"needs a GGUF file; {gguf or model.model} is not one")
             from services.local.redis_server import free_port
 
             spec = llama_server_spec(binary, gguf, free_port(), max(workload.levels), threads,

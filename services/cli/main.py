@@ -9,7 +9,7 @@ the environment, and passes it down.
     slotmesh undrain    return a drained worker to routing
     slotmesh fetch-model  put a known model into the cache (a container's init step)
     slotmesh seq        save a running sequence to a file / restore it on a worker
-    slotmesh bench      engine / cluster benchmarks
+    slotmesh bench      engine / cluster / peers benchmarks
 """
 
 from __future__ import annotations
@@ -505,12 +505,14 @@ def _bench_parser(sub) -> None:
     from services.tools.bench_engine import add_bench_parser
     from services.tools.bench_finetune import add_finetune_bench_parser
     from services.tools.bench_migration import add_migration_bench_parser
+    from services.tools.bench_peers import add_peers_bench_parser
     from services.tools.bench_swa import add_swa_bench_parser
 
     bench_sub = add_bench_parser(sub, flags.add_model_flags)
     add_cluster_bench_parser(bench_sub, flags.add_model_flags)
     add_migration_bench_parser(bench_sub, flags.add_model_flags)
     add_swa_bench_parser(bench_sub, flags.add_model_flags)
+    add_peers_bench_parser(bench_sub, flags.add_model_flags)
     add_finetune_bench_parser(bench_sub)
 
 

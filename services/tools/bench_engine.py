@@ -73,7 +73,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     engine = LLMEngine(config, model_files=ckpt if model.weights is None else
                        load_model_files(model.model, model.cache_dir, model.weights))
     prompt = _prompt_ids(engine, args.prompt_tokens)
-    hf = None if args.skip_transformers else _transformers_model(ckpt, engine.dtype)
+    hf = None if args.skip_transformers else transformers_model(ckpt, engine.dtype)
     ours: dict[int, RunResult] = {}
     theirs: dict[int, RunResult] = {}
     # the two sides alternate, best of --repeat each, so a noisy minute hits both alike
@@ -137,7 +137,9 @@ def _bench_engine(engine, prompt: list[int], concurrency: int, new_tokens: int) 
                      sum(first.values()) / len(first))
 
 
-def _transformers_model(ckpt, dtype: torch.dtype):
+def transformers_model(ckpt, dtype: torch.dtype):
+    """A transformers model over our loaded checkpoint's config and dense tensors (no
+    second conversion), in `dtype`; `bench peers` uses it too."""
     import transformers
 
     config = transformers.AutoConfig.for_model(**{k: v for k, v in ckpt.config.items()

@@ -146,7 +146,9 @@ class Gateway:
         try:
             token = self._check_token(request)
             req = parse(await _json_body(request), self.config.default_max_tokens)
-            model = await self._model_name(req.model)
+            model, max_model_len = await self._model(req.model)
+            if max_model_len:
+                req = req.fit_context(max_model_len)
             head = ResponseHead(id=f"{'chatcmpl' if req.is_chat else 'cmpl'}-"
                                    f"{uuid.uuid4().hex}", created=int(time.time()),
                                 model=model, is_chat=req.is_chat,
@@ -259,8 +261,9 @@ class Gateway:
             self._models_at = now
         return self._models
 
-    async def _model_name(self, requested: str | None) -> str:
-        """The served model the request is for: 404 for another name, 503 for none."""
+    async def _model(self, requested: str | None) -> tuple[str, int]:
+        """The served model the request is for, with its context (0: unknown): 404 for
+        another name, 503 for none."""
         try:
             models = await self._served_models(refresh=False)
             if requested is not None and requested not in {m.name for m in models}:
@@ -270,15 +273,15 @@ class Gateway:
                 raise
             # the gateway's own token may not list workers: no model check then
             log.warning("cannot list the router's workers (%s); model names go unchecked", e)
-            return requested or "unknown"
-        names = [m.name for m in models]
-        if not names:
+            return requested or "unknown", 0
+        by_name = {m.name: m for m in models}
+        if not by_name:
             raise UnavailableError("no worker available")
         if requested is None:
-            return names[0]
-        if requested not in names:
-            raise ModelNotFoundError(requested, names)
-        return requested
+            return models[0].name, models[0].max_model_len
+        if requested not in by_name:
+            raise ModelNotFoundError(requested, list(by_name))
+        return requested, by_name[requested].max_model_len
 
     def _error(self, error: Exception, req: GatewayRequest | None = None,
                timer=None) -> Response:

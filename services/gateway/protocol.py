@@ -49,6 +49,7 @@ class GatewayRequest:
     include_usage: bool
     num_logprobs: int | None
     max_tokens_field: str  # the name the client gave the limit (errors name it)
+    has_max_tokens: bool  # False: the default, which fit_context may lower
 
     def choice_params(self, choice: int) -> SamplingParams:
         """The sampling of choice j of a prompt: the request's seed for j = 0 (so n=1
@@ -58,6 +59,13 @@ class GatewayRequest:
             return self.params
         digest = hashlib.blake2b(f"{seed}:{choice}".encode(), digest_size=8).digest()
         return replace(self.params, seed=int.from_bytes(digest, "big") >> 1)  # < 2^63
+
+    def fit_context(self, max_model_len: int) -> GatewayRequest:
+        """A default max_tokens no larger than the model's context (generation stops
+        where the context is full anyway); a limit the client gave stays as given."""
+        if self.has_max_tokens or self.params.max_tokens <= max_model_len:
+            return self
+        return replace(self, params=replace(self.params, max_tokens=max_model_len))
 
 
 def parse_completion(body: object, default_max_tokens: int) -> GatewayRequest:
@@ -111,7 +119,8 @@ def _request(body: dict, prompts: tuple[Prompt, ...], *, is_chat: bool,
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _optional_int(body, max_field, None, None)
-    params = _sampling(body, max_tokens or default_max_tokens, num_logprobs)
+    params = _sampling(body, default_max_tokens if max_tokens is None else max_tokens,
+                       num_logprobs)
     try:
         params.validate(None)  # the router's check, here to name OpenAI's fields
     except InvalidRequestError as e:
@@ -120,7 +129,8 @@ def _request(body: dict, prompts: tuple[Prompt, ...], *, is_chat: bool,
     return GatewayRequest(
         is_chat=is_chat, model=model, prompts=prompts, params=params,
         n=_optional_int(body, "n", 1, MAX_N) or 1, stream=stream,
-        include_usage=include_usage, num_logprobs=num_logprobs, max_tokens_field=max_field)
+        include_usage=include_usage, num_logprobs=num_logprobs, max_tokens_field=max_field,
+        has_max_tokens=max_tokens is not None)
 
 
 def _sampling(body: dict, max_tokens: int, num_logprobs: int | None) -> SamplingParams:

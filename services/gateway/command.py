@@ -16,15 +16,21 @@ def _default(name: str):
     return next(f.default for f in fields(GatewayConfig) if f.name == name)
 
 
+DESCRIPTION = ("Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+               "/metrics over HTTP (HTTPS with --tls-cert/--tls-key), forwarding each "
+               "request to the router's Generate stream. The caller's `Authorization: "
+               "Bearer` token goes to the router, which checks it; the gateway's own calls "
+               "(ListWorkers, for /v1/models and /health) send $SLOTMESH_TOKEN, which must "
+               "be an admin token when the router has a tokens file.")
+
+
 def add_gateway_parser(sub) -> None:
-    p = sub.add_parser(
-        "gateway", help="serve the OpenAI-compatible HTTP API in front of a router",
-        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
-                    "/metrics over HTTP (HTTPS with --tls-cert/--tls-key), forwarding each "
-                    "request to the router's Generate stream. The caller's `Authorization: "
-                    "Bearer` token goes to the router, which checks it; the gateway's own "
-                    "calls (ListWorkers, for /v1/models and /health) send $SLOTMESH_TOKEN, "
-                    "which must be an admin token when the router has a tokens file.")
+    p = sub.add_parser("gateway", description=DESCRIPTION,
+                       help="serve the OpenAI-compatible HTTP API in front of a router")
+    add_gateway_flags(p)
+
+
+def add_gateway_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default=os.environ.get("SLOTMESH_ROUTER_ADDRESS")
                    or _default("router_address"), metavar="HOST:PORT",
                    help="the router to forward to (default: $SLOTMESH_ROUTER_ADDRESS or "

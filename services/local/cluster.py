@@ -191,9 +191,10 @@ class LocalCluster:
         if self.tls is not None:  # HTTPS with the cluster's certificate; dials the router
             tls = ["--tls-cert", str(self.tls.server_cert), "--tls-key",
                    str(self.tls.server_key), "--tls-ca", str(self.tls.ca)]
+        # `python -m services.gateway`: `slotmesh gateway` without the CLI's torch import
         return spawn_service("gateway", [
-            "gateway", "--router", self.router_address, "--port", str(port), *tls,
-            *self.gateway_args], stderr=self._log("gateway"), env=self._env())
+            "--router", self.router_address, "--port", str(port), *tls, *self.gateway_args],
+            stderr=self._log("gateway"), env=self._env(), module="services.gateway")
 
     @property
     def gateway_url(self) -> str:

@@ -206,28 +206,21 @@ class Gateway:
         """The SSE body: role chunks (chat), the choices' chunks as they come, the usage
         chunk when asked, then [DONE]. A failure mid-stream is an error event."""
         choices = [Choice(index=i) for i in range(len(streams))]
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
         status = 200
         try:
             if head.is_chat:
                 for i in range(len(streams)):
                     yield _sse(head.role_chunk(i))
-            remaining = len(streams)
-            while remaining:
-                index, chunk, error = await queue.get()
-                if chunk is None:
-                    if error is not None:
-                        status, body = http_error(error, is_chat=req.is_chat)
-                        yield _sse(body)
-                        break
-                    remaining -= 1
-                    continue
-                timer.on_tokens(len(chunk.token_ids))
-                choices[index].add(chunk)
-                if chunk.text or chunk.finish_reason or (head.num_logprobs is not None
-                                                         and chunk.token_ids):
-                    yield _sse(head.chunk(index, chunk))
+            try:
+                async for index, chunk in _merged(streams):
+                    timer.on_tokens(len(chunk.token_ids))
+                    choices[index].add(chunk)
+                    if chunk.text or chunk.finish_reason or (head.num_logprobs is not None
+                                                             and chunk.token_ids):
+                        yield _sse(head.chunk(index, chunk))
+            except Exception as e:  # noqa: BLE001 - a failure after the 200: an event
+                status, body = http_error(e, is_chat=req.is_chat)
+                yield _sse(body)
             else:
                 if req.include_usage:
                     yield _sse(head.usage_chunk(choices, req.n))
@@ -236,8 +229,6 @@ class Gateway:
             status = 499  # the client went away (nginx's code for it)
             raise
         finally:
-            for task in tasks:
-                task.cancel()
             for s in streams:
                 s.cancel()
             timer.finish(status)
@@ -294,6 +285,32 @@ class Gateway:
         if timer is not None:
             timer.finish(status)
         return JSONResponse(body, status_code=status)
+
+
+async def _merged(streams: list[RouterStream]) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, chunk) of every stream in arrival order; the first failure raises.
+    One stream (n=1, one prompt: the common case) is read directly, several through a
+    queue fed by one task each."""
+    if len(streams) == 1:
+        async for chunk in streams[0].chunks():
+            _raise_if_failed(chunk)
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                remaining -= 1
+                continue
+            yield index, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _pump(index: int, stream: RouterStream, queue: asyncio.Queue) -> None:

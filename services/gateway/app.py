@@ -50,10 +50,16 @@ _NOT_SUPPORTED = {
 
 
 class _EventStream(StreamingResponse):
-    """An SSE response whose generator is closed however the response ends (a client
-    that hangs up cancels the send loop; closing the generator runs its `finally`)."""
+    """An SSE response whose generator is closed and whose streams are cancelled however
+    the response ends: a client that hangs up cancels the send loop, possibly before the
+    generator ever ran (then closing it runs no `finally`, hence `cleanup`)."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content, cleanup: Callable[[], None]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        self.cleanup = cleanup
 
     async def stream_response(self, send) -> None:
         try:
@@ -61,6 +67,7 @@ class _EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+            self.cleanup()
 
 
 def _sse(obj: dict) -> str:
@@ -157,11 +164,22 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - every failure is an OpenAI error answer
             return self._error(e, req, timer)
         if req.stream:
-            return _EventStream(self._events(head, req, streams, timer),
-                                headers={"Cache-Control": "no-cache",
-                                         "X-Accel-Buffering": "no"})
+            def cleanup() -> None:
+                _cancel(streams)
+                timer.finish(499)  # a no-op when the body ran to its end
+
+            return _EventStream(self._events(head, req, streams, timer), cleanup)
+        collect = asyncio.create_task(self._collect(streams, timer))
+        hangup = asyncio.create_task(_disconnected(request))
+        await asyncio.wait({collect, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        hangup.cancel()
+        if not collect.done():  # the client went away: stop generating for it
+            collect.cancel()
+            _cancel(streams)
+            timer.finish(499)
+            return Response(status_code=499)
         try:
-            choices = await self._collect(streams, timer)
+            choices = collect.result()
         except Exception as e:  # noqa: BLE001
             return self._error(e, req, timer)
         timer.finish(200)
@@ -180,8 +198,7 @@ class Gateway:
         streams = [r for r in results if isinstance(r, RouterStream)]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            for s in streams:
-                s.cancel()
+            _cancel(streams)
             raise failed[0]
         return streams
 
@@ -197,8 +214,7 @@ class Gateway:
         try:
             await asyncio.gather(*(drain(c, s) for c, s in zip(choices, streams, strict=True)))
         finally:
-            for s in streams:
-                s.cancel()
+            _cancel(streams)
         return choices
 
     async def _events(self, head: ResponseHead, req: GatewayRequest,
@@ -229,8 +245,7 @@ class Gateway:
             status = 499  # the client went away (nginx's code for it)
             raise
         finally:
-            for s in streams:
-                s.cancel()
+            _cancel(streams)
             timer.finish(status)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -324,6 +339,20 @@ async def _pump(index: int, stream: RouterStream, queue: asyncio.Queue) -> None:
         await queue.put((index, None, e))
         return
     await queue.put((index, None, None))
+
+
+def _cancel(streams: list[RouterStream]) -> None:
+    """End every Generate call (a no-op on one that finished): the router cancels the
+    worker call and the worker aborts the sequence, freeing its blocks."""
+    for s in streams:
+        s.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _raise_if_failed(chunk) -> None:

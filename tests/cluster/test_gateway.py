@@ -309,3 +309,17 @@ def test_disconnect_aborts_the_sequence(cluster, api) -> None:
 def num_cancelled(worker) -> float:
     return metric_value(scrape(worker.metrics_address),
                         'slotmesh_worker_requests_total{finish_reason="cancelled"}')
+
+
+def test_disconnect_of_a_whole_answer_aborts_too(cluster, api) -> None:
+    worker = cluster.workers[0]
+    cancelled_before = num_cancelled(worker)
+    conn = _connection(cluster)
+    conn.request("POST", "/v1/completions", **_body_and_headers(
+        {"model": model_name(api), "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True},
+        USER_TOKEN))
+    # paced at >= 5 ms a step, the sequence runs for 2.4 s once it is admitted
+    wait_until(lambda: not is_idle(worker.address), 30, "the sequence admitted")
+    conn.close()  # the client hangs up before the answer
+    wait_until(lambda: is_idle(worker.address), 30, "the worker's blocks freed")
+    assert num_cancelled(worker) == cancelled_before + 1

@@ -169,6 +169,11 @@ class Gateway:
                 timer.finish(499)  # a no-op when the body ran to its end
 
             return _EventStream(self._events(head, req, streams, timer), cleanup)
+        return await self._whole_answer(request, head, req, streams, timer)
+
+    async def _whole_answer(self, request: Request, head: ResponseHead, req: GatewayRequest,
+                            streams: list[RouterStream], timer) -> Response:
+        """A non-streaming answer; a client that hangs up meanwhile cancels the streams."""
         collect = asyncio.create_task(self._collect(streams, timer))
         hangup = asyncio.create_task(_disconnected(request))
         await asyncio.wait({collect, hangup}, return_when=asyncio.FIRST_COMPLETED)

@@ -6,8 +6,9 @@
 #   scripts/install-python.sh PYTHON dev      torch, then `pip install -e ".[dev]"`
 #   scripts/install-python.sh PYTHON worker   torch, then the package (no extras)
 #   scripts/install-python.sh PYTHON router   the package without torch: only what the
-#                                             router imports (grpc, protobuf, redis,
-#                                             prometheus), at pyproject's versions
+#                                             router and the gateway import (grpc,
+#                                             protobuf, redis, prometheus, starlette,
+#                                             uvicorn, httptools), at pyproject's versions
 #
 # torch is pinned here and installed first, so nothing else pulls another build.
 # TORCH_INDEX_URL picks the build: unset = pip's configured index (on CI the local CPU
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=2.13.0
-ROUTER_DEPS="grpcio grpcio-health-checking grpcio-reflection protobuf redis prometheus-client"
+ROUTER_DEPS="grpcio grpcio-health-checking grpcio-reflection protobuf redis prometheus-client starlette uvicorn httptools"
 py=$1
 target=$2
 

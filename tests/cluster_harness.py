@@ -15,19 +15,22 @@ def tiny_cluster(model_dir: Path, redis_url: str, log_dir: Path, *, num_workers:
                  heartbeat_ttl_s: float = 6.0, registry_poll_s: float = 0.25,
                  slots: int = 4, worker_args: tuple[str, ...] = (),
                  router_args: tuple[str, ...] = (), min_step_ms: float = 0.0,
-                 cluster_key_file: Path | None = None) -> LocalCluster:
+                 cluster_key_file: Path | None = None,
+                 http_port: int | None = None) -> LocalCluster:
     """Router + workers on a tiny model, against an already running Redis. With a
     cluster key, the router and the workers have it (workers then take calls only with
     the credential derived from it, services/security/cluster_auth.py). min_step_ms: every
     engine step lasts at least this long, so a stream of N tokens outlives N * min_step_ms
-    on a machine of any speed and a test can act on it mid-stream."""
+    on a machine of any speed and a test can act on it mid-stream. http_port: also the
+    HTTP gateway (0 = a free port)."""
     pace = ["--min-step-ms", str(min_step_ms)] if min_step_ms else []
     return LocalCluster(
         worker_args=["--model", str(model_dir), "--slots", str(slots), "--kv-cache-mb", "16",
                      *pace, *worker_args],
         num_workers=num_workers, redis_url=redis_url, heartbeat_ttl_s=heartbeat_ttl_s,
         registry_poll_s=registry_poll_s, metrics=True, log_dir=log_dir,
-        router_args=list(router_args), cluster_key_file=cluster_key_file)
+        router_args=list(router_args), cluster_key_file=cluster_key_file,
+        http_port=http_port)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,

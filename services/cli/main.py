@@ -4,7 +4,9 @@ the environment, and passes it down.
     slotmesh generate   in-process, or through a router with --router HOST:PORT
     slotmesh worker     one worker process (gRPC + Redis registration)
     slotmesh router     the client-facing router
-    slotmesh up         Redis + router + N workers on this machine
+    slotmesh gateway    the OpenAI-compatible HTTP API in front of a router
+    slotmesh up         Redis + router + N workers on this machine (+ --http-port: a gateway)
+    slotmesh serve      one-command local server: Redis, router, one worker, the gateway
     slotmesh drain      move every sequence off a worker (Kubernetes' preStop hook)
     slotmesh undrain    return a drained worker to routing
     slotmesh fetch-model  put a known model into the cache (a container's init step)
@@ -483,9 +485,16 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def _up_parser(sub) -> None:
-    from services.local.cluster import add_up_parser
+    from services.local.cluster import add_serve_parser, add_up_parser
 
     add_up_parser(sub, flags.add_model_flags)
+    add_serve_parser(sub, flags.add_model_flags)
+
+
+def _gateway_parser(sub) -> None:
+    from services.gateway.command import add_gateway_parser
+
+    add_gateway_parser(sub)
 
 
 def _chaos_parser(sub) -> None:
@@ -535,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _router_parser(sub)
     _up_parser(sub)
+    _gateway_parser(sub)
     _drain_parser(sub)
     _undrain_parser(sub)
     _token_parser(sub)

@@ -1,5 +1,7 @@
 """`slotmesh up`: a whole local cluster from one command — a real redis-server (unless
---redis-url points at one), a router and N workers, each its own process.
+--redis-url points at one), a router and N workers, each its own process, and with
+--http-port the OpenAI-compatible gateway beside the router (`slotmesh serve` is `up`
+with one worker and the gateway).
 
 LocalCluster is also what the cluster benchmark and the integration tests start, so they
 exercise exactly the processes a user runs. The Redis it starts has an ACL user with a
@@ -47,8 +49,15 @@ class LocalCluster:
                  install_redis: bool = True, heartbeat_ttl_s: float = 6.0,
                  registry_poll_s: float = 1.0, metrics: bool = False,
                  log_dir: Path | None = None, router_args: list[str] | None = None,
-                 cluster_key_file: Path | None = None, tls: LocalPki | None = None) -> None:
+                 cluster_key_file: Path | None = None, tls: LocalPki | None = None,
+                 http_port: int | None = None, gateway_args: list[str] | None = None
+                 ) -> None:
+        """http_port: also start `slotmesh gateway` on it (0 = any free port); None: no
+        gateway."""
         self.worker_args = worker_args
+        self.http_port = http_port
+        self.gateway_args = gateway_args or []
+        self.gateway: ServiceProcess | None = None
         self.cluster_key_file = cluster_key_file
         self.tls = tls
         self.num_workers = num_workers
@@ -92,6 +101,8 @@ class LocalCluster:
             workers = [self._worker_spec() for _ in range(self.num_workers)]
             self.workers = spawn_services(workers, env=self._env())
             self.wait_for_workers(len(self.workers))
+            if self.http_port is not None:
+                self.gateway = self._spawn_gateway(self.http_port)
         except BaseException:
             self.stop()
             raise
@@ -175,6 +186,28 @@ class LocalCluster:
             *self._key_flag(), *self._tls_flags(worker=False), *self.router_args],
             stderr=self._log(name), env=self._env())
 
+    def _spawn_gateway(self, port: int) -> ServiceProcess:
+        tls = []
+        if self.tls is not None:  # HTTPS with the cluster's certificate; dials the router
+            tls = ["--tls-cert", str(self.tls.server_cert), "--tls-key",
+                   str(self.tls.server_key), "--tls-ca", str(self.tls.ca)]
+        # `python -m services.gateway`: `slotmesh gateway` without the CLI's torch import
+        return spawn_service("gateway", [
+            "--router", self.router_address, "--port", str(port), *tls, *self.gateway_args],
+            stderr=self._log("gateway"), env=self._env(), module="services.gateway")
+
+    @property
+    def gateway_url(self) -> str:
+        assert self.gateway is not None, "no gateway started"
+        return f"{'https' if self.tls else 'http'}://{self.gateway.address}/v1"
+
+    def restart_gateway(self) -> ServiceProcess:
+        """Start the gateway again on its port (killed first if it still runs)."""
+        old = self.gateway
+        old.kill()
+        self.gateway = self._spawn_gateway(int(old.address.rsplit(":", 1)[1]))
+        return self.gateway
+
     def kill_router(self, index: int = 0) -> ServiceProcess:
         """SIGKILL router `index` (a crash: no clean shutdown); restart_router brings it
         back."""
@@ -219,6 +252,9 @@ class LocalCluster:
         children += [Child(w.name, lambda i=i: self.workers[i].proc.poll(),
                            lambda i=i: self.restart_worker(i).address)
                      for i, w in enumerate(self.workers)]
+        if self.gateway is not None:
+            children.append(Child("gateway", lambda: self.gateway.proc.poll(),
+                                  lambda: self.restart_gateway().address))
         if self.redis is not None:
             children.insert(0, Child("redis", self._redis_exit_code, self._restart_redis))
         return Supervisor(children, policy, out)
@@ -244,8 +280,10 @@ class LocalCluster:
                 time.sleep(self.registry_poll_s / 4)
 
     def stop(self) -> dict[str, int]:
-        """Workers first (they deregister), then the router, then Redis; exit codes."""
+        """The gateway, workers (they deregister), the router, then Redis; exit codes."""
         codes = {}
+        if self.gateway is not None:
+            codes[self.gateway.name] = self.gateway.terminate()
         for w in self.workers:
             codes[w.name] = w.terminate()
         for r in self.routers:
@@ -318,7 +356,35 @@ def add_up_parser(sub, add_model_flags) -> None:
                    help="secure the cluster with a throwaway CA made for this run: TLS on "
                         "the router, the workers and Redis, mutual TLS between router and "
                         "workers, Redis with an ACL user; prints the CA a client needs")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also start the OpenAI-compatible HTTP gateway (`slotmesh gateway`) "
+                        "on this port of 127.0.0.1, supervised like the rest; 0 = any free "
+                        "port (default: no gateway)")
     p.set_defaults(func=cmd_up)
+
+
+def add_serve_parser(sub, add_model_flags) -> None:
+    """`slotmesh serve`: `slotmesh up` with one worker and the gateway, for one machine."""
+    p = sub.add_parser(
+        "serve", help="one-command local server: Redis, a router, one worker and the "
+                      "OpenAI-compatible HTTP API",
+        description="What `vllm serve` or llama-server are to one machine: start Redis, a "
+                    "router, one worker and the HTTP gateway (as `slotmesh up --workers 1 "
+                    "--http-port PORT` does, supervised the same way), print the API's URL, "
+                    "and serve until Ctrl-C or SIGTERM stops everything.")
+    add_model_flags(p)
+    p.add_argument("--port", dest="http_port", type=int, default=8000,
+                   help="HTTP port of the OpenAI-compatible API on 127.0.0.1; 0 = any free "
+                        "port (default: %(default)s)")
+    p.add_argument("--router-port", dest="port", type=int, default=0,
+                   help="gRPC port of the router (default: any free port)")
+    p.add_argument("--redis-url", default=None,
+                   help="use this Redis (redis://host:port/db) instead of starting one")
+    p.add_argument("--no-install-redis", action="store_true",
+                   help="fail instead of installing redis-server when it is missing")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="write each process's log to DIR/NAME.log (default: this terminal)")
+    p.set_defaults(func=cmd_up, workers=1, metrics=False, cluster_key_file=None, tls=False)
 
 
 def model_worker_args(args: argparse.Namespace) -> list[str]:
@@ -347,7 +413,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = LocalCluster(worker_args=model_worker_args(args), num_workers=args.workers,
                                router_port=args.port, redis_url=args.redis_url,
                                install_redis=not args.no_install_redis, metrics=args.metrics,
-                               log_dir=args.log_dir, cluster_key_file=key_file, tls=pki)
+                               log_dir=args.log_dir, cluster_key_file=key_file, tls=pki,
+                               http_port=args.http_port)
         return _run_up(cluster, args, stop)
 
 
@@ -384,6 +451,8 @@ def _print_cluster(cluster: LocalCluster) -> None:
         print(f"{w.name} {w.address}"
               + (f"  metrics http://{w.metrics_address}/metrics" if w.metrics_address else ""))
     print(f"redis    {redact_url(cluster.redis_url)}")
+    if cluster.gateway is not None:
+        print(f"gateway  {cluster.gateway_url}  (OpenAI-compatible; metrics on the same port)")
     if cluster.cluster_key_file is not None:
         print(f"key      {cluster.cluster_key_file} (the cluster key: `slotmesh seq save|restore "
               "--cluster-key-file` and a second router need it)")
@@ -395,6 +464,8 @@ def _print_cluster(cluster: LocalCluster) -> None:
         print(f"         Python: Client('{cluster.router_address}', "
               f"root_certificates=Path('{pki.ca}').read_bytes())")
         tls = f"--tls-ca {pki.ca} "
+    if cluster.gateway is not None:
+        print(f"OpenAI API at {cluster.gateway_url} — try: curl {cluster.gateway_url}/models")
     slotmesh = _slotmesh_command()
     print(f"slotmesh up: ready. Try: {slotmesh} generate --router {cluster.router_address} "
           f"{tls}\"Hello\"   (Ctrl-C stops the cluster)", flush=True)

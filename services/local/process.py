@@ -54,19 +54,23 @@ class ServiceProcess:
 
 
 def spawn_service(name: str, argv: list[str], *, timeout_s: float = 300.0,
-                  stderr: IO | int | None = None, env: dict | None = None) -> ServiceProcess:
-    """Start `python -m services.cli ARGV…` and wait for its ready line."""
-    [proc] = spawn_services([(name, argv, stderr)], timeout_s=timeout_s, env=env)
+                  stderr: IO | int | None = None, env: dict | None = None,
+                  module: str = "services.cli") -> ServiceProcess:
+    """Start `python -m MODULE ARGV…` (default: the slotmesh CLI) and wait for its ready
+    line."""
+    [proc] = spawn_services([(name, argv, stderr)], timeout_s=timeout_s, env=env,
+                            module=module)
     return proc
 
 
 def spawn_services(specs: list[tuple[str, list[str], IO | int | None]], *,
-                   timeout_s: float = 300.0, env: dict | None = None) -> list[ServiceProcess]:
+                   timeout_s: float = 300.0, env: dict | None = None,
+                   module: str = "services.cli") -> list[ServiceProcess]:
     """Start several services at once (they load in parallel), then wait for each."""
     started = []
     try:
         for name, argv, stderr in specs:
-            cmd = [sys.executable, "-m", "services.cli", *argv]
+            cmd = [sys.executable, "-m", module, *argv]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env,
                                     cwd=_REPO, text=True,
                                     start_new_session=True)  # Ctrl-C reaches the parent only

@@ -1,5 +1,8 @@
 """`slotmesh bench cluster`: streams through the router against the same streams sent
-straight to one worker, in one run, then the router with two workers.
+straight to one worker, in one run, then the router with two workers. With --http, the
+same streams through the OpenAI-compatible gateway too (`POST /v1/completions`, SSE, a
+plain asyncio HTTP client so no client library's cost is measured), alternating with
+the other two sides.
 
 A real local cluster is started (redis-server, router, workers as processes). For each
 concurrency the direct and routed runs alternate and the best of --repeat is kept, so
@@ -54,6 +57,8 @@ def add_cluster_bench_parser(bench_sub, add_model_flags) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_bench_tls_flag(p)
     add_plot_flag(p, "tokens/s against concurrent streams")
+    p.add_argument("--http", action="store_true",
+                   help="also measure the HTTP gateway path (gateway → router → worker)")
     p.set_defaults(func=run_cluster_bench)
 
 
@@ -68,7 +73,7 @@ def run_cluster_bench(args: argparse.Namespace) -> int:
         worker_args += ["--ctx", str(args.ctx)]
     with tempfile.TemporaryDirectory() as logs, LocalCluster(
             worker_args=worker_args, num_workers=1, log_dir=Path(logs),
-            tls=bench_pki(args, logs)) as cluster:
+            tls=bench_pki(args, logs), http_port=0 if args.http else None) as cluster:
         report = asyncio.run(_measure(cluster, args, levels))
     report["model"] = args.model
     report["tls"] = args.tls
@@ -105,23 +110,32 @@ async def _measure(cluster, args, levels: list[int]) -> dict:
                for i in range(max(levels))]
     router, direct = cluster.router_address, cluster.workers[0].address
     tls = {"router": cluster.client_tls(), "worker": cluster.worker_tls()}
+    sides = [("direct", direct, "worker"), ("router", router, "router")]
+    if cluster.gateway is not None:
+        tls["http"] = cluster.tls.ca if cluster.tls else None
+        sides.append(("gateway", cluster.gateway.address, "http"))
     one = {}
     for c in levels:
-        # warm both paths at this batch size (first-call costs are not what we measure)
-        await _load(direct, "worker", tls["worker"], prompts[:c], 4)
-        await _load(router, "router", tls["router"], prompts[:c], 4)
         best: dict[str, LoadResult] = {}
+        for _side, address, service in sides:  # warm every path at this batch size
+            await _load_side(address, service, tls[service], prompts[:c], 4)
         for _ in range(args.repeat):
-            for side, address, service in (("direct", direct, "worker"),
-                                           ("router", router, "router")):
-                r = await _load(address, service, tls[service], prompts[:c],
-                                args.new_tokens)
+            for side, address, service in sides:
+                r = await _load_side(address, service, tls[service], prompts[:c],
+                                     args.new_tokens)
                 if side not in best or r.tokens_per_s > best[side].tokens_per_s:
                     best[side] = r
         one[str(c)] = {side: asdict(r) for side, r in best.items()}
     await asyncio.to_thread(cluster.add_worker)
     await asyncio.to_thread(cluster.wait_for_workers, 2)
     top = max(levels)
+    gateway = {}
+    if cluster.gateway is not None:
+        gateway = {"gateway_over_router": {
+            c: {"tokens_per_s": round(v["gateway"]["tokens_per_s"]
+                                      / v["router"]["tokens_per_s"], 3),
+                "ttft_p50": round(v["gateway"]["ttft_p50_ms"] / v["router"]["ttft_p50_ms"], 3)}
+            for c, v in one.items()}}
     two = max([await _load(router, "router", tls["router"], prompts[:top], args.new_tokens)
                for _ in range(args.repeat)], key=lambda r: r.tokens_per_s)
     return {
@@ -132,7 +146,18 @@ async def _measure(cluster, args, levels: list[int]) -> dict:
         "two_workers": {str(top): asdict(two)},
         "two_workers_over_one": round(two.tokens_per_s
                                       / one[str(top)]["router"]["tokens_per_s"], 3),
+        **gateway,
     }
+
+
+async def _load_side(address: str, service: str, tls, prompts: list[str], new_tokens: int
+                     ) -> LoadResult:
+    if service == "http":
+        from services.tools.bench_http import load_http
+
+        ttfts, gaps, count, wall = await load_http(address, tls, prompts, new_tokens)
+        return _result(ttfts, gaps, count, wall)
+    return await _load(address, service, tls, prompts, new_tokens)
 
 
 async def _load(address: str, service: str, tls, prompts: list[str], new_tokens: int
@@ -156,10 +181,14 @@ async def _load(address: str, service: str, tls, prompts: list[str], new_tokens:
         start = time.perf_counter()
         results = await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - start
-    ttfts = [r[0] for r in results]
-    gaps = [g for r in results for g in r[1]]
+    return _result([r[0] for r in results], [g for r in results for g in r[1]],
+                   sum(r[2] for r in results), wall)
+
+
+def _result(ttfts: list[float], gaps: list[float], num_tokens: int, wall: float
+            ) -> LoadResult:
     return LoadResult(
-        tokens_per_s=round(sum(r[2] for r in results) / wall, 2),
+        tokens_per_s=round(num_tokens / wall, 2),
         ttft_p50_ms=_ms(_pct(ttfts, 50)), ttft_p99_ms=_ms(_pct(ttfts, 99)),
         itl_p50_ms=_ms(_pct(gaps, 50)), itl_p99_ms=_ms(_pct(gaps, 99)))
 
@@ -185,3 +214,5 @@ def _print(report: dict) -> None:
                   f"{r['ttft_p99_ms']:6.1f}ms {r['itl_p50_ms']:6.1f}ms {r['itl_p99_ms']:6.1f}ms")
     print("router / direct:", report["router_over_direct"])
     print("2 workers / 1 worker (router):", report["two_workers_over_one"])
+    if "gateway_over_router" in report:
+        print("gateway / router:", report["gateway_over_router"])

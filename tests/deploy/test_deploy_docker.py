@@ -177,6 +177,7 @@ def test_router_install_target_runs_the_router_without_torch(tmp_path) -> None:
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     code = ("import importlib.util, sys; import services.router.server, services.rpc.health_probe; "
+            "import services.gateway.server; "
             "from services.cli.main import main; "
             "assert importlib.util.find_spec('torch') is None; "
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules; "

@@ -236,8 +236,8 @@ def test_selectors_match_labels(rendered, overlay) -> None:
         elif o["kind"] == "ServiceMonitor":
             services = [s for s in objects(objs, "Service")
                         if selects(o["spec"]["selector"], s["metadata"]["labels"])]
-            assert {s["metadata"]["name"] for s in services} == {"slotmesh-router",
-                                                                 "slotmesh-worker"}
+            assert {s["metadata"]["name"] for s in services} == {
+                "slotmesh-router", "slotmesh-worker", "slotmesh-gateway"}
             for s in services:  # every endpoint port exists by name on each Service
                 names = {p["name"] for p in s["spec"]["ports"]}
                 assert {e["port"] for e in o["spec"]["endpoints"]} <= names
@@ -287,6 +287,28 @@ def test_ports_and_probes_agree_with_the_processes(rendered, overlay, monkeypatc
     components = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
                   for peer in grpc_rule["from"]}
     assert components == {"router", "worker"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_fronts_the_router_service(rendered, overlay, monkeypatch) -> None:
+    """`slotmesh gateway` as its container runs it: listening where the Service, the
+    probes and the NetworkPolicy say, forwarding to the router Service's gRPC port."""
+    objs = rendered[overlay]
+    _, c = container(objs, "Deployment", "slotmesh-gateway")
+    args = slotmesh_args(objs, c, monkeypatch)
+    assert args.func.__name__ == "cmd_gateway" and args.host == "0.0.0.0"
+    assert port_of(c, "http") == args.port
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": args.port}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["tcpSocket"]["port"] == args.port
+    service = one(objs, "Service", "slotmesh-gateway")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+    policy = one(objs, "NetworkPolicy", "slotmesh-gateway")
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {
+        args.port}
+    host, port = args.router.rsplit(":", 1)
+    router_service = one(objs, "Service", host)
+    assert int(port) in {p["port"] for p in router_service["spec"]["ports"]}
 
 
 def test_routers_hold_the_workers_cluster_key(rendered, monkeypatch) -> None:

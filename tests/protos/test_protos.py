@@ -48,7 +48,7 @@ def test_every_message_field_and_rpc_is_commented() -> None:
 @pytest.mark.slow  # a fresh interpreter
 def test_router_and_client_import_no_torch() -> None:
     code = ("import sys, services.router.server, services.client.clients, services.local.cluster, "
-            "services.cli.main; "
+            "services.cli.main, services.gateway.server, services.gateway.command; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -39,12 +39,36 @@ class PagedAttentionMetadata:
     grouped_mask: torch.Tensor | None = None  # mask repeated per query head, made lazily
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k_cache: [num_blocks, block_size, kv_heads, head_dim]; k: [T, kv_heads, head_dim]."""
     kv_heads, head_dim = k.shape[-2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+# An opaque op that declares which arguments it mutates. Traced as plain index_copy_ on a
+# view of the [2, layers, ...] cache, the compiler's functional graph rebuilt the whole
+# cache tensor in every layer (a 0.5 GB copy per layer for SmolLM2); as a custom op with
+# mutates_args it is re-inplaced onto the cache and costs what the eager write costs.
+@torch.library.custom_op("slotmesh::write_kv", mutates_args=("k_cache", "v_cache"))
+def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    write_kv_reference(k_cache, v_cache, k, v, slot_mapping)
+
+
+@_write_kv_op.register_fake
+def _(k_cache, v_cache, k, v, slot_mapping) -> None:
+    return None
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write the step's new K/V into their cache slots (in place)."""
+    if k.shape[-2:] != k_cache.shape[-2:] or k.shape[0] != slot_mapping.shape[0]:
+        raise ValueError(f"write_kv: k {tuple(k.shape)} vs cache {tuple(k_cache.shape)}, "
+                         f"{slot_mapping.shape[0]} slots")
+    _write_kv_op(k_cache, v_cache, k, v, slot_mapping)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

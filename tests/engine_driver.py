@@ -16,9 +16,11 @@ from worker.vocab.sampling_params import SamplingParams
 
 def run_teacher_forced(model: DecoderModel, sequences: list[list[int]], num_prompt: list[int],
                        max_num_batched_tokens: int = 64, block_size: int = 8,
-                       max_model_len: int = 512) -> list[dict[int, torch.Tensor]]:
+                       max_model_len: int = 512, static_decode: str = "off"
+                       ) -> list[dict[int, torch.Tensor]]:
     """Feed each sequence's prompt, then its remaining tokens one decode step at a time
     (as if sampled), through chunked prefill and the paged cache, all batched together.
+    static_decode: how the runner runs pure-decode steps ("off", "eager", "compiled").
     Returns per sequence {position sampled: fp32 logits [vocab]}.
     """
     args = model.args
@@ -29,7 +31,8 @@ def run_teacher_forced(model: DecoderModel, sequences: list[list[int]], num_prom
     bm = BlockManager(block_size, layout.pool_sizes, layout.windows)
     scheduler = Scheduler(sched_cfg, bm, max_model_len, eos_token_ids=())
     runner = ModelRunner(model, layout, bm.pools, max_model_len, len(sequences),
-                         torch.device("cpu"), next(model.parameters()).dtype)
+                         torch.device("cpu"), next(model.parameters()).dtype,
+                         static_decode=static_decode)
     seqs = []
     for i, (tokens, n) in enumerate(zip(sequences, num_prompt, strict=True)):
         params = SamplingParams(max_tokens=len(tokens) - n, temperature=0.0, ignore_eos=True)
@@ -41,10 +44,7 @@ def run_teacher_forced(model: DecoderModel, sequences: list[list[int]], num_prom
     with torch.inference_mode():
         while scheduler.has_unfinished:
             out = scheduler.schedule()
-            input_ids, ctx, logits_index = runner.prepare_inputs(out.scheduled)
-            hidden = model(input_ids, ctx)
-            sampling = [item for item in out.scheduled if item.is_sampling]
-            logits = model.compute_logits(hidden[logits_index])
+            sampling, logits = runner.compute_logits(out.scheduled)
             forced = []
             for row, item in enumerate(sampling):
                 i = int(item.seq.seq_id)

@@ -24,10 +24,10 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidd
                bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
 
 
-def tiny_config(family: str, window: int = 48, max_positions: int = 512):
+def tiny_config(family: str, window: int = 48, max_positions: int = 512, layers: int = 4):
     import transformers as tf
 
-    common = _COMMON | {"max_position_embeddings": max_positions}
+    common = _COMMON | {"max_position_embeddings": max_positions, "num_hidden_layers": layers}
     if family == "llama":
         return tf.LlamaConfig(**common, rope_theta=10000.0)
     if family == "qwen2":
@@ -37,7 +37,8 @@ def tiny_config(family: str, window: int = 48, max_positions: int = 512):
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             **(common | dict(tie_word_embeddings=True)), head_dim=32, sliding_window=window,
-            layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=24,
+            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+            query_pre_attn_scalar=24,
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
         )
@@ -51,12 +52,12 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "mixtral"]
 
 
 def make_tiny_model(family: str, path: Path, window: int = 48, seed: int = 0,
-                    max_positions: int = 512) -> Path:
+                    max_positions: int = 512, layers: int = 4) -> Path:
     """Write a random tiny model of `family` with a tokenizer to `path`; returns path."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tiny_config(family, window, max_positions)
+    config = tiny_config(family, window, max_positions, layers)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _spread_norm_weights(model)
     model.save_pretrained(path)

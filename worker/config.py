@@ -8,6 +8,7 @@ from pathlib import Path
 # ModelConfig.weights' values (worker/quantize.py implements them; kept here, torch-free,
 # so the router's command line can list them without importing torch)
 WEIGHT_FORMATS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +23,10 @@ class ModelConfig:
     # linear weights' format (worker/quantize.py): None = dense in `dtype` (nothing packed)
     # | auto | float32 | bfloat16 | float16 | int8 | int4; activations stay in `dtype`
     weights: str | None = None
+    # pure-decode steps (worker/decode_step.py): "on" compiles them per batch size with
+    # torch.compile, "off" runs every step on the general eager path (the reference),
+    # "auto" compiles where it measured faster (COMPILE_AUTO in worker/decode_step.py)
+    compile: str = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

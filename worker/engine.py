@@ -19,6 +19,7 @@ from worker import kv_transfer
 from worker.block_manager import BlockManager
 from worker.checkpoints import Checkpointer, PrefixRestore
 from worker.config import EngineConfig
+from worker.decode_step import static_decode_mode
 from worker.kv_cache import KVView, plan_kv_layout
 from worker.loaders import load_model_files
 from worker.loaders.model_files import ModelFiles
@@ -116,7 +117,9 @@ class LLMEngine:
                                    self.eos_token_ids)
         self.runner = ModelRunner(self.model, layout, self.block_manager.pools,
                                   self.max_model_len, config.scheduler.max_num_seqs,
-                                  self.device, self.dtype)
+                                  self.device, self.dtype,
+                                  static_decode=static_decode_mode(config.model.compile,
+                                                                   self.device, self.dtype))
         self.attention_backend = check_attention_backend(args, self.device, self.dtype)
         self.kv = KVView(block_manager=self.block_manager,
                          kv_caches=tuple(self.runner.kv_caches),

@@ -12,6 +12,7 @@ import torch
 from kernels.paged_attention import PagedAttentionMetadata
 from kernels.rotary import rope_cache
 from worker.block_manager import EMPTY, NULL_BLOCK, BlockPool, cdiv
+from worker.decode_step import StaticDecode
 from worker.kv_cache import KVLayout, allocate_kv_caches
 from worker.models.decoder import DecoderModel, StepContext
 from worker.sampler import Sampler, SampleResult, SamplingRow
@@ -33,7 +34,7 @@ class _Batch:
 class ModelRunner:
     def __init__(self, model: DecoderModel, layout: KVLayout, pools: list[BlockPool],
                  max_model_len: int, max_num_seqs: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, static_decode: str = "off") -> None:
         self.model = model
         self.args = model.args
         self.layout = layout
@@ -47,6 +48,13 @@ class ModelRunner:
             for t, r in self.args.rope.items()
         }
         self.sampler = Sampler(self.args.vocab_size, max_num_seqs, device)
+        # pure-decode steps on persistent buffers: "off" (the general path below, the
+        # reference), "eager" or "compiled" (worker/decode_step.py)
+        self.static = None
+        if static_decode != "off":
+            self.static = StaticDecode(model, layout, pools, self.kv_caches, self.rope,
+                                       max_model_len, max_num_seqs, device, dtype,
+                                       compile=static_decode == "compiled")
 
     # -- the step ----------------------------------------------------------------------
 
@@ -55,18 +63,28 @@ class ModelRunner:
         """Run one step; returns one SampleResult per sampling entry, in order."""
         for seq in out.admitted:
             self.sampler.reset_slot(seq.slot, seq.prompt_token_ids, seq.output_token_ids)
-        input_ids, ctx, logits_index = self.prepare_inputs(out.scheduled)
-        hidden = self.model(input_ids, ctx)  # [T, hidden]
-        sampling = [item for item in out.scheduled if item.is_sampling]
+        sampling, logits = self.compute_logits(out.scheduled)
         if not sampling:
             return []
-        logits = self.model.compute_logits(hidden[logits_index])  # [num_sampling, vocab]
         rows = [
             SamplingRow(params=item.seq.params, slot=item.seq.slot,
                         position=item.seq.num_tokens, seed=item.seq.seed)
             for item in sampling
         ]
         return self.sampler.sample(logits, rows)
+
+    def compute_logits(self, scheduled: list[ScheduledSeq]
+                       ) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Forward one step: the sampling entries and their fp32 logits [num_sampling,
+        vocab]. A pure-decode step takes the static path when it is on."""
+        if self.static is not None and self.static.can_run(scheduled):
+            return scheduled, self.static.execute(scheduled)
+        input_ids, ctx, logits_index = self.prepare_inputs(scheduled)
+        hidden = self.model(input_ids, ctx)  # [T, hidden]
+        sampling = [item for item in scheduled if item.is_sampling]
+        if not sampling:
+            return [], hidden.new_empty(0)
+        return sampling, self.model.compute_logits(hidden[logits_index])
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]
                        ) -> tuple[torch.Tensor, StepContext, torch.Tensor]:

@@ -56,7 +56,8 @@ def warmup(runner: ModelRunner, shapes: list[list[int]]) -> float:
     """Run `shapes` (warmup_shapes) through the model and the sampler; returns the seconds
     it took."""
     t0 = time.perf_counter()
-    for lengths in shapes:
+    decode = [[1] * n for n in runner.static.warmup_sizes()] if runner.static else []
+    for lengths in shapes + [d for d in decode if d not in shapes]:
         runner.execute(_fake_step(runner, lengths))
     for cache in runner.kv_caches:
         cache[:, :, 0].zero_()  # the null block back to zeros

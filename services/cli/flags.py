@@ -14,6 +14,7 @@ from pathlib import Path
 from services.security.tls import ChannelTls, add_redis_tls_flags, add_tls_flags, tls_config
 from services.worker.config import ServerConfig
 from worker.config import (
+    COMPILE_MODES,
     WEIGHT_FORMATS,
     CacheConfig,
     EngineConfig,
@@ -68,6 +69,12 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                         "int4 (Q4_0/Q4_1/Q4_K) and requantizes its other quantized types to "
                         "int8; int8/int4 quantize every linear; float32/bfloat16/float16 "
                         "dense (default: dense in --dtype)")
+    p.add_argument("--compile", default=default_of(ModelConfig, "compile"),
+                   choices=COMPILE_MODES,
+                   help="compile pure-decode steps with torch.compile, one graph per batch "
+                        "size, at warmup: on, off (every step eager), or auto (on for bf16/"
+                        "fp16 on a CPU with native bf16, where it halves a step; off "
+                        "elsewhere) (default: %(default)s)")
     p.add_argument("--device", default=default_of(ModelConfig, "device"),
                    help="torch device: cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -104,7 +111,7 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                       weights=args.weights,
+                       weights=args.weights, compile=args.compile,
                        cache_dir=args.cache_dir or cache_dir(),
                        max_model_len=args.ctx or DEFAULT_MAX_MODEL_LEN)
 

@@ -389,7 +389,9 @@ def add_serve_parser(sub, add_model_flags) -> None:
 
 def model_worker_args(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
-           "--slots", str(args.slots)]
+           "--slots", str(args.slots), "--compile", args.compile]
+    if args.weights is not None:
+        out += ["--weights", args.weights]
     if args.cache_dir is not None:
         out += ["--cache-dir", str(args.cache_dir)]
     if args.ctx is not None:

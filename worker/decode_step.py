@@ -1,0 +1,224 @@
+"""The static decode step: pure-decode batches on persistent buffers, compiled per size.
+
+A step in which every scheduled sequence computes exactly one token (the steady state of
+serving) runs here instead of the general path of `ModelRunner`:
+
+- Batches are padded to a few sizes (1, 2, 4, 8, … up to the slot count), so a compiled
+  graph sees a handful of shapes. Padding rows read the spare table row (all null block),
+  write their K/V into the null block and are dropped after the logits.
+- Inputs live in persistent buffers. Per step the host builds one [3, B] int64 tensor
+  (token id, position, slot of each row) and copies it in. Block tables live in one
+  [slots + 1, max_blocks] buffer per KV group, indexed by slot; a row is written only when
+  its sequence's table changed (a new block, a new sequence in the slot), not rebuilt.
+- Slot mapping, the visible blocks of each row and the attention mask are computed inside
+  the graph from those buffers, so the whole step — embedding, every layer, KV writes,
+  attention, the final norm and the logits — is one function that `torch.compile`
+  (inductor, with weights frozen as constants) turns into one graph per size.
+
+The general path stays the reference: with compilation off nothing here runs, and the
+tests compare this step, eager and compiled, against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.paged_attention import PagedAttentionMetadata
+from worker.block_manager import EMPTY, NULL_BLOCK, BlockPool, cdiv
+from worker.kv_cache import KVLayout
+from worker.models.decoder import DecoderModel, StepContext
+from worker.quantize import cpu_has_native_bf16
+from worker.scheduler import ScheduledSeq
+
+# A full-attention group's visible width is rounded up to a power of two of blocks, at
+# least this many, so the compiled graph sees few distinct widths.
+_MIN_KEY_BLOCKS = 4
+
+
+def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The ModelRunner's static_decode for ModelConfig.compile ("auto" | "on" | "off"):
+    "compiled" or "off".
+
+    auto compiles where it measured a clear gain for its cost: a CPU with native bf16
+    (AVX512_BF16 / AMX) running bf16 or fp16, where the compiled step took half the
+    time of the eager one (MODELS.md). With fp32 on a 2-core AVX2 CPU it gained 14%
+    (SmolLM2 batch 1: 96 → 83 ms a step) for ~2 minutes of compiling per graph, and
+    CUDA waits for CUDA graphs (the GPU issue): both stay eager under auto.
+    """
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"compile: {compile!r} is not auto, on or off")
+    if compile != "auto":
+        return "compiled" if compile == "on" else "off"
+    native_bf16 = device.type == "cpu" and cpu_has_native_bf16()
+    return "compiled" if native_bf16 and dtype in (torch.bfloat16, torch.float16) else "off"
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """The padded batch sizes: powers of two from 2 below max_num_seqs, then max_num_seqs.
+
+    A batch of one is padded to two: the compiler specialises any dimension of size 1,
+    so a bucket of 1 would cost a second compiled graph, and at decode sizes the second
+    row costs next to nothing (the step streams the same weights once either way).
+    """
+    if max_num_seqs == 1:
+        return [1]
+    sizes, b = [], 2
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_num_seqs]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(slots=True)
+class _SyncedRow:
+    """What a slot's table row holds: the sequence's list (kept alive, so `is` is a safe
+    identity) and how many of its entries were written."""
+
+    table: list[int]
+    length: int
+
+
+class DecodeModule(nn.Module):
+    """forward(token_ids, positions, rows, tables…) → fp32 logits [B, vocab].
+
+    token_ids, positions, rows: [B] int64 (rows index the table buffers by slot).
+    tables: per KV group [slots + 1, max_blocks] int64 block ids.
+    key_blocks: per KV group, how many blocks each row attends over (from its first
+    visible block); a plain int, so the compiler specialises or makes it dynamic.
+    """
+
+    def __init__(self, model: DecoderModel, layout: KVLayout, windows: list[int | None],
+                 rope: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.block_size = layout.block_size
+        self.windows = windows
+        self.rope = rope
+        self.dtype = dtype
+
+    def forward(self, inputs: torch.Tensor, tables: list[torch.Tensor],
+                kv_caches: list[torch.Tensor], key_blocks: list[int]) -> torch.Tensor:
+        token_ids, positions, rows = inputs[0], inputs[1], inputs[2]
+        cos_sin = {t: cache[positions] for t, cache in self.rope.items()}
+        attn = [self._metadata(positions, table[rows], window, n)
+                for table, window, n in zip(tables, self.windows, key_blocks, strict=True)]
+        hidden = self.model(token_ids, StepContext(cos_sin, attn, kv_caches))  # [B, hidden]
+        return self.model.compute_logits(hidden)
+
+    def _metadata(self, positions: torch.Tensor, table: torch.Tensor, window: int | None,
+                  num_blocks: int) -> PagedAttentionMetadata:
+        """table: [B, max_blocks] rows of the step's sequences → one decode query each."""
+        bs = self.block_size
+        current = table.gather(1, (positions // bs)[:, None])[:, 0]  # [B] block of the token
+        slot_mapping = current * bs + positions % bs
+        first = torch.zeros_like(positions)
+        if window is not None:  # first block holding a key the query still sees
+            first = (positions - window + 1).clamp(min=0) // bs
+        offsets = torch.arange(num_blocks, device=table.device)
+        index = (first[:, None] + offsets).clamp(max=table.shape[1] - 1)  # [B, num_blocks]
+        blocks = table.gather(1, index)
+        key_pos = (index[:, :, None] * bs
+                   + torch.arange(bs, device=table.device)).flatten(1)  # [B, S]
+        query = positions[:, None]
+        visible = key_pos <= query
+        if window is not None:
+            visible &= key_pos > query - window
+        zero = torch.zeros((), dtype=self.dtype, device=table.device)
+        mask = torch.where(visible, zero, float("-inf"))[:, None, None, :]  # [B, 1, 1, S]
+        return PagedAttentionMetadata(slot_mapping=slot_mapping, block_tables=blocks,
+                                      mask=mask, max_q=1, pad_index=None, unpad_index=None)
+
+
+class StaticDecode:
+    """Pure-decode steps through DecodeModule: eager, or compiled per batch bucket."""
+
+    def __init__(self, model: DecoderModel, layout: KVLayout, pools: list[BlockPool],
+                 kv_caches: list[torch.Tensor], rope: dict[str, torch.Tensor],
+                 max_model_len: int, max_num_seqs: int, device: torch.device,
+                 dtype: torch.dtype, compile: bool) -> None:
+        self.layout = layout
+        self.kv_caches = kv_caches
+        self.max_num_seqs = max_num_seqs
+        self.buckets = batch_buckets(max_num_seqs)
+        self.device = device
+        self.max_blocks = cdiv(max_model_len, layout.block_size)
+        self.windows = [p.window for p in pools]
+        # row max_num_seqs is the padding rows' table: every entry the null block
+        self.tables = [torch.full((max_num_seqs + 1, self.max_blocks), NULL_BLOCK,
+                                  dtype=torch.long, device=device) for _ in pools]
+        self.synced: list[list[_SyncedRow | None]] = [[None] * max_num_seqs for _ in pools]
+        self.module = DecodeModule(model, layout, self.windows, rope, dtype).eval()
+        self.compiled = compile
+        self.forward = self._compile(self.module) if compile else self.module
+
+    @staticmethod
+    def _compile(module: DecodeModule):
+        import torch._inductor.config as inductor_config
+
+        # weights become constants of the graph (mkldnn prepacks them); the KV caches and
+        # table buffers stay inputs, so their in-place updates stay visible
+        inductor_config.freezing = True
+        return torch.compile(module, dynamic=None)
+
+    def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
+        """A pure-decode step that fits the largest bucket."""
+        return (0 < len(scheduled) <= self.max_num_seqs
+                and all(s.num_new_tokens == 1 and s.is_sampling for s in scheduled))
+
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """fp32 logits [len(scheduled), vocab] of one pure-decode step."""
+        num_rows = len(scheduled)
+        padded = next(b for b in self.buckets if b >= num_rows)
+        pad = padded - num_rows
+        host = torch.tensor([
+            [s.seq.token_ids[s.start] for s in scheduled] + [0] * pad,
+            [s.start for s in scheduled] + [0] * pad,
+            [s.seq.slot for s in scheduled] + [self.max_num_seqs] * pad,
+        ], dtype=torch.long)  # [3, padded]: the step's one upload
+        inputs = host.to(self.device, non_blocking=True)
+        if self.compiled:  # one graph for every bucket: the batch size is symbolic
+            torch._dynamo.maybe_mark_dynamic(inputs, 1)
+        for g in range(len(self.tables)):
+            self._sync_tables(g, scheduled)
+        last = max(s.start for s in scheduled)
+        key_blocks = [self._key_blocks(g, last) for g in range(len(self.tables))]
+        logits = self.forward(inputs, self.tables, self.kv_caches, key_blocks)
+        return logits[:num_rows]
+
+    def _key_blocks(self, g: int, last_position: int) -> int:
+        window = self.windows[g]
+        if window is not None:  # a window spans at most this many blocks
+            return min((window - 1) // self.layout.block_size + 2, self.max_blocks)
+        needed = last_position // self.layout.block_size + 1
+        return min(max(_next_pow2(needed), _MIN_KEY_BLOCKS), self.max_blocks)
+
+    def _sync_tables(self, g: int, scheduled: list[ScheduledSeq]) -> None:
+        """Write what changed in each scheduled sequence's table row since last time.
+
+        Entries a sliding-window pool trimmed to EMPTY are never rewritten: they lie
+        before the row's first visible block, which the graph never reads.
+        """
+        synced, buffer = self.synced[g], self.tables[g]
+        for s in scheduled:
+            table, slot = s.seq.block_tables[g], s.seq.slot
+            row = synced[slot]
+            if row is not None and row.table is table and row.length == len(table):
+                continue
+            start = row.length if row is not None and row.table is table else 0
+            fresh = [NULL_BLOCK if b == EMPTY else b for b in table[start:]]
+            buffer[slot, start:len(table)] = torch.tensor(fresh, dtype=torch.long)
+            synced[slot] = _SyncedRow(table, len(table))
+
+    def warmup_sizes(self) -> list[int]:
+        """Decode batch sizes to run at warmup: every bucket. The batch dimension is
+        dynamic, so the first compiles the graph the others share, unless a guard
+        singles one out (inductor guarded `batch != 16` where the block size is 16):
+        that one compiles its own graph here, not on a user's request."""
+        return self.buckets if self.compiled else []

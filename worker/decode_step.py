@@ -86,12 +86,13 @@ class _SyncedRow:
 
 
 class DecodeModule(nn.Module):
-    """forward(token_ids, positions, rows, tables…) → fp32 logits [B, vocab].
+    """forward(inputs, tables, kv_caches, key_offsets) → fp32 logits [B, vocab].
 
-    token_ids, positions, rows: [B] int64 (rows index the table buffers by slot).
-    tables: per KV group [slots + 1, max_blocks] int64 block ids.
-    key_blocks: per KV group, how many blocks each row attends over (from its first
-    visible block); a plain int, so the compiler specialises or makes it dynamic.
+    inputs: [3, B] int64: token id, position and slot of each row (the slot indexes the
+    table buffers). tables: per KV group [slots + 1, max_blocks] int64 block ids.
+    key_offsets: per KV group arange(n), n = how many blocks each row attends over from
+    its first visible block. n is a tensor dimension, which the compiler keeps symbolic;
+    an int argument would be specialised first and recompiled as the context grows.
     """
 
     def __init__(self, model: DecoderModel, layout: KVLayout, windows: list[int | None],
@@ -104,24 +105,27 @@ class DecodeModule(nn.Module):
         self.dtype = dtype
 
     def forward(self, inputs: torch.Tensor, tables: list[torch.Tensor],
-                kv_caches: list[torch.Tensor], key_blocks: list[int]) -> torch.Tensor:
+                kv_caches: list[torch.Tensor], key_offsets: list[torch.Tensor]
+                ) -> torch.Tensor:
         token_ids, positions, rows = inputs[0], inputs[1], inputs[2]
         cos_sin = {t: cache[positions] for t, cache in self.rope.items()}
-        attn = [self._metadata(positions, table[rows], window, n)
-                for table, window, n in zip(tables, self.windows, key_blocks, strict=True)]
+        attn = [self._metadata(positions, table[rows], window, offsets)
+                for table, window, offsets in zip(tables, self.windows, key_offsets,
+                                                  strict=True)]
         hidden = self.model(token_ids, StepContext(cos_sin, attn, kv_caches))  # [B, hidden]
         return self.model.compute_logits(hidden)
 
     def _metadata(self, positions: torch.Tensor, table: torch.Tensor, window: int | None,
-                  num_blocks: int) -> PagedAttentionMetadata:
-        """table: [B, max_blocks] rows of the step's sequences → one decode query each."""
+                  offsets: torch.Tensor) -> PagedAttentionMetadata:
+        """table: [B, max_blocks] rows of the step's sequences; offsets: [num_blocks]
+        0, 1, … → one decode query per row over num_blocks blocks from its first
+        visible one."""
         bs = self.block_size
         current = table.gather(1, (positions // bs)[:, None])[:, 0]  # [B] block of the token
         slot_mapping = current * bs + positions % bs
         first = torch.zeros_like(positions)
         if window is not None:  # first block holding a key the query still sees
             first = (positions - window + 1).clamp(min=0) // bs
-        offsets = torch.arange(num_blocks, device=table.device)
         index = (first[:, None] + offsets).clamp(max=table.shape[1] - 1)  # [B, num_blocks]
         blocks = table.gather(1, index)
         key_pos = (index[:, :, None] * bs
@@ -153,6 +157,7 @@ class StaticDecode:
         # row max_num_seqs is the padding rows' table: every entry the null block
         self.tables = [torch.full((max_num_seqs + 1, self.max_blocks), NULL_BLOCK,
                                   dtype=torch.long, device=device) for _ in pools]
+        self.offsets = torch.arange(self.max_blocks, device=device)  # sliced per step
         self.synced: list[list[_SyncedRow | None]] = [[None] * max_num_seqs for _ in pools]
         self.module = DecodeModule(model, layout, self.windows, rope, dtype).eval()
         self.compiled = compile
@@ -188,8 +193,13 @@ class StaticDecode:
         for g in range(len(self.tables)):
             self._sync_tables(g, scheduled)
         last = max(s.start for s in scheduled)
-        key_blocks = [self._key_blocks(g, last) for g in range(len(self.tables))]
-        logits = self.forward(inputs, self.tables, self.kv_caches, key_blocks)
+        key_offsets = [self.offsets[:self._key_blocks(g, last)]
+                       for g in range(len(self.tables))]
+        if self.compiled:
+            for g, offsets in enumerate(key_offsets):
+                if self.windows[g] is None:  # grows with the context: symbolic
+                    torch._dynamo.maybe_mark_dynamic(offsets, 0)
+        logits = self.forward(inputs, self.tables, self.kv_caches, key_offsets)
         return logits[:num_rows]
 
     def _key_blocks(self, g: int, last_position: int) -> int:

@@ -97,7 +97,10 @@ def test_compiled_step_equals_eager(tmp_path) -> None:
               SamplingParams(temperature=1.0, repetition_penalty=1.2, max_tokens=25,
                              ignore_eos=True, seed=12)]
     want = _generate(eager, prompts, params)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert _generate(compiled, prompts, params) == want
+    # warmup compiled every graph: growing contexts and batch sizes compile nothing more
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
     # logits of one pure-decode batch, both paths, same KV
     prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (20, 64)]

@@ -13,6 +13,7 @@ import http.client
 import json
 import urllib.parse
 
+import openai
 import pytest
 
 from services.client.clients import Client
@@ -26,8 +27,6 @@ from tests.cluster_harness import (
     wait_metadata_flushed,
     wait_until,
 )
-
-openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.cluster
 

@@ -2,7 +2,8 @@
 
 Dense weights run in their own dtype (x is cast to it, the output cast back): fp32 goes
 through `kernels.linear` (MKL's transposed orientation is faster at small M), bf16/fp16
-through `F.linear` (faster than the transposed mm for bf16, MODELS.md). The quantized
+through `F.linear` (faster than the transposed mm for bf16, MODELS.md); fp16 packed for
+FBGEMM (x86 CPUs) through `kernels.fp16_linear` with fp32 activations. The quantized
 formats go to their weight-only kernels. `packed_linear_reference` dequantizes and calls
 `F.linear` in fp32 for every format.
 """
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.fp16_linear import FBGEMM_LAYOUT, fp16_linear, unpack_fp16_fbgemm
 from kernels.int4_linear import int4_linear
 from kernels.int8_linear import int8_linear
 from kernels.linear import linear
@@ -21,6 +23,8 @@ from kernels.packed_weight import PackedWeight
 
 
 def _dense_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    if w.layout == FBGEMM_LAYOUT:
+        return fp16_linear(x, w)
     xc = x.to(w.compute_dtype)
     if w.format == "float32" and x.dim() == 2:
         out = linear(xc, w.data, w.bias)
@@ -53,6 +57,8 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     identity batch gives Wᵀ. On the CPU that runs in fp32 (bf16 scales are exact in
     fp32), so it is exact; CUDA's kernel is bf16 only. Meant for tests and checks.
     """
+    if w.layout == FBGEMM_LAYOUT:
+        return unpack_fp16_fbgemm(w)
     if w.format in ("float32", "bfloat16", "float16"):
         return w.data.float()
     if w.format == "int8":

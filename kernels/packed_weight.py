@@ -4,7 +4,9 @@ A `PackedWeight` is frozen and built once at load by a `pack_*` constructor (her
 dense formats, in `int8_linear` / `int4_linear` for the quantized ones); `packed_linear`
 dispatches on its `format`. Formats:
 
-  float32 | bfloat16 | float16: `data` is the dense [N, K] weight in that dtype.
+  float32 | bfloat16 | float16: `data` is the dense [N, K] weight in that dtype; or, for
+        float16 with layout "fbgemm" (x86 CPUs, kernels/fp16_linear.py), the handle of
+        FBGEMM's packed fp16 matrix, multiplied with fp32 activations.
   int8: weight-only, symmetric per output channel: w[n, k] = data[n, k] * scales[n];
         data int8 [N, K], scales [N] in `compute_dtype`.
   int4: weight-only, asymmetric groups of `group_size` along K, torch's int4pack
@@ -38,12 +40,17 @@ class PackedWeight:
     scales: torch.Tensor | None = None  # int8: [N]; int4: [K / group, N, 2]
     group_size: int = 0  # int4 only
     bias: torch.Tensor | None = None  # [N] in compute_dtype
+    layout: str = ""  # "" the format's own layout (above); "fbgemm": data is a handle
+    packed_bytes: int = 0  # bytes behind a handle `data` (0: data holds the weight)
+    handle_key: int = 0  # names the handle for compiled graphs (kernels/fp16_linear.py)
 
     @property
     def num_bytes(self) -> int:
         """Resident bytes of the packed tensors (what quantization saves)."""
-        tensors = (self.data, self.scales, self.bias)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = (self.scales, self.bias) if self.packed_bytes else (
+            self.data, self.scales, self.bias)
+        return self.packed_bytes + sum(t.numel() * t.element_size()
+                                       for t in tensors if t is not None)
 
 
 def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels.fp16_linear import fbgemm_fp16_available, pack_fp16_fbgemm
 from kernels.int4_linear import pack_int4
 from kernels.int8_linear import pack_int8
 from kernels.packed_linear import packed_linear
@@ -36,7 +37,7 @@ def _formats(w: torch.Tensor) -> dict[str, tuple[object, torch.dtype]]:
     i4b64 = pack_int4(w, 64)
     i8f = pack_int8(w, compute_dtype=torch.float32)
     i4f = pack_int4(w, 32, compute_dtype=torch.float32)
-    return {
+    formats = {
         "fp32 F.linear": (lambda x: F.linear(x, w), torch.float32),
         "fp32 packed": (lambda x: packed_linear(x, p32), torch.float32),
         "bf16 F.linear": (lambda x: F.linear(x, bf16), torch.bfloat16),
@@ -47,6 +48,10 @@ def _formats(w: torch.Tensor) -> dict[str, tuple[object, torch.dtype]]:
         "int4g64 bf16-act": (lambda x: packed_linear(x, i4b64), torch.bfloat16),
         "int4g32 fp32-act": (lambda x: packed_linear(x, i4f), torch.float32),
     }
+    if fbgemm_fp16_available():  # x86: fp16 weights, fp32 activations
+        f16 = pack_fp16_fbgemm(w)
+        formats["fp16 fbgemm fp32-act"] = (lambda x: packed_linear(x, f16), torch.float32)
+    return formats
 
 
 def _time(fn, x: torch.Tensor, inner: int) -> float:

@@ -2,6 +2,9 @@
 
     .venv/bin/python -m scripts.warmup_timing --model smollm2-135m --repeat 3
     .venv/bin/python -m scripts.warmup_timing --tiny --repeat 3   # the tests' tiny Llama
+    # a compiled decode step: the first start compiles, a second process reads the cache
+    .venv/bin/python -m scripts.warmup_timing --model smollm2-135m --weights float16 \
+        --compile on --repeat 1     # run twice; TORCHINDUCTOR_CACHE_DIR picks the cache
 
 (from the repository root: `-m` puts it on the path, for `tests.tiny_models`).
 
@@ -25,9 +28,11 @@ from worker.engine import LLMEngine
 from worker.vocab.sampling_params import SamplingParams
 
 
-def one_run(model: str, warmup: bool, seed: int) -> dict:
+def one_run(model: str, warmup: bool, seed: int, weights: str | None = None,
+            compile: str = "auto") -> dict:
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=ModelConfig(model=model), warmup=warmup))
+    engine = LLMEngine(EngineConfig(model=ModelConfig(model=model, weights=weights,
+                                                      compile=compile), warmup=warmup))
     built = time.perf_counter() - t0
     vocab = engine.model.args.vocab_size
     rng = random.Random(seed)
@@ -52,6 +57,8 @@ def main() -> int:
     g.add_argument("--tiny", action="store_true")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     args = p.parse_args()
     model = args.model
     if args.tiny:
@@ -60,7 +67,8 @@ def main() -> int:
         model = str(make_tiny_model("llama", Path(tempfile.mkdtemp()), window=48))
     for i in range(args.repeat):
         print(json.dumps({k: round(v, 3) for k, v in
-                          one_run(model, not args.no_warmup, i).items()}), flush=True)
+                          one_run(model, not args.no_warmup, i, args.weights,
+                                  args.compile).items()}), flush=True)
     return 0
 
 

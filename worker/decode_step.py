@@ -13,7 +13,7 @@ serving) runs here instead of the general path of `ModelRunner`:
 - Slot mapping, the visible blocks of each row and the attention mask are computed inside
   the graph from those buffers, so the whole step — embedding, every layer, KV writes,
   attention, the final norm and the logits — is one function that `torch.compile`
-  (inductor, with weights frozen as constants) turns into one graph per size.
+  (inductor; dense weights frozen as constants) turns into one graph per size.
 
 The general path stays the reference: with compilation off nothing here runs, and the
 tests compare this step, eager and compiled, against it.
@@ -161,16 +161,28 @@ class StaticDecode:
         self.synced: list[list[_SyncedRow | None]] = [[None] * max_num_seqs for _ in pools]
         self.module = DecodeModule(model, layout, self.windows, rope, dtype).eval()
         self.compiled = compile
-        self.forward = self._compile(self.module) if compile else self.module
+        self.forward = self._compile(self.module, freeze=not model.is_packed) if compile \
+            else self.module
 
     @staticmethod
-    def _compile(module: DecodeModule):
+    def _compile(module: DecodeModule, freeze: bool):
+        """torch.compile(module), each call under the inductor settings it was made with.
+
+        freeze: weights become constants of the graph, so mkldnn prepacks the dense ones
+        (the KV caches and table buffers stay inputs: their in-place updates stay
+        visible). A frozen graph is never served from inductor's on-disk cache, so every
+        start pays the compile; packed weights (FBGEMM fp16, int8, int4) gain nothing from
+        it, so they compile unfrozen and a second start reads the graph from the cache.
+        """
         import torch._inductor.config as inductor_config
 
-        # weights become constants of the graph (mkldnn prepacks them); the KV caches and
-        # table buffers stay inputs, so their in-place updates stay visible
-        inductor_config.freezing = True
-        return torch.compile(module, dynamic=None)
+        compiled = torch.compile(module, dynamic=None)
+
+        def forward(*args):  # compiling happens inside the first call of each shape
+            with inductor_config.patch(freezing=freeze):
+                return compiled(*args)
+
+        return forward
 
     def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
         """A pure-decode step that fits the largest bucket."""

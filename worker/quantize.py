@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.fp16_linear import fbgemm_fp16_available, pack_fp16_fbgemm
 from kernels.int4_linear import pack_int4_quantized, quantize_int4
 from kernels.int8_linear import pack_int8_quantized, quantize_int8
 from kernels.packed_weight import DENSE_FORMATS, PackedWeight, pack_dense
@@ -105,13 +106,20 @@ def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
 
 def pack_weight(weight: torch.Tensor | QuantizedTensor, fmt: str,
                 bias: torch.Tensor | None = None,
-                device: torch.device | str = "cpu") -> PackedWeight:
-    """One linear's weight in format `fmt` (a dense one, int8 or int4)."""
+                device: torch.device | str = "cpu", gathered: bool = False) -> PackedWeight:
+    """One linear's weight in format `fmt` (a dense one, int8 or int4). gathered: the
+    weight is an embedding table whose rows are read, so it keeps a plain layout.
+
+    float16 on an x86 CPU is packed for FBGEMM's fp16 GEMM (fp32 activations), the fast
+    16-bit path where bf16/fp16 arithmetic is emulated (kernels/fp16_linear.py)."""
     if isinstance(weight, QuantizedTensor):
         return weight.pack(bias, device)
     weight = weight.to(device)
     if fmt == "int4" and weight.shape[1] % INT4_GROUP:  # no int4 layout for this K
         fmt = "int8"
+    if (fmt == "float16" and not gathered and weight.device.type == "cpu"
+            and fbgemm_fp16_available()):
+        return pack_fp16_fbgemm(weight, bias)
     if fmt in DENSE_FORMATS:
         return pack_dense(weight, fmt, bias)
     return quantize_tensor(weight, fmt).pack(bias, device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.fp16_linear import fbgemm_fp16_available, fp16_linear_reference, pack_fp16_fbgemm
 from kernels.int4_linear import (
     dequantize_int4,
     int4_linear,
@@ -139,3 +140,51 @@ def test_shape_checks():
         pack_int8(_weight(64, 64), torch.zeros(63))
     # 4 bits a weight + a bf16 scale and zero per 32: 5 bits
     assert packed.num_bytes == 576 * 192 // 2 + 576 // 32 * 192 * 4
+
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16_available(),
+                                  reason="FBGEMM's fp16 GEMM runs on x86 CPUs only")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize(("k", "n"), _cases(SHAPES))
+def test_fp16_fbgemm_matches_its_reference(k, n):
+    """fp16 weights, fp32 activations and accumulation: only the summation order differs
+    from the reference. Bound: max|reference| * 1e-5 (fp32 sums over K <= 1536 terms)."""
+    w, b = _weight(k, n), torch.randn(n) * 0.1
+    packed = pack_fp16_fbgemm(w, b)
+    assert packed.layout == "fbgemm" and packed.num_bytes == 2 * n * k + 4 * n
+    assert torch.equal(dequantize_packed(packed), w.half().float())  # read back exactly
+    for m in MS:
+        x = _x(m, k)
+        out = packed_linear(x, packed)
+        ref = fp16_linear_reference(x, w, b)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= ref.abs().max().item() * 1e-5
+    x = torch.randn(2, 3, k).bfloat16()  # batch dims and a bf16 caller
+    out = packed_linear(x, packed)
+    assert out.shape == (2, 3, n) and out.dtype == torch.bfloat16
+
+
+@needs_fbgemm
+def test_fp16_fbgemm_runs_inside_a_compiled_graph():
+    """The handle is opaque to the compiler: the custom op keeps it out of fake tensors,
+    and freezing (the static decode step's setting) keeps it as a constant."""
+    import torch._inductor.config as inductor_config
+
+    w = _weight(576, 192)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.packed = pack_fp16_fbgemm(w)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.silu(packed_linear(x, self.packed)) * 2
+
+    block = Block().eval()
+    x = _x(4, 576)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        out = torch.compile(block)(x)
+    ref = torch.nn.functional.silu(fp16_linear_reference(x, w)) * 2
+    assert (out - ref).abs().max().item() <= ref.abs().max().item() * 1e-5

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.fp16_linear import fbgemm_fp16_available
 from tests.engine_driver import run_teacher_forced
 from tests.tiny_models import FAMILIES, VOCAB
 from worker.config import EngineConfig, ModelConfig
@@ -94,7 +95,7 @@ def test_packed_model_matches_its_dequantized_weights(tiny_model_dir, family, fm
     assert diffs[int(len(diffs) * 0.9)] <= TYPICAL_SAME_WEIGHTS_LOGIT_DIFF
 
 
-@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "int8", "int4"])
 def test_engine_generates_greedily_with_packed_weights(tiny_model_dir, fmt):
     path = tiny_model_dir("llama")
     results = {}
@@ -183,6 +184,10 @@ def test_the_command_lines_weight_formats_are_the_engines() -> None:
     (None, "float32 x18"),
     ("int8", "int8 x18 (activations bfloat16)"),
     ("int4", "int4 x17, int8 x1 (activations bfloat16)"),
+    # the untied tiny llama's table is gathered in fp16; its 17 linears run on FBGEMM
+    pytest.param("float16", "float16 x1 (activations float16); float16 x17 (activations "
+                 "float32)", marks=pytest.mark.skipif(not fbgemm_fp16_available(),
+                                                      reason="FBGEMM's fp16 GEMM is x86 only")),
 ])
 def test_info_says_what_the_weights_multiply_in(tiny_model_dir, weights, summary) -> None:
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(tiny_model_dir("llama")),

@@ -284,7 +284,7 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., hidden] → fp32 logits [..., vocab]."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        packed = getattr(head, "packed", None)
+        packed = getattr(head, "packed_head", None) or getattr(head, "packed", None)
         if packed is not None:  # int8/int4 lm_head, or the tied int8 embedding table
             logits = packed_linear(hidden, packed).float()
         else:

@@ -54,12 +54,23 @@ def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
             source = module.weight.data
         bias = getattr(module, "bias", None)
         module.packed = pack_weight(source, target, None if bias is None else bias.data,
-                                    device)
+                                    device, gathered=name == "embed_tokens")
+        if name == "embed_tokens" and model.lm_head is None:
+            _pack_tied_head(module, source, target, device)
         module.register_parameter("weight", None)
     if fmt is not None:
         for m in model.modules():
             if isinstance(m, SparseMoE):
                 _pack_experts(m, fmt, device)
+
+
+def _pack_tied_head(table: nn.Module, source, fmt: str, device: torch.device) -> None:
+    """A tied lm_head multiplies by the embedding table as packed. Where the format's
+    matmul layout differs from the gatherable one (fp16 for FBGEMM), the head gets its
+    own copy, `packed_head`: twice the table's bytes for a faster head."""
+    head = pack_weight(source, fmt, None, device)
+    if head.layout != table.packed.layout:
+        table.packed_head = head
 
 
 def _pack_experts(moe: SparseMoE, fmt: str, device: torch.device) -> None:
@@ -80,8 +91,9 @@ def describe_weights(model: DecoderModel) -> str:
     packed: dict[tuple[str, torch.dtype], int] = {}
     for m in model.modules():
         weights = [w for pair in getattr(m, "packed_experts", None) or () for w in pair]
-        if getattr(m, "packed", None) is not None:
-            weights.append(m.packed)
+        multiplied = getattr(m, "packed_head", None) or getattr(m, "packed", None)
+        if multiplied is not None:  # a tied head's own copy is what multiplies
+            weights.append(multiplied)
         for w in weights:
             packed[(w.format, w.compute_dtype)] = packed.get((w.format, w.compute_dtype), 0) + 1
     dense = sum(1 for m in _packable(model).values() if getattr(m, "weight", None) is not None)

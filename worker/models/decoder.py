@@ -230,8 +230,11 @@ class SparseMoE(nn.Module):
     `sparse_moe_reference` instead: every expert on every token, weighted, static shapes.
     A fixed-capacity dispatch is no cheaper: without dropping tokens (Mixtral drops none)
     an expert's capacity is T, so it computes what the dense formula does, plus the
-    gathers. At decode batch sizes the step is bound by reading the weights, and with
-    T × k ≥ E most experts are chosen anyway (docs/benchmarks.md, "Sparse MoE").
+    gathers. The price, measured on one layer (8 experts, top-2, fp32, 1 thread): the
+    compiled all-experts layer takes 1.5-1.9x the eager sparse one at 2-16 tokens
+    (docs/benchmarks.md, "Sparse MoE"). Sparse inside the graph needs an op the compiler
+    does not trace (a grouped-GEMM kernel, or a custom op holding the host-side
+    grouping); CUDA graphs, where the compiled step is headed, capture no host sync.
 
     Warmup mode (`DecoderModel.set_warmup`, after llama.cpp's `llama_set_warmup`) routes
     every token to every expert, so the startup warmup touches every expert's weights
@@ -272,8 +275,9 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(x)  # [T, D]
         for e, token_ids, weights in groups.slices():
             y = self.run_expert(e, x[token_ids])  # [n, D]
-            # = index_add_, which on the CPU opens a parallel region per call (measured
-            # 0.1 ms against 0.005 ms with 2 threads); accumulating index_put_ runs serially
+            # what index_add_ does, but index_add_ opens a parallel region per call on the
+            # CPU: with 2 threads on a busy 2-core machine a layer at T=1 took 84 ms with
+            # it, 3.4 ms with the accumulating index_put_, which runs serially
             out.index_put_((token_ids,), (y * weights).to(x.dtype), accumulate=True)
         return out
 

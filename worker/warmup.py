@@ -2,8 +2,10 @@
 
 `warmup` runs the step shapes the scheduler will use (a prefill, a decode batch of every
 slot, a mixed step; `warmup_shapes` says how long each prefill is) through the model and
-the sampler; the dense MoE path runs every expert on every step, so one pass touches them
-all. Its KV writes land in the null block, which no sequence reads unmasked.
+the sampler, in the model's warmup mode (`DecoderModel.set_warmup`, llama.cpp's
+`llama_set_warmup`): MoE layers send every token to every expert, so one pass touches
+every expert's weights. The steps' outputs are discarded; their KV writes land in the
+null block, which no sequence reads unmasked, and it is zeroed afterwards.
 `check_attention_backend` tries the fast SDPA kernels for this head size and dtype and
 reports which one attention will use.
 """
@@ -57,8 +59,12 @@ def warmup(runner: ModelRunner, shapes: list[list[int]]) -> float:
     it took."""
     t0 = time.perf_counter()
     decode = [[1] * n for n in runner.static.warmup_sizes()] if runner.static else []
-    for lengths in shapes + [d for d in decode if d not in shapes]:
-        runner.execute(_fake_step(runner, lengths))
+    runner.model.set_warmup(True)
+    try:
+        for lengths in shapes + [d for d in decode if d not in shapes]:
+            runner.execute(_fake_step(runner, lengths))  # results discarded
+    finally:
+        runner.model.set_warmup(False)
     for cache in runner.kv_caches:
         cache[:, :, 0].zero_()  # the null block back to zeros
     seconds = time.perf_counter() - t0

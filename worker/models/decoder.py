@@ -13,10 +13,15 @@ registry packed it (`module.packed`, a kernels.packed_weight.PackedWeight: int8,
 a dense dtype other than the model's; `weight` is then None). A packed embedding table
 is int8 per row and a gather dequantizes the rows it reads; a tied lm_head multiplies by
 that same packed table. Packed models serve only: `forward_dense` refuses them.
+
+MoE (SparseMoE): each expert runs on the tokens routed to it, grouped by expert; under
+torch.compile every expert runs on every token (static shapes). `set_warmup` switches
+the warmup mode on which every token goes to every expert.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -166,18 +171,80 @@ class MLP(nn.Module):
         return _project(self.down_proj, self.act(gate) * up)
 
 
+def sparse_moe_reference(x: torch.Tensor, weights: torch.Tensor,
+                         run_expert: Callable[[int, torch.Tensor], torch.Tensor]
+                         ) -> torch.Tensor:
+    """Every expert on every token, weighted by its routing weight (zero where not chosen).
+
+    x: [T, D]; weights: fp32 [T, E]; run_expert(e, rows [n, D]) → [n, D]. Static shapes
+    and no host sync, at num_experts / top_k times the routed compute.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(weights.shape[1]):
+        out += weights[:, e : e + 1] * run_expert(e, x)
+    return out.to(x.dtype)
+
+
+@dataclass(slots=True)
+class ExpertGroups:
+    """The step's (token, expert) pairs sorted by expert: each expert's rows are one slice.
+
+    token_ids: [T × k] the token of each pair; weights: fp32 [T × k, 1] its routing
+    weight; counts: per expert how many pairs it got, on the host (Python ints).
+    """
+
+    token_ids: torch.Tensor
+    weights: torch.Tensor
+    counts: list[int]
+
+    @classmethod
+    def build(cls, top_w: torch.Tensor, top_i: torch.Tensor, num_experts: int
+              ) -> ExpertGroups:
+        """top_w: fp32 [T, k] weights of top_i: [T, k] expert ids."""
+        expert_ids = top_i.flatten()  # [T × k]; pair p is token p // k
+        order = expert_ids.argsort(stable=True)  # stable: a group keeps token order
+        # The group sizes decide the slices, so they are read on the host: one sync per
+        # MoE layer, free on the CPU. A CUDA grouped-GEMM kernel would take them on device.
+        counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
+        return cls(order // top_i.shape[1], top_w.flatten()[order, None], counts)
+
+    def slices(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(expert, token ids [n], weights [n, 1]) of each expert with n > 0 pairs."""
+        start = 0
+        for e, n in enumerate(self.counts):
+            if n:
+                yield e, self.token_ids[start : start + n], self.weights[start : start + n]
+            start += n
+
+
 class SparseMoE(nn.Module):
     """Mixtral routing: softmax over experts, top-k, renormalised weights.
 
-    Every expert runs on every token, weighted by its routing weight (zero where not
-    chosen). That costs num_experts / top_k times the routed compute, but has no
-    data-dependent shapes: no host sync inside the step, and warmup exercises every
-    expert. A grouped-GEMM kernel is the fast path to add for large MoE models on CUDA.
+    Eager, the (token, expert) pairs are grouped by expert (ExpertGroups) and each expert
+    runs only on its own tokens; its outputs are added back into their tokens' rows,
+    scaled by the routing weight. Experts no token chose are skipped. These are the sums
+    transformers' Mixtral does, in the same order.
+
+    Compiled (`torch.compile` of the static decode step), the group sizes would be
+    data-dependent shapes (a graph break or a recompile per routing), so the layer runs
+    `sparse_moe_reference` instead: every expert on every token, weighted, static shapes.
+    A fixed-capacity dispatch is no cheaper: without dropping tokens (Mixtral drops none)
+    an expert's capacity is T, so it computes what the dense formula does, plus the
+    gathers. The price, measured on one layer (8 experts, top-2, fp32, 1 thread): the
+    compiled all-experts layer takes 1.5-1.9x the eager sparse one at 2-16 tokens
+    (docs/benchmarks.md, "Sparse MoE"). Sparse inside the graph needs an op the compiler
+    does not trace (a grouped-GEMM kernel, or a custom op holding the host-side
+    grouping); CUDA graphs, where the compiled step is headed, capture no host sync.
+
+    Warmup mode (`DecoderModel.set_warmup`, after llama.cpp's `llama_set_warmup`) routes
+    every token to every expert, so the startup warmup touches every expert's weights
+    and runs every expert at each step shape.
     """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         e, d, i = args.num_experts, args.hidden_size, args.intermediate_size
+        self.num_experts = e
         self.top_k = args.num_experts_per_tok
         self.gate = nn.Linear(d, e, bias=False)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))  # [E, 2I, D]
@@ -185,22 +252,39 @@ class SparseMoE(nn.Module):
         self.act = _ACTIVATIONS[args.hidden_act]
         # per expert (gate_up, down) PackedWeights when the registry packed them
         self.packed_experts: list[tuple] | None = None
+        self.is_warmup = False
+
+    def route(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, D] → fp32 weights [T, k] (summing to 1) of the top-k expert ids [T, k]."""
+        probs = torch.softmax(_project(self.gate, x).float(), dim=-1)  # [T, E]
+        top_w, top_i = probs.topk(k, dim=-1)
+        return top_w / top_w.sum(dim=-1, keepdim=True), top_i
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] weight of each expert for each token, zero for the unchosen."""
-        probs = torch.softmax(_project(self.gate, x).float(), dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter_(1, top_i, top_w).to(x.dtype)
+        """fp32 [T, E] weight of each expert for each token, zero for the unchosen."""
+        top_w, top_i = self.route(x, self.top_k)
+        return torch.zeros(x.shape[0], self.num_experts, device=x.device).scatter_(
+            1, top_i, top_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.routing_weights(x)  # [T, E]
-        out = torch.zeros_like(x)
-        for e in range(weights.shape[1]):
-            gate, up = self._expert_linear(e, 0, x).chunk(2, dim=-1)
-            y = self._expert_linear(e, 1, self.act(gate) * up)
-            out += weights[:, e : e + 1] * y
+        if torch.compiler.is_compiling():  # static shapes: see the class docstring
+            # reads no warmup flag: the graph compiled at warmup is the one that serves
+            return sparse_moe_reference(x, self.routing_weights(x), self.run_expert)
+        k = self.num_experts if self.is_warmup else self.top_k
+        groups = ExpertGroups.build(*self.route(x, k), self.num_experts)
+        out = torch.zeros_like(x)  # [T, D]
+        for e, token_ids, weights in groups.slices():
+            y = self.run_expert(e, x[token_ids])  # [n, D]
+            # what index_add_ does, but index_add_ opens a parallel region per call on the
+            # CPU: with 2 threads on a busy 2-core machine a layer at T=1 took 84 ms with
+            # it, 3.4 ms with the accumulating index_put_, which runs serially
+            out.index_put_((token_ids,), (y * weights).to(x.dtype), accumulate=True)
         return out
+
+    def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU MLP: x [n, D] → [n, D]."""
+        gate, up = self._expert_linear(e, 0, x).chunk(2, dim=-1)  # [n, I] each
+        return self._expert_linear(e, 1, self.act(gate) * up)
 
     def _expert_linear(self, e: int, which: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's gate_up (which=0) or down (1) projection of x."""
@@ -262,6 +346,14 @@ class DecoderModel(nn.Module):
             return packed.data[input_ids].to(dtype)
         # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized
         return packed.data[input_ids].to(dtype) * packed.scales[input_ids, None].to(dtype)
+
+    def set_warmup(self, is_warmup: bool) -> None:
+        """Warmup mode (llama.cpp's `llama_set_warmup`): while on, every MoE layer routes
+        every token to every expert, so a warmup step touches all their weights. Its
+        outputs are meant to be thrown away: the routing is not the model's."""
+        for m in self.modules():
+            if isinstance(m, SparseMoE):
+                m.is_warmup = is_warmup
 
     @property
     def is_packed(self) -> bool:

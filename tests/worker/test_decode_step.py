@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.fp16_linear import fbgemm_fp16_available
 from tests.engine_driver import run_teacher_forced
 from tests.tiny_models import FAMILIES, VOCAB, make_tiny_model
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -64,9 +65,9 @@ def test_static_eager_equals_general_path(tiny_model_dir, family: str, monkeypat
             assert diff <= EAGER_TOLERANCE, f"{family}: position {pos} differs by {diff}"
 
 
-def _engine(path, compile: str) -> LLMEngine:
+def _engine(path, compile: str, weights: str | None = None) -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=str(path), compile=compile),
+        model=ModelConfig(model=str(path), compile=compile, weights=weights),
         cache=CacheConfig(block_size=8, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64)))
 
@@ -83,11 +84,17 @@ def _generate(engine: LLMEngine, prompts: list[list[int]],
 
 
 @pytest.mark.slow  # compiles the decode step (tens of seconds on 2 cores)
-def test_compiled_step_equals_eager(tmp_path) -> None:
+@pytest.mark.parametrize("weights", [
+    None,  # dense: frozen into the graph
+    # packed for FBGEMM: compiled unfrozen, the kernel behind an opaque op
+    pytest.param("float16", marks=pytest.mark.skipif(
+        not fbgemm_fp16_available(), reason="FBGEMM's fp16 GEMM is x86 only")),
+])
+def test_compiled_step_equals_eager(tmp_path, weights) -> None:
     """gemma3 with 2 layers (one sliding, one full; compile time grows with the layers):
     QK-norm, tied embeddings, embedding scale, GQA."""
     path = make_tiny_model("gemma3", tmp_path / "gemma3", layers=2)
-    eager, compiled = _engine(path, "off"), _engine(path, "on")
+    eager, compiled = _engine(path, "off", weights), _engine(path, "on", weights)
     assert compiled.runner.static is not None and compiled.runner.static.compiled
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (30, 55, 9)]

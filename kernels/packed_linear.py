@@ -2,9 +2,9 @@
 
 Dense weights run in their own dtype (x is cast to it, the output cast back): fp32 goes
 through `kernels.linear` (MKL's transposed orientation is faster at small M), bf16/fp16
-through `F.linear` (faster than the transposed mm for bf16, MODELS.md). The quantized
-formats go to their weight-only kernels. `packed_linear_reference` dequantizes and calls
-`F.linear` in fp32 for every format.
+through `F.linear` (faster than the transposed mm for bf16, MODELS.md). The other
+formats go to their weight-only kernels (fp16: fbgemm's fp16 GEMM, fp32 activations).
+`packed_linear_reference` dequantizes and calls `F.linear` in fp32 for every format.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.fp16_linear import fp16_linear, fp16_weight
 from kernels.int4_linear import int4_linear
 from kernels.int8_linear import int8_linear
 from kernels.linear import linear
@@ -35,6 +36,7 @@ _KERNELS: dict[str, Callable[[torch.Tensor, PackedWeight], torch.Tensor]] = {
     "float16": _dense_linear,
     "int8": int8_linear,
     "int4": int4_linear,
+    "fp16": fp16_linear,
 }
 
 
@@ -57,6 +59,8 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
         return w.data.float()
     if w.format == "int8":
         return w.data.float() * w.scales.float()[:, None]
+    if w.format == "fp16":
+        return fp16_weight(w).float()
     dtype = torch.bfloat16 if w.data.device.type == "cuda" else torch.float32
     eye = torch.eye(w.in_features, dtype=dtype, device=w.data.device)
     bare = PackedWeight(format="int4", data=w.data, scales=w.scales.to(dtype),

@@ -9,10 +9,11 @@ sequences together) reads and writes the paged KV cache; DenseContext (training,
 sequence with no cache, so autograd sees one plain graph through the same layers.
 
 Weights: every linear multiplies by its float `weight` parameter, unless the model
-registry packed it (`module.packed`, a kernels.packed_weight.PackedWeight: int8, int4 or
-a dense dtype other than the model's; `weight` is then None). A packed embedding table
-is int8 per row and a gather dequantizes the rows it reads; a tied lm_head multiplies by
-that same packed table. Packed models serve only: `forward_dense` refuses them.
+registry packed it (`module.packed`, a kernels.packed_weight.PackedWeight: int8, int4,
+fp16 or a dense dtype other than the model's; `weight` is then None). A packed embedding
+table is int8 per row (a gather dequantizes the rows it reads) or dense in another dtype
+(fp16 for an untied GGUF table under auto); a tied lm_head multiplies by that same
+packed table. Packed models serve only: `forward_dense` refuses them.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ class DecoderModel(nn.Module):
         if packed is None:
             return self.embed_tokens(input_ids)
         dtype = self.norm.weight.dtype
-        if packed.format != "int8":  # a dense table in another dtype (bf16)
+        if packed.format != "int8":  # a dense table in another dtype (bf16, fp16)
             return packed.data[input_ids].to(dtype)
         # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized
         return packed.data[input_ids].to(dtype) * packed.scales[input_ids, None].to(dtype)
@@ -285,7 +286,7 @@ class DecoderModel(nn.Module):
         """hidden: [..., hidden] → fp32 logits [..., vocab]."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         packed = getattr(head, "packed", None)
-        if packed is not None:  # int8/int4 lm_head, or the tied int8 embedding table
+        if packed is not None:  # int8/int4/fp16 lm_head, or the tied int8 embedding table
             logits = packed_linear(hidden, packed).float()
         else:
             logits = linear(hidden, head.weight).float()

@@ -8,7 +8,7 @@ weights on their way from a loader to the model.
   int4: every linear weight int4 weight-only, groups of 32 (GGUF Q4_0/Q4_1/Q4_K blocks
         map onto these exactly, see `worker/loaders/gguf_repack.py`);
   auto: a GGUF's 4-bit tensors stay 4-bit (int4 g32), its 5/6/8-bit ones become fp16
-        (fbgemm's fp16 GEMM, fp32 activations and output: int8 per channel lost 1 and 4
+        (fbgemm's fp16 GEMM, fp32 activations and output: int8 per channel lost 1 and 3
         of 63 teacher-forced top-1 tokens on Gemma 3 270M and Qwen2.5-0.5B, fp16 none),
         float ones stay dense; an untied quantized lm_head is fp16 too and its embedding
         table an fp16 tensor, a tied table stays in the model dtype (the int8/int4

@@ -1,19 +1,26 @@
-"""fp16 weights × fp32 activations on x86 CPUs: FBGEMM's packed fp16 GEMM.
+"""fp16 weights × fp32 activations: FBGEMM's packed fp16 GEMM on x86 CPUs.
 
 torch ships FBGEMM's kernel as two aten ops:
   `fbgemm_pack_gemm_matrix_fp16(w fp32 [N, K])` → a handle: a uint8 tensor whose storage
       owns the packed fp16 matrix (its bytes are a pointer, not the weights);
   `fbgemm_linear_fp16_weight_fp32_activation(x fp32 [M, K], handle, bias fp32 [N])`.
 The kernel streams half the fp32 weight bytes and widens fp16 → fp32 in registers (F16C),
-so activations, accumulation and output stay fp32. On a CPU without native bf16 that is
-the fast 16-bit path: dense bf16/fp16 `F.linear` runs emulated there (0.3-0.8x fp32),
-and the int8/int4 kernels want bf16 activations (docs/weights.md has the figures).
+so activations, accumulation and output stay fp32: no bf16 rounding of activations or
+logits. On a CPU without native bf16 it is the fast 16-bit path: dense bf16/fp16
+`F.linear` runs emulated there (0.2-0.8x fp32), and the int8/int4 kernels want bf16
+activations (docs/weights.md has the figures). FBGEMM stores K in blocks of 512,
+zero-padded: 2·N·⌈K/512⌉·512 bytes, half of fp32's at K = 1536, 0.57 of it at Qwen's 896,
+0.8 at Gemma's 640. fp16 holds an 11-bit significand, so a GGUF Q5_0/Q6_K/Q8_0 weight (a
+small integer times an fp16 scale) is kept to a relative 2⁻¹¹.
 
 The handle cannot be traced (fake tensors have no pointer to follow) nor copied (a
 clone's bytes are not a handle, and inductor's freezing clones constants), so the graph
 never sees it: the call is the custom op `slotmesh::fp16_linear(x, key, ...)`, opaque to
 torch.compile, and `key` is an int naming the handle in a registry of live weights.
-`fp16_linear_reference` multiplies by the same fp16 weight, widened, with `F.linear`.
+
+Without FBGEMM (CUDA, ARM builds) a float16 weight is the plain fp16 [N, K] tensor and
+`kernels.packed_linear` multiplies it with `F.linear` in fp16, as the dense format does.
+`fp16_linear_reference` multiplies by the same fp16 weight, widened, with fp32 `F.linear`.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from kernels.packed_weight import PackedWeight, check_weight
+from kernels.packed_weight import PackedWeight, check_weight, pack_dense
 
+FP16_MAX = 65504.0
 FBGEMM_LAYOUT = "fbgemm"
+FBGEMM_BLOCK_K = 512  # PackedGemmMatrixFP16's block of rows of Wᵀ (K)
 
 # key → handle of every live packed weight; an entry goes when its PackedWeight does
 _HANDLES: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
@@ -56,24 +65,41 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(weight.float().contiguous())
 
 
+def to_fp16(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float → fp16, saturating at ±65504 (fp16 kept as is)."""
+    if weight.dtype == torch.float16:
+        return weight
+    return weight.float().clamp(-FP16_MAX, FP16_MAX).half()
+
+
+def pack_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
+    """weight: [N, K] float → float16 PackedWeight on weight's device: FBGEMM's layout
+    on a CPU that runs it, the plain fp16 tensor elsewhere."""
+    half = to_fp16(weight.detach())
+    if half.device.type == "cpu" and fbgemm_fp16_available():
+        return pack_fp16_fbgemm(half, bias)
+    return pack_dense(half, "float16", bias)
+
+
 def pack_fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None = None
                      ) -> PackedWeight:
     """weight: [N, K] float on the CPU → float16 PackedWeight in FBGEMM's layout.
 
     The weight is rounded to fp16 first, so the packed matrix holds exactly the values
     `fp16_linear_reference` multiplies by. `data` is the handle; `num_bytes` counts the
-    packed fp16 matrix behind it.
+    padded packed matrix behind it.
     """
     n, k = check_weight(weight, bias)
     if weight.device.type != "cpu":
         raise ValueError(f"pack_fp16_fbgemm: weight on {weight.device}, want the CPU")
-    handle, key = _pack(weight.detach().half()), next(_KEYS)
+    handle, key = _pack(to_fp16(weight.detach())), next(_KEYS)
     _HANDLES[key] = handle
+    padded_k = -(-k // FBGEMM_BLOCK_K) * FBGEMM_BLOCK_K
     return PackedWeight(
         format="float16", layout=FBGEMM_LAYOUT, data=handle, handle_key=key,
         out_features=n, in_features=k, compute_dtype=torch.float32,
         bias=None if bias is None else bias.detach().float().contiguous(),
-        packed_bytes=2 * n * k,
+        packed_bytes=2 * n * padded_k,
     )
 
 
@@ -102,9 +128,9 @@ def fp16_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 def fp16_linear_reference(x: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K]; weight: [N, K] (rounded to fp16 here) → F.linear in fp32, x's dtype."""
-    w = weight.half().float()
-    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    """x: [..., K]; weight: [N, K] → the weight rounded to fp16, then fp32 F.linear, in
+    x's dtype."""
+    out = F.linear(x.float(), to_fp16(weight).float(), None if bias is None else bias.float())
     return out.to(x.dtype)
 
 

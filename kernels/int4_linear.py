@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packed_weight import PackedWeight, check_weight
+from kernels.packed_weight import PackedWeight, check_weight, flat_input
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -112,12 +112,7 @@ def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor
 
 def int4_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """x: [..., K] → [..., N] in x's dtype."""
-    if w.format != "int4":
-        raise ValueError(f"int4_linear: weight format is {w.format!r}")
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"int4_linear: x {tuple(x.shape)} vs weight [{w.out_features}, "
-                         f"{w.in_features}]")
-    x2 = x.reshape(-1, w.in_features).to(w.compute_dtype).contiguous()  # [M, K]
+    x2 = flat_input(x, w, "int4").contiguous()  # [M, K]
     if x2.device.type == "cuda":
         out = torch.ops.aten._weight_int4pack_mm(x2, w.data, w.group_size, w.scales)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packed_weight import PackedWeight, check_weight
+from kernels.packed_weight import PackedWeight, check_weight, flat_input
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +56,7 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor
 
 def int8_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """x: [..., K] → [..., N] in x's dtype."""
-    if w.format != "int8":
-        raise ValueError(f"int8_linear: weight format is {w.format!r}")
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"int8_linear: x {tuple(x.shape)} vs weight [{w.out_features}, "
-                         f"{w.in_features}]")
-    x2 = x.reshape(-1, w.in_features).to(w.compute_dtype)  # [M, K]
+    x2 = flat_input(x, w, "int8")  # [M, K]
     out = torch.ops.aten._weight_int8pack_mm(x2, w.data, w.scales)  # [M, N]
     if w.bias is not None:
         out = out + w.bias

@@ -1,8 +1,8 @@
 """The weight of one linear layer in the format it is multiplied in.
 
 A `PackedWeight` is frozen and built once at load by a `pack_*` constructor (here for the
-dense formats, in `int8_linear` / `int4_linear` for the quantized ones); `packed_linear`
-dispatches on its `format`. Formats:
+dense formats, in `int8_linear` / `int4_linear` / `fp16_linear` for the others);
+`packed_linear` dispatches on its `format`. Formats:
 
   float32 | bfloat16 | float16: `data` is the dense [N, K] weight in that dtype; or, for
         float16 with layout "fbgemm" (x86 CPUs, kernels/fp16_linear.py), the handle of
@@ -13,9 +13,9 @@ dispatches on its `format`. Formats:
         convention w = (q - 8) * scale + zero for q in 0..15; `data` is the kernel's
         device-specific packed layout, `scales` is scales_and_zeros [K / group, N, 2].
 
-`compute_dtype` is the activation dtype the kernel runs in (bf16 for the quantized
-formats: with fp32 activations the CPU int4/int8 kernels are 10-100x slower, and they
-need scales in the activation dtype); the output is cast back to the caller's dtype.
+`compute_dtype` is the activation dtype the kernel runs in (bf16 for int8/int4: with fp32
+activations the CPU int4/int8 kernels are 10-100x slower, and they need scales in the
+activation dtype; fp32 for fbgemm's fp16); the output is cast back to the caller's dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FORMATS = (*DENSE_FORMATS, *QUANTIZED_FORMATS)
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class PackedWeight:
     format: str  # one of FORMATS
-    data: torch.Tensor  # see the module docstring, per format
+    data: torch.Tensor | torch.ScriptObject  # see the module docstring, per format
     out_features: int  # N
     in_features: int  # K
     compute_dtype: torch.dtype
@@ -61,6 +61,17 @@ def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, 
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias {tuple(bias.shape)} does not match weight [{n}, {k}]")
     return n, k
+
+
+def flat_input(x: torch.Tensor, w: PackedWeight, fmt: str) -> torch.Tensor:
+    """A `fmt` kernel's x [..., K] → [M, K] in w.compute_dtype; ValueError when w is of
+    another format or x's K is not w's."""
+    if w.format != fmt:
+        raise ValueError(f"{fmt}_linear: weight format is {w.format!r}")
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"{fmt}_linear: x {tuple(x.shape)} vs weight [{w.out_features}, "
+                         f"{w.in_features}]")
+    return x.reshape(-1, w.in_features).to(w.compute_dtype)
 
 
 def pack_dense(weight: torch.Tensor, format: str = "float32",

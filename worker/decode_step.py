@@ -176,6 +176,12 @@ class StaticDecode:
         """
         import torch._inductor.config as inductor_config
 
+        # The compiled code is cached per code object (DecodeModule.forward), and its guards
+        # check the weights' shapes, not which tensors they are: a frozen graph compiled
+        # for an earlier engine in this process would run a later one on the first one's
+        # weights. One compiled engine per process, then: a new one drops the caches (an
+        # older engine still in use compiles again on its next call).
+        torch._dynamo.reset()
         compiled = torch.compile(module, dynamic=None)
 
         def forward(*args):  # compiling happens inside the first call of each shape

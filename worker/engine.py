@@ -26,6 +26,7 @@ from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
 from worker.models.packing import describe_weights
 from worker.models.registry import build_model
+from worker.process_memory import trim_heap
 from worker.progress import Progress, stderr_progress
 from worker.sampler import SampleResult
 from worker.scheduler import Scheduler, SchedulerOutput
@@ -104,6 +105,9 @@ class LLMEngine:
         self.dtype = _DTYPES[config.model.dtype]
         self.model = build_model(files.config, files.tensors, self.dtype, self.device,
                                  config.model.weights)
+        if model_files is None:  # the loader's tensors die here: hand their heap back
+            del files
+            trim_heap()
         self.weights_summary = describe_weights(self.model)  # e.g. "int4 x210 (activations …)"
         args = self.model.args
         self.max_model_len = min(config.model.max_model_len or args.max_position_embeddings,

@@ -7,11 +7,13 @@ weights on their way from a loader to the model.
   int8: every linear weight int8 weight-only, per output channel;
   int4: every linear weight int4 weight-only, groups of 32 (GGUF Q4_0/Q4_1/Q4_K blocks
         map onto these exactly, see `worker/loaders/gguf_repack.py`);
-  auto: a GGUF's 4-bit tensors stay 4-bit (int4 g32), its 5/6/8-bit ones become int8,
-        float ones stay dense, and the embedding table and lm_head stay in the model
-        dtype (the quantized kernels return bf16 logits, 1/16 apart at |8..16|, which
-        turns near-ties into ties: SmolLM2 lost 1-4 of 63 teacher-forced top-1 tokens
-        with a bf16 or int8 head, Qwen2.5-0.5B 3); an HF checkpoint keeps its own dtype.
+  auto: a GGUF's 4-bit tensors stay 4-bit (int4 g32), its 5/6/8-bit ones become fp16
+        (fbgemm's fp16 GEMM, fp32 activations and output: int8 per channel lost 1 and 3
+        of 63 teacher-forced top-1 tokens on Gemma 3 270M and Qwen2.5-0.5B, fp16 none),
+        float ones stay dense; an untied quantized lm_head is fp16 too and its embedding
+        table an fp16 tensor, a tied table stays in the model dtype (the int8/int4
+        kernels return bf16 logits, 1/16 apart at |8..16|, which turns near-ties into
+        ties); an HF checkpoint keeps its own dtype.
 Norms, biases and the MoE router stay dense in the model dtype. Under int8/int4 the
 embedding table is int8 per row (a gather dequantizes just the rows it reads) and a
 tied lm_head multiplies by that same int8 table: one copy serves both.
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.fp16_linear import fbgemm_fp16_available, pack_fp16_fbgemm
+from kernels.fp16_linear import pack_fp16, to_fp16
 from kernels.int4_linear import pack_int4_quantized, quantize_int4
 from kernels.int8_linear import pack_int8_quantized, quantize_int8
 from kernels.packed_weight import DENSE_FORMATS, PackedWeight, pack_dense
@@ -48,11 +50,12 @@ class QuantizedTensor:
     int8: q int8 [N, K], scales [N] (w = q * scale).
     int4: q uint8 [N, K] in 0..15, scales and zeros [N, K / group_size]
           (w = (q - 8) * scale + zero, torch's int4pack convention).
+    fp16: q float16 [N, K] (w = q), no scales.
     """
 
     format: str
     q: torch.Tensor
-    scales: torch.Tensor
+    scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     group_size: int = 0
 
@@ -62,6 +65,8 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K]."""
+        if self.format == "fp16":
+            return self.q.float()
         if self.format == "int8":
             return self.q.float() * self.scales.float()[:, None]
         n, k = self.q.shape
@@ -70,45 +75,52 @@ class QuantizedTensor:
 
     def pack(self, bias: torch.Tensor | None = None,
              device: torch.device | str = "cpu") -> PackedWeight:
-        q, s = self.q.to(device), self.scales.to(device)
-        b = None if bias is None else bias.to(device)
+        q, b = self.q.to(device), None if bias is None else bias.to(device)
+        if self.format == "fp16":
+            return pack_fp16(q, b)
+        s = self.scales.to(device)
         if self.format == "int8":
             return pack_int8_quantized(q, s, b)
         return pack_int4_quantized(q, s, self.zeros.to(device), self.group_size, b)
 
 
 def quantize_tensor(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
-    """A float [N, K] weight → int8 per-channel or int4 g32 QuantizedTensor."""
+    """A float [N, K] weight → int8 per-channel, int4 g32 or fp16 QuantizedTensor (fp16
+    saturates at ±65504)."""
+    if fmt == "fp16":
+        return QuantizedTensor("fp16", to_fp16(weight))
     if fmt == "int8":
         q, scales = quantize_int8(weight)
         return QuantizedTensor("int8", q, scales)
     if fmt == "int4":
         q, scales, zeros = quantize_int4(weight, INT4_GROUP)
         return QuantizedTensor("int4", q, scales, zeros, INT4_GROUP)
-    raise ValueError(f"quantize_tensor: {fmt!r} is not int8 or int4")
+    raise ValueError(f"quantize_tensor: {fmt!r} is not int8, int4 or fp16")
 
 
 def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
     """Fuse row blocks (q/k/v, gate/up) into one weight.
 
     Parts of different formats (a Q4_K_M file's Q4_K q/k with a Q6_K v under auto) are
-    all brought to int8 first: the int4 ones are requantized from their dequantization.
+    all brought to fp16 first, which holds any of them to a relative 2⁻¹¹.
     """
     first = parts[0]
     if any(p.format != first.format or p.group_size != first.group_size for p in parts):
-        parts = [p if p.format == "int8" else quantize_tensor(p.dequantize(), "int8")
+        parts = [p if p.format == "fp16" else quantize_tensor(p.dequantize(), "fp16")
                  for p in parts]
         first = parts[0]
+    scales = None if first.scales is None else torch.cat([p.scales for p in parts])
     zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
-    return QuantizedTensor(first.format, torch.cat([p.q for p in parts]),
-                           torch.cat([p.scales for p in parts]), zeros, first.group_size)
+    return QuantizedTensor(first.format, torch.cat([p.q for p in parts]), scales, zeros,
+                           first.group_size)
 
 
 def pack_weight(weight: torch.Tensor | QuantizedTensor, fmt: str,
                 bias: torch.Tensor | None = None,
                 device: torch.device | str = "cpu", gathered: bool = False) -> PackedWeight:
-    """One linear's weight in format `fmt` (a dense one, int8 or int4). gathered: the
-    weight is an embedding table whose rows are read, so it keeps a plain layout.
+    """One linear's weight in format `fmt` (a dense one, int8, int4, or a QuantizedTensor
+    as it came). gathered: the weight is an embedding table whose rows are read, so it
+    keeps a plain layout.
 
     float16 on an x86 CPU is packed for FBGEMM's fp16 GEMM (fp32 activations), the fast
     16-bit path where bf16/fp16 arithmetic is emulated (kernels/fp16_linear.py)."""
@@ -117,9 +129,8 @@ def pack_weight(weight: torch.Tensor | QuantizedTensor, fmt: str,
     weight = weight.to(device)
     if fmt == "int4" and weight.shape[1] % INT4_GROUP:  # no int4 layout for this K
         fmt = "int8"
-    if (fmt == "float16" and not gathered and weight.device.type == "cpu"
-            and fbgemm_fp16_available()):
-        return pack_fp16_fbgemm(weight, bias)
+    if fmt == "float16" and not gathered:
+        return pack_fp16(weight, bias)
     if fmt in DENSE_FORMATS:
         return pack_dense(weight, fmt, bias)
     return quantize_tensor(weight, fmt).pack(bias, device)

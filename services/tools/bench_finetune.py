@@ -180,9 +180,10 @@ def _child(spec: dict) -> dict:
 
     from worker.loaders import load_model_files
     from worker.models.registry import build_model
+    from worker.process_memory import current_rss_bytes, release_freed_memory
     from worker.training.config import FinetuneConfig
     from worker.training.data import Windows
-    from worker.training.memory import PeakMemory, current_rss_bytes, release_freed_memory
+    from worker.training.memory import PeakMemory
     from worker.training.optim import make_optimizer, moment_buffer_bytes, state_bytes
     from worker.training.schedule import LRSchedule
     from worker.training.trainer import Trainer, TrainState

@@ -1,12 +1,14 @@
 """Weight formats at inference (kernels/packed_weight, int8_linear, int4_linear,
-packed_linear) against their dequantize-then-F.linear references, on every linear shape
-of SmolLM2-135M.
+fp16_linear, packed_linear) against their dequantize-then-F.linear references, on every
+linear shape of SmolLM2-135M.
 
 Tolerances. The quantized kernels run in bf16 (activations cast to bf16, bf16 scales,
 bf16 output): the references get the same bf16-rounded activations and scales and run in
 fp32, so what is left is the bf16 rounding of the output (2^-8 relative) and summation
 order. Bound: |kernel - reference| <= max|reference| / 128 (measured <= 1/300). The
 dequantized int4 weight read back through the CPU kernel in fp32 is exact.
+fp16 (fbgemm) keeps fp32 activations and accumulation: it matches fp32 F.linear on the
+fp16-rounded weight to summation order (1e-5 relative).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp16_linear import fbgemm_fp16_available, fp16_linear_reference, pack_fp16_fbgemm
+from kernels import fp16_linear as fp16_module
+from kernels.fp16_linear import (
+    fbgemm_fp16_available,
+    fp16_linear,
+    fp16_linear_reference,
+    pack_fp16,
+    pack_fp16_fbgemm,
+)
 from kernels.int4_linear import (
     dequantize_int4,
     int4_linear,
@@ -90,6 +99,36 @@ def test_int4_matches_reference(k, n, group):
                                                              z16, group))
 
 
+needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16_available(),
+                                  reason="FBGEMM's fp16 GEMM runs on x86 CPUs only")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("k,n", _cases(SHAPES))
+def test_fp16_matches_reference(k, n):
+    w = _weight(k, n)
+    packed = pack_fp16(w)
+    assert packed.layout == "fbgemm" and packed.compute_dtype == torch.float32
+    assert torch.equal(dequantize_packed(packed), w.half().float())  # read back exactly
+    for m in MS:
+        x = _x(m, k)
+        out, ref = fp16_linear(x, packed), fp16_linear_reference(x, w)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fp16_without_fbgemm_is_dense_fp16(monkeypatch):
+    """Where fbgemm is missing the weight is a plain fp16 tensor and F.linear runs in
+    fp16 (fp16-rounded output)."""
+    monkeypatch.setattr(fp16_module, "fbgemm_fp16_available", lambda: False)
+    w, b = _weight(576, 192), torch.randn(192)
+    packed = pack_fp16(w, b)
+    assert packed.data.dtype == torch.float16 and packed.compute_dtype == torch.float16
+    assert packed.num_bytes == 576 * 192 * 2 + 192 * 2
+    x = _x(4, 576)
+    _close(packed_linear(x, packed), fp16_linear_reference(x.half(), w, b).float())
+
+
 def test_quantization_error_is_bounded():
     """Round to nearest: int8 within half a step of max|w|/127; int4 within half a group
     step plus the bf16 rounding of scale and zero (|zero| + 8 scale) / 256."""
@@ -101,6 +140,9 @@ def test_quantization_error_is_bounded():
     err4 = (dequantize_packed(pack_int4(w, 32)) - w).abs().reshape(960, 18, 32)
     bound = scales * 0.5 + (zeros.abs() + 16 * scales) / 256
     assert (err4 <= bound[..., None] * 1.001).all()
+    err16 = (dequantize_packed(pack_fp16(w)) - w).abs()
+    # half an ulp: 11-bit significand; subnormals (|w| < 2⁻¹⁴) are 2⁻²⁴ apart
+    assert (err16 <= w.abs() * 2**-11 + 2**-25).all()
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16"])
@@ -115,11 +157,13 @@ def test_dense_formats(fmt):
         _close(out, ref)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
 def test_bias_batch_dims_and_dtype(fmt):
     """[..., K] inputs in fp32 or bf16 come back in the caller's dtype, with the bias."""
     w, b = _weight(576, 192), torch.randn(192)
-    packed = pack_int8(w, b) if fmt == "int8" else pack_int4(w, 64, b)
+    packs = {"int8": lambda: pack_int8(w, b), "int4": lambda: pack_int4(w, 64, b),
+             "fp16": lambda: pack_fp16(w, b)}
+    packed = packs[fmt]()
     x = torch.randn(2, 3, 576)
     for dtype in (torch.float32, torch.bfloat16):
         out = packed_linear(x.to(dtype), packed)
@@ -140,30 +184,9 @@ def test_shape_checks():
         pack_int8(_weight(64, 64), torch.zeros(63))
     # 4 bits a weight + a bf16 scale and zero per 32: 5 bits
     assert packed.num_bytes == 576 * 192 // 2 + 576 // 32 * 192 * 4
+    if fbgemm_fp16_available():  # fbgemm's fp16: 2 bytes a weight, K padded to 512s
+        assert pack_fp16(_weight(576, 192)).num_bytes == 1024 * 192 * 2
 
-
-needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16_available(),
-                                  reason="FBGEMM's fp16 GEMM runs on x86 CPUs only")
-
-
-@needs_fbgemm
-@pytest.mark.parametrize(("k", "n"), _cases(SHAPES))
-def test_fp16_fbgemm_matches_its_reference(k, n):
-    """fp16 weights, fp32 activations and accumulation: only the summation order differs
-    from the reference. Bound: max|reference| * 1e-5 (fp32 sums over K <= 1536 terms)."""
-    w, b = _weight(k, n), torch.randn(n) * 0.1
-    packed = pack_fp16_fbgemm(w, b)
-    assert packed.layout == "fbgemm" and packed.num_bytes == 2 * n * k + 4 * n
-    assert torch.equal(dequantize_packed(packed), w.half().float())  # read back exactly
-    for m in MS:
-        x = _x(m, k)
-        out = packed_linear(x, packed)
-        ref = fp16_linear_reference(x, w, b)
-        assert out.dtype == torch.float32 and out.shape == ref.shape
-        assert (out - ref).abs().max().item() <= ref.abs().max().item() * 1e-5
-    x = torch.randn(2, 3, k).bfloat16()  # batch dims and a bf16 caller
-    out = packed_linear(x, packed)
-    assert out.shape == (2, 3, n) and out.dtype == torch.bfloat16
 
 
 @needs_fbgemm

@@ -414,19 +414,21 @@ def load_tensors(path: Path, header: GGUFHeader, spec: ArchSpec, config: dict,
 
 
 def _quantized_format(info: TensorInfo, hf_name: str, weights: str | None) -> str | None:
-    """int8 / int4 for a 2-D weight under a quantized policy, None for float32.
+    """int8 / int4 / fp16 for a 2-D weight under a quantized policy, None for float32.
 
     The embedding table (worker/quantize.py) is int8 under int8/int4 (a gather reads rows
-    of an int8 table, not of int4's opaque packed layout). Under auto the embedding and
-    lm_head stay float: the quantized kernels return bf16, and bf16 logits (1/16 apart
-    at |8..16|) turn near-ties into exact ties.
+    of an int8 table, not of int4's opaque packed layout). Under auto the embedding table
+    stays float here (the registry decides its dtype) and a quantized lm_head becomes
+    fp16 whatever its type: the int8/int4 kernels return bf16, and bf16 logits (1/16
+    apart at |8..16|) turn near-ties into exact ties, fp16's kernel returns fp32.
     """
     if weights not in ("auto", "int8", "int4") or len(info.shape) != 2:
         return None
     is_embedding = hf_name.endswith("embed_tokens.weight")
     if weights == "auto":
-        is_head = hf_name.endswith("lm_head.weight")
-        return None if is_embedding or is_head else auto_format(info.qtype)
+        if is_embedding or auto_format(info.qtype) is None:
+            return None
+        return "fp16" if hf_name.endswith("lm_head.weight") else auto_format(info.qtype)
     if weights == "int4" and (is_embedding or info.shape[1] % 32):
         return "int8"
     return weights

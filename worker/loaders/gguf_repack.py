@@ -1,4 +1,4 @@
-"""GGUF quantized blocks → `QuantizedTensor` (int4 g32 / int8 per channel).
+"""GGUF quantized blocks → `QuantizedTensor` (int4 g32 / int8 per channel / fp16).
 
 4-bit types map onto torch's int4 group-32 convention w = (q - 8)·scale + zero without a
 float round trip of the weights (only scale and zero are computed):
@@ -9,7 +9,11 @@ float round trip of the weights (only scale and zero are computed):
 The kernels hold scale and zero in bf16, so the packed weight equals the GGUF
 dequantization up to that rounding: |Δw| ≤ (8·|scale| + |zero|)·2⁻⁸ per group.
 Every other type (Q5_*, Q6_K, Q8_0, Q2_K, Q3_K, Q5_K, F16, ...) is dequantized by the
-gguf package and requantized (int8 per output channel, or int4 g32 min/max).
+gguf package and requantized (int8 per output channel, or int4 g32 min/max), or rounded to
+fp16, as `weights=auto` does: their blocks are small integers times an fp16 scale (Q8_0
+d·q with |q| ≤ 127, Q5_0 d·(q − 16) with q < 32, Q6_K d·sc·q with |sc| ≤ 127,
+|q| ≤ 32), so fp16's 11-bit significand keeps each weight to a relative 2⁻¹¹:
+|Δw| ≤ |w|·2⁻¹¹ (fp16 subnormals below 6·10⁻⁵ keep an absolute 2⁻²⁵).
 """
 
 from __future__ import annotations
@@ -75,15 +79,15 @@ _TO_INT4 = {Q.Q4_0: q4_0_to_int4, Q.Q4_1: q4_1_to_int4, Q.Q4_K: q4_k_to_int4}
 
 
 def auto_format(qtype: Q) -> str | None:
-    """`weights=auto`: 4-bit stays int4, other quantized types int8, floats dense."""
+    """`weights=auto`: 4-bit stays int4, other quantized types fp16, floats dense."""
     if qtype in FOUR_BIT:
         return "int4"
-    return None if qtype in FLOAT_TYPES else "int8"
+    return None if qtype in FLOAT_TYPES else "fp16"
 
 
 def repack(raw: np.ndarray, qtype: Q, shape: tuple[int, int], fmt: str,
            dequantized: np.ndarray | None = None) -> QuantizedTensor:
-    """A 2-D GGUF tensor's raw bytes → QuantizedTensor in `fmt` (int4 or int8).
+    """A 2-D GGUF tensor's raw bytes → QuantizedTensor in `fmt` (int4, int8 or fp16).
 
     Q4_0/Q4_1/Q4_K to int4 are exact block maps; anything else needs `dequantized`
     (the fp32 [N, K] weight, HF layout not required: rows are not permuted here).

@@ -10,9 +10,12 @@ sequence with no cache, so autograd sees one plain graph through the same layers
 
 Weights: every linear multiplies by its float `weight` parameter, unless the model
 registry packed it (`module.packed`, a kernels.packed_weight.PackedWeight: int8, int4 or
-a dense dtype other than the model's; `weight` is then None). A packed embedding table
-is int8 per row and a gather dequantizes the rows it reads; a tied lm_head multiplies by
-that same packed table. Packed models serve only: `forward_dense` refuses them.
+a dense dtype other than the model's, float16 in FBGEMM's layout on x86 CPUs; `weight` is
+then None). A packed embedding table is int8 per row (a gather dequantizes the rows it
+reads) or dense in another dtype (fp16 for an untied GGUF table under auto); a tied
+lm_head multiplies by that same packed table, or by its own copy (`packed_head`) where
+the table's layout cannot be multiplied fast. Packed models serve only: `forward_dense`
+refuses them.
 
 MoE (SparseMoE): each expert runs on the tokens routed to it, grouped by expert; under
 torch.compile every expert runs on every token (static shapes). `set_warmup` switches
@@ -342,7 +345,7 @@ class DecoderModel(nn.Module):
         if packed is None:
             return self.embed_tokens(input_ids)
         dtype = self.norm.weight.dtype
-        if packed.format != "int8":  # a dense table in another dtype (bf16)
+        if packed.format != "int8":  # a dense table in another dtype (bf16, fp16)
             return packed.data[input_ids].to(dtype)
         # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized
         return packed.data[input_ids].to(dtype) * packed.scales[input_ids, None].to(dtype)
@@ -377,7 +380,7 @@ class DecoderModel(nn.Module):
         """hidden: [..., hidden] → fp32 logits [..., vocab]."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         packed = getattr(head, "packed_head", None) or getattr(head, "packed", None)
-        if packed is not None:  # int8/int4 lm_head, or the tied int8 embedding table
+        if packed is not None:  # a packed lm_head, or the tied table (or its head copy)
             logits = packed_linear(hidden, packed).float()
         else:
             logits = linear(hidden, head.weight).float()

@@ -84,6 +84,17 @@ def _pack_experts(moe: SparseMoE, fmt: str, device: torch.device) -> None:
     moe.register_parameter("down_proj", None)
 
 
+def weight_bytes(model: DecoderModel) -> int:
+    """Resident bytes of the model's parameters and packed weights (a tied table once)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        packed = getattr(m, "packed", None)
+        total += 0 if packed is None else packed.num_bytes
+        for pair in getattr(m, "packed_experts", None) or ():
+            total += sum(w.num_bytes for w in pair)
+    return total
+
+
 def describe_weights(model: DecoderModel) -> str:
     """What the linears and the embedding table multiply in, for Info and the logs, e.g.
     "int4 x150, int8 x31 (activations bfloat16); float32 x1": packed formats with the

@@ -284,23 +284,27 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor | QuantizedTensor]
     load_weights(model, dense)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     fmt = _linear_format(weights, config, dtype, bool(quantized))
-    pack_model(model, fused, fmt, _embedding_format(weights, fmt), device)
+    embed_fmt = _embedding_format(weights, fmt, args.tie_word_embeddings, bool(quantized))
+    pack_model(model, fused, fmt, embed_fmt, device)
     return model
 
 
-def _embedding_format(weights: str | None, fmt: str | None) -> str | None:
+def _embedding_format(weights: str | None, fmt: str | None, is_tied: bool,
+                      has_quantized: bool) -> str | None:
     """The embedding table's format (a tied lm_head multiplies by the same table).
 
     int8 under int8/int4: a quarter of fp32, but the lm_head's logits come out of the
-    kernel in bf16. Under auto the table stays in the model dtype: on SmolLM2-135M (tied,
-    Q8_0 table) the int8 table lost 2-4 of 63 teacher-forced top-1 tokens against the fp32
-    path, a bf16 table 1 (bf16 logits are 1/16 apart at |13|: near-ties become exact
-    ties), the fp32 one none. Otherwise the dense linears' format (None: model dtype).
+    kernel in bf16. Under auto a tied table stays in the model dtype: on SmolLM2-135M
+    (tied, Q8_0 table) the int8 table lost 2-4 of 63 teacher-forced top-1 tokens against
+    the fp32 path, a bf16 table 1 (bf16 logits are 1/16 apart at |13|: near-ties become
+    exact ties), the fp32 one none. An untied GGUF table is only gathered from, so auto
+    keeps it in fp16 (half of fp32; rows are read and widened, 2⁻¹¹ relative). Otherwise
+    the dense linears' format (None: model dtype).
     """
     if weights in ("int8", "int4"):
         return "int8"
     if weights == "auto":
-        return None
+        return "float16" if has_quantized and not is_tied else None
     return fmt
 
 

@@ -10,15 +10,13 @@ the Python runtime), which is what a memory cap sees.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import resource
 from pathlib import Path
 
 import torch
 
-_STATUS = Path("/proc/self/status")
+from worker.process_memory import peak_rss_bytes, release_freed_memory
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -40,29 +38,4 @@ class PeakMemory:
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed to glibc back to the OS (malloc_trim), so RSS shows live data."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def current_rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def _vm_hwm() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def _status_kib(key: str) -> int:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        return peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -128,6 +128,25 @@ def test_dense_policy_and_training_refusal(tiny_model_dir):
         build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, "int3")
 
 
+@pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM's fp16 GEMM is x86 only")
+def test_float16_tied_head_gets_its_own_fbgemm_copy(tiny_model_dir):
+    """gemma3 ties its head to the table: the table stays a gatherable fp16 tensor, the
+    head multiplies an FBGEMM copy of the same fp16 values (fp32 logits). Bound: fp32
+    summation order only, 1e-5 of the largest logit."""
+    ckpt = load_hf_dir(tiny_model_dir("gemma3"))
+    model = build_model(ckpt.config, ckpt.tensors, torch.float32, CPU, "float16")
+    table = model.embed_tokens
+    assert table.packed.layout == "" and table.packed.data.dtype == torch.float16
+    assert table.packed_head.layout == "fbgemm"
+    hidden = torch.randn(3, model.args.hidden_size)
+    logits = model.compute_logits(hidden)
+    cap = model.args.final_logit_softcapping
+    ref = hidden @ table.packed.data.float().t()
+    ref = ref if cap is None else torch.tanh(ref / cap) * cap
+    assert logits.dtype == torch.float32
+    assert (logits - ref).abs().max().item() <= ref.abs().max().item() * 1e-5
+
+
 def test_auto_weights_on_a_mixed_gguf(tmp_path):
     """A tiny llama GGUF with Q4_0, Q5_0 and Q8_0 tensors and an untied Q8_0 head under
     auto: 4-bit → int4, 5/8-bit → fp16 (a qkv of Q5_0 q/k and Q8_0 v fuses as fp16), the

@@ -55,7 +55,7 @@ def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
         bias = getattr(module, "bias", None)
         module.packed = pack_weight(source, target, None if bias is None else bias.data,
                                     device, gathered=name == "embed_tokens")
-        if name == "embed_tokens" and model.lm_head is None:
+        if name == "embed_tokens" and model.lm_head is None and target == "float16":
             _pack_tied_head(module, source, target, device)
         module.register_parameter("weight", None)
     if fmt is not None:
@@ -66,8 +66,9 @@ def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
 
 def _pack_tied_head(table: nn.Module, source, fmt: str, device: torch.device) -> None:
     """A tied lm_head multiplies by the embedding table as packed. Where the format's
-    matmul layout differs from the gatherable one (fp16 for FBGEMM), the head gets its
-    own copy, `packed_head`: twice the table's bytes for a faster head."""
+    matmul layout differs from the gatherable one (float16 for FBGEMM; int8 tables are
+    both), the head gets its own copy, `packed_head`: twice the table's bytes for a head
+    that runs at FBGEMM's speed instead of an emulated fp16 `F.linear`."""
     head = pack_weight(source, fmt, None, device)
     if head.layout != table.packed.layout:
         table.packed_head = head
@@ -88,8 +89,8 @@ def weight_bytes(model: DecoderModel) -> int:
     """Resident bytes of the model's parameters and packed weights (a tied table once)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for m in model.modules():
-        packed = getattr(m, "packed", None)
-        total += 0 if packed is None else packed.num_bytes
+        for packed in (getattr(m, "packed", None), getattr(m, "packed_head", None)):
+            total += 0 if packed is None else packed.num_bytes
         for pair in getattr(m, "packed_experts", None) or ():
             total += sum(w.num_bytes for w in pair)
     return total

@@ -25,7 +25,7 @@ class ModelConfig:
     weights: str | None = None
     # pure-decode steps (worker/decode_step.py): "on" compiles them per batch size with
     # torch.compile, "off" runs every step on the general eager path (the reference),
-    # "auto" compiles where it measured faster (COMPILE_AUTO in worker/decode_step.py)
+    # "auto" compiles where it measured faster (static_decode_mode in worker/decode_step.py)
     compile: str = "auto"
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.fp16_linear import fbgemm_fp16_available
 from kernels.paged_attention import PagedAttentionMetadata
 from worker.block_manager import EMPTY, NULL_BLOCK, BlockPool, cdiv
 from worker.kv_cache import KVLayout
@@ -38,22 +39,31 @@ from worker.scheduler import ScheduledSeq
 _MIN_KEY_BLOCKS = 4
 
 
-def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype) -> str:
+def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype,
+                       weights: str | None = None) -> str:
     """The ModelRunner's static_decode for ModelConfig.compile ("auto" | "on" | "off"):
     "compiled" or "off".
 
-    auto compiles where it measured a clear gain for its cost: a CPU with native bf16
-    (AVX512_BF16 / AMX) running bf16 or fp16, where the compiled step took half the
-    time of the eager one (MODELS.md). With fp32 on a 2-core AVX2 CPU it gained 14%
-    (SmolLM2 batch 1: 96 → 83 ms a step) for ~2 minutes of compiling per graph, and
-    CUDA waits for CUDA graphs (the GPU issue): both stay eager under auto.
+    auto compiles where it measured a clear gain for its cost:
+    - a CPU with native bf16 (AVX512_BF16 / AMX) running bf16 or fp16, where the compiled
+      step took half the time of the eager one (MODELS.md);
+    - `--weights float16` on FBGEMM (x86): the compiled step is 1.2-1.3x faster at 1-4
+      sequences on a 2-core AVX2 CPU, and packed weights compile unfrozen, so only the
+      first start pays the compile (docs/benchmarks.md).
+    Dense fp32 on a 2-core AVX2 CPU gained 14% (SmolLM2 batch 1: 96 → 83 ms a step) for
+    ~2 minutes of compiling at every start (a frozen graph is not cached); other packed
+    mixes (auto's int4 + fp16) were not measured compiled; CUDA waits for CUDA graphs
+    (the GPU issue): all stay eager under auto.
     """
     if compile not in ("auto", "on", "off"):
         raise ValueError(f"compile: {compile!r} is not auto, on or off")
     if compile != "auto":
         return "compiled" if compile == "on" else "off"
-    native_bf16 = device.type == "cpu" and cpu_has_native_bf16()
-    return "compiled" if native_bf16 and dtype in (torch.bfloat16, torch.float16) else "off"
+    if device.type != "cpu":
+        return "off"
+    native_bf16 = cpu_has_native_bf16() and dtype in (torch.bfloat16, torch.float16)
+    fbgemm = weights == "float16" and fbgemm_fp16_available()
+    return "compiled" if native_bf16 or fbgemm else "off"
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

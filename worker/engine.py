@@ -122,8 +122,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, layout, self.block_manager.pools,
                                   self.max_model_len, config.scheduler.max_num_seqs,
                                   self.device, self.dtype,
-                                  static_decode=static_decode_mode(config.model.compile,
-                                                                   self.device, self.dtype))
+                                  static_decode=static_decode_mode(
+                                      config.model.compile, self.device, self.dtype,
+                                      config.model.weights))
         self.attention_backend = check_attention_backend(args, self.device, self.dtype)
         self.kv = KVView(block_manager=self.block_manager,
                          kv_caches=tuple(self.runner.kv_caches),

@@ -75,8 +75,9 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                    choices=COMPILE_MODES,
                    help="compile pure-decode steps with torch.compile, one graph per batch "
                         "size, at warmup: on, off (every step eager), or auto (on for bf16/"
-                        "fp16 on a CPU with native bf16, where it halves a step; off "
-                        "elsewhere) (default: %(default)s)")
+                        "fp16 on a CPU with native bf16, where it halves a step, and for "
+                        "--weights float16 on FBGEMM, cached on disk after the first start; "
+                        "off elsewhere) (default: %(default)s)")
     p.add_argument("--device", default=default_of(ModelConfig, "device"),
                    help="torch device: cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,

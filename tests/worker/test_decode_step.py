@@ -15,7 +15,7 @@ from kernels.fp16_linear import fbgemm_fp16_available
 from tests.engine_driver import run_teacher_forced
 from tests.tiny_models import FAMILIES, VOCAB, make_tiny_model
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from worker.decode_step import StaticDecode, batch_buckets
+from worker.decode_step import StaticDecode, batch_buckets, static_decode_mode
 from worker.engine import LLMEngine
 from worker.loaders.hf import load_hf_dir
 from worker.models.registry import build_model
@@ -34,6 +34,19 @@ def test_batch_buckets() -> None:
     assert batch_buckets(4) == [2, 4]
     assert batch_buckets(6) == [2, 4, 6]
     assert batch_buckets(16) == [2, 4, 8, 16]
+
+
+def test_compile_modes() -> None:
+    cpu = torch.device("cpu")
+    assert static_decode_mode("on", cpu, torch.float32) == "compiled"
+    assert static_decode_mode("off", cpu, torch.bfloat16, "float16") == "off"
+    assert static_decode_mode("auto", cpu, torch.float32) == "off"  # dense fp32: eager
+    assert static_decode_mode("auto", cpu, torch.float32, "auto") == "off"
+    want = "compiled" if fbgemm_fp16_available() else "off"
+    assert static_decode_mode("auto", cpu, torch.float32, "float16") == want
+    assert static_decode_mode("auto", torch.device("cuda"), torch.bfloat16, "float16") == "off"
+    with pytest.raises(ValueError, match="compile"):
+        static_decode_mode("always", cpu, torch.float32)
 
 
 def _model(tiny_model_dir, family: str):

@@ -102,7 +102,8 @@ def test_engine_generates_greedily_with_packed_weights(tiny_model_dir, fmt):
     path = tiny_model_dir("llama")
     results = {}
     for weights in (None, fmt):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(path), weights=weights)))
+        engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(path), weights=weights,
+                                                          compile="off")))
         assert engine.model.is_packed == (weights is not None)
         prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
         res = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0,

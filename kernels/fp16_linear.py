@@ -13,10 +13,19 @@ zero-padded: 2·N·⌈K/512⌉·512 bytes, half of fp32's at K = 1536, 0.57 of i
 0.8 at Gemma's 640. fp16 holds an 11-bit significand, so a GGUF Q5_0/Q6_K/Q8_0 weight (a
 small integer times an fp16 scale) is kept to a relative 2⁻¹¹.
 
-The handle cannot be traced (fake tensors have no pointer to follow) nor copied (a
-clone's bytes are not a handle, and inductor's freezing clones constants), so the graph
-never sees it: the call is the custom op `slotmesh::fp16_linear(x, key, ...)`, opaque to
-torch.compile, and `key` is an int naming the handle in a registry of live weights.
+torch runs that kernel on one thread. slotmesh's native op (kernels/csrc/fp16_gemm.cpp,
+built by kernels/native.py) runs the same kernel over torch's intra-op threads, splitting
+the output columns as FBGEMM's thread partition does (measured 1.7-1.9x on 2 cores at
+M = 1..512), and keeps the packed matrix in an ordinary fp16 tensor: `data` is that
+tensor, which compiles, clones and freezes like any weight. Its last block of K rows is
+stored compactly, so it holds 2·K·⌈N/16⌉·16 bytes (⌈N/32⌉·32 with AVX-512).
+`native_fp16_available()` checks it against torch's op, bit for bit, before using it.
+
+Without the native op, torch's handle is used: it cannot be traced (fake tensors have no
+pointer to follow) nor copied (a clone's bytes are not a handle, and inductor's freezing
+clones constants), so the graph never sees it: the call is the custom op
+`slotmesh::fp16_linear(x, key, ...)`, opaque to torch.compile, and `key` is an int naming
+the handle in a registry of live weights.
 
 Without FBGEMM (CUDA, ARM builds) a float16 weight is the plain fp16 [N, K] tensor and
 `kernels.packed_linear` multiplies it with `F.linear` in fp16, as the dense format does.
@@ -33,6 +42,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from kernels.native import native_ops
 from kernels.packed_weight import PackedWeight, check_weight, pack_dense
 
 FP16_MAX = 65504.0
@@ -57,6 +67,24 @@ def fbgemm_fp16_available() -> bool:
     except (RuntimeError, AttributeError):
         return False
     return bool((out == 16).all())
+
+
+@cache
+def native_fp16_available() -> bool:
+    """Whether slotmesh's native multi-threaded FBGEMM op is built here and gives torch's
+    single-threaded op's results bit for bit (an odd shape: K past one 512 block, N not a
+    multiple of the column block, a bias)."""
+    ops = native_ops()
+    if ops is None or not fbgemm_fp16_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w, x, b = (torch.randn(shape, generator=gen) for shape in ((40, 600), (3, 600), (40,)))
+    try:
+        got = ops.fp16_gemm(x, ops.fp16_pack(w), 40, b)
+    except RuntimeError:
+        return False
+    return torch.equal(got, torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(
+        x, _pack(w), b))
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -86,19 +114,25 @@ def pack_fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None = None
     """weight: [N, K] float on the CPU → float16 PackedWeight in FBGEMM's layout.
 
     The weight is rounded to fp16 first, so the packed matrix holds exactly the values
-    `fp16_linear_reference` multiplies by. `data` is the handle; `num_bytes` counts the
-    padded packed matrix behind it.
+    `fp16_linear_reference` multiplies by. `data` is the native op's packed fp16 tensor,
+    or without it torch's handle, and then `num_bytes` counts the padded packed matrix
+    behind the handle.
     """
     n, k = check_weight(weight, bias)
     if weight.device.type != "cpu":
         raise ValueError(f"pack_fp16_fbgemm: weight on {weight.device}, want the CPU")
+    bias = None if bias is None else bias.detach().float().contiguous()
+    if native_fp16_available():
+        return PackedWeight(
+            format="float16", layout=FBGEMM_LAYOUT,
+            data=native_ops().fp16_pack(to_fp16(weight.detach()).float()), out_features=n,
+            in_features=k, compute_dtype=torch.float32, bias=bias)
     handle, key = _pack(to_fp16(weight.detach())), next(_KEYS)
     _HANDLES[key] = handle
     padded_k = -(-k // FBGEMM_BLOCK_K) * FBGEMM_BLOCK_K
     return PackedWeight(
         format="float16", layout=FBGEMM_LAYOUT, data=handle, handle_key=key,
-        out_features=n, in_features=k, compute_dtype=torch.float32,
-        bias=None if bias is None else bias.detach().float().contiguous(),
+        out_features=n, in_features=k, compute_dtype=torch.float32, bias=bias,
         packed_bytes=2 * n * padded_k,
     )
 
@@ -122,7 +156,10 @@ def fp16_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         raise ValueError(f"fp16_linear: x {tuple(x.shape)} vs weight [{w.out_features}, "
                          f"{w.in_features}]")
     x2 = x.reshape(-1, w.in_features).float().contiguous()  # [M, K]
-    out = _fp16_linear_op(x2, w.handle_key, w.bias, w.out_features)  # [M, N] fp32
+    if w.handle_key:  # torch's single-threaded op, through the handle registry
+        out = _fp16_linear_op(x2, w.handle_key, w.bias, w.out_features)  # [M, N] fp32
+    else:
+        out = torch.ops.slotmesh_native.fp16_gemm(x2, w.data, w.out_features, w.bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
 
 
@@ -135,8 +172,9 @@ def fp16_linear_reference(x: torch.Tensor, weight: torch.Tensor,
 
 
 def unpack_fp16_fbgemm(w: PackedWeight) -> torch.Tensor:
-    """The fp32 [N, K] weight behind a handle, read back through the kernel: an identity
-    batch gives Wᵀ, exactly (each output is one fp16 value widened, times 1)."""
-    eye = torch.eye(w.in_features)
-    out = torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(eye, w.data, None)
-    return out.t().contiguous()
+    """The fp32 [N, K] weight in FBGEMM's layout, read back through the kernel: an
+    identity batch gives Wᵀ, exactly (each output is one fp16 value widened, times 1)."""
+    bare = PackedWeight(format="float16", layout=FBGEMM_LAYOUT, data=w.data,
+                        handle_key=w.handle_key, out_features=w.out_features,
+                        in_features=w.in_features, compute_dtype=torch.float32)
+    return fp16_linear(torch.eye(w.in_features), bare).t().contiguous()

@@ -5,8 +5,9 @@ dense formats, in `int8_linear` / `int4_linear` / `fp16_linear` for the others);
 `packed_linear` dispatches on its `format`. Formats:
 
   float32 | bfloat16 | float16: `data` is the dense [N, K] weight in that dtype; or, for
-        float16 with layout "fbgemm" (x86 CPUs, kernels/fp16_linear.py), the handle of
-        FBGEMM's packed fp16 matrix, multiplied with fp32 activations.
+        float16 with layout "fbgemm" (x86 CPUs, kernels/fp16_linear.py), FBGEMM's packed
+        fp16 matrix (a 1-D fp16 tensor, or torch's opaque handle to it when slotmesh's
+        native op is not built), multiplied with fp32 activations.
   int8: weight-only, symmetric per output channel: w[n, k] = data[n, k] * scales[n];
         data int8 [N, K], scales [N] in `compute_dtype`.
   int4: weight-only, asymmetric groups of `group_size` along K, torch's int4pack
@@ -40,7 +41,7 @@ class PackedWeight:
     scales: torch.Tensor | None = None  # int8: [N]; int4: [K / group, N, 2]
     group_size: int = 0  # int4 only
     bias: torch.Tensor | None = None  # [N] in compute_dtype
-    layout: str = ""  # "" the format's own layout (above); "fbgemm": data is a handle
+    layout: str = ""  # "" the format's own layout (above); "fbgemm": FBGEMM's packing
     packed_bytes: int = 0  # bytes behind a handle `data` (0: data holds the weight)
     handle_key: int = 0  # names the handle for compiled graphs (kernels/fp16_linear.py)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent setup: redis-server from the OS packages when missing, and a virtualenv in
-# .venv with the CPU torch wheel and slotmesh itself. The pip steps are
-# scripts/install-python.sh, the same script the container images run.
+# Idempotent setup: redis-server from the OS packages when missing, a virtualenv in
+# .venv with the CPU torch wheel and slotmesh itself, and slotmesh's native CPU ops built.
+# The pip steps are scripts/install-python.sh, the same script the container images run.
 # torch is pinned to 2.13.0 there (its wheel lies on this machine's disk); nothing
 # else may pull another torch, so it is installed first and the rest sees it satisfied.
 set -euo pipefail
@@ -21,4 +21,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     exit 1
   fi
   echo "$want" > "$stamp"
+fi
+# slotmesh's native CPU ops (kernels/native.py): built once into ~/.cache/slotmesh/native
+# and reused; without a working C++ compiler the worker keeps plain torch ops instead
+if ! .venv/bin/python -m kernels.native > /dev/null 2> .venv/native-build.log; then
+  echo "setup: native ops not built (see .venv/native-build.log); plain torch ops are used"
 fi

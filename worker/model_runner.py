@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import PagedAttentionMetadata
+from kernels.paged_attention import PagedAttentionMetadata, use_native_decode
 from kernels.rotary import rope_cache
 from worker.block_manager import EMPTY, NULL_BLOCK, BlockPool, cdiv
 from worker.decode_step import StaticDecode
@@ -48,6 +48,9 @@ class ModelRunner:
             for t, r in self.args.rope.items()
         }
         self.sampler = Sampler(self.args.vocab_size, max_num_seqs, device)
+        # fp32 decode attention on the CPU reads the paged cache in place (native kernel)
+        if device.type == "cpu" and dtype == torch.float32:
+            use_native_decode()
         # pure-decode steps on persistent buffers: "off" (the general path below, the
         # reference), "eager" or "compiled" (worker/decode_step.py)
         self.static = None

@@ -8,7 +8,9 @@ fp32, so what is left is the bf16 rounding of the output (2^-8 relative) and sum
 order. Bound: |kernel - reference| <= max|reference| / 128 (measured <= 1/300). The
 dequantized int4 weight read back through the CPU kernel in fp32 is exact.
 fp16 (fbgemm) keeps fp32 activations and accumulation: it matches fp32 F.linear on the
-fp16-rounded weight to summation order (1e-5 relative).
+fp16-rounded weight to summation order (1e-5 relative). slotmesh's native multi-threaded
+op runs FBGEMM's own kernel on column slices, so it equals torch's single-threaded op
+bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kernels.fp16_linear import (
     fbgemm_fp16_available,
     fp16_linear,
     fp16_linear_reference,
+    native_fp16_available,
     pack_fp16,
     pack_fp16_fbgemm,
 )
@@ -33,6 +36,7 @@ from kernels.int4_linear import (
     quantize_int4,
 )
 from kernels.int8_linear import int8_linear, int8_linear_reference, pack_int8, quantize_int8
+from kernels.native import native_ops
 from kernels.packed_linear import dequantize_packed, packed_linear, packed_linear_reference
 from kernels.packed_weight import pack_dense
 
@@ -117,6 +121,63 @@ def test_fp16_matches_reference(k, n):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+needs_native = pytest.mark.skipif(not native_fp16_available(),
+                                  reason="slotmesh's native op is not built here")
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", _cases([*SHAPES, (600, 40), (1100, 33)]))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_fp16_equals_torch_single_threaded_op(k, n, threads):
+    """Each thread computes its own column blocks with the same kernel: the result is
+    torch's op's, bit for bit, whatever the thread count (3 leaves a thread the fringe
+    columns of an N that is no multiple of the block; K = 1100 ends in a partial block of
+    rows)."""
+    w, b = _weight(k, n), torch.randn(n)
+    ops, handle = native_ops(), fp16_module._pack(w)
+    packed = ops.fp16_pack(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (*MS, 37):
+            x = _x(m, k)
+            want = torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x, handle, b)
+            assert torch.equal(ops.fp16_gemm(x, packed, n, b), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_native_fp16_checks_its_arguments():
+    ops = native_ops()
+    packed = ops.fp16_pack(_weight(576, 192))
+    with pytest.raises(RuntimeError, match="a \\[193, 576\\] weight packs to"):
+        ops.fp16_gemm(_x(2, 576), packed, 193, None)
+    with pytest.raises(RuntimeError, match="2-D fp32"):
+        ops.fp16_gemm(_x(2, 576).double(), packed, 192, None)
+    with pytest.raises(RuntimeError, match="contiguous 1-D fp16"):
+        ops.fp16_gemm(_x(2, 576), packed.float(), 192, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.fp16_gemm(_x(2, 576), packed, 192, torch.zeros(5))
+
+
+@needs_fbgemm
+def test_fp16_through_torchs_handle_without_the_native_op(monkeypatch):
+    """Where the native op is not built, the weight is torch's handle, named by a key, and
+    multiplies as well (and inside a compiled graph, test below)."""
+    monkeypatch.setattr(fp16_module, "native_fp16_available", lambda: False)
+    w, b = _weight(576, 192), torch.randn(192)
+    packed = pack_fp16(w, b)
+    assert packed.layout == "fbgemm" and packed.handle_key > 0
+    assert packed.num_bytes == 1024 * 192 * 2 + 192 * 4  # K padded to 512s, fp32 bias
+    assert torch.equal(dequantize_packed(packed), w.half().float())
+    for m in MS:
+        x = _x(m, 576)
+        ref = fp16_linear_reference(x, w, b)
+        torch.testing.assert_close(fp16_linear(x, packed), ref, rtol=1e-5,
+                                   atol=1e-5 * ref.abs().max().item())
+
+
 def test_fp16_without_fbgemm_is_dense_fp16(monkeypatch):
     """Where fbgemm is missing the weight is a plain fp16 tensor and F.linear runs in
     fp16 (fp16-rounded output)."""
@@ -184,16 +245,21 @@ def test_shape_checks():
         pack_int8(_weight(64, 64), torch.zeros(63))
     # 4 bits a weight + a bf16 scale and zero per 32: 5 bits
     assert packed.num_bytes == 576 * 192 // 2 + 576 // 32 * 192 * 4
-    if fbgemm_fp16_available():  # fbgemm's fp16: 2 bytes a weight, K padded to 512s
-        assert pack_fp16(_weight(576, 192)).num_bytes == 1024 * 192 * 2
+    if native_fp16_available():  # fbgemm's fp16: 2 bytes a weight, N padded to 16s/32s
+        assert pack_fp16(_weight(576, 200)).num_bytes in (576 * 208 * 2, 576 * 224 * 2)
 
 
 
 @needs_fbgemm
-def test_fp16_fbgemm_runs_inside_a_compiled_graph():
-    """The handle is opaque to the compiler: the custom op keeps it out of fake tensors,
-    and freezing (the static decode step's setting) keeps it as a constant."""
+@pytest.mark.parametrize("native", [
+    pytest.param(True, marks=needs_native), False])
+def test_fp16_fbgemm_runs_inside_a_compiled_graph(native, monkeypatch):
+    """The native op's packed tensor is a plain constant, cloned by freezing; torch's
+    handle is opaque to the compiler: the custom op keeps it out of fake tensors, and
+    freezing (the static decode step's setting) keeps it as a constant."""
     import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(fp16_module, "native_fp16_available", lambda: native)
 
     w = _weight(576, 192)
 

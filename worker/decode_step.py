@@ -47,9 +47,10 @@ def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype,
     auto compiles where it measured a clear gain for its cost:
     - a CPU with native bf16 (AVX512_BF16 / AMX) running bf16 or fp16, where the compiled
       step took half the time of the eager one (MODELS.md);
-    - `--weights float16` on FBGEMM (x86): the compiled step is 1.2-1.3x faster at 1-4
-      sequences on a 2-core AVX2 CPU, and packed weights compile unfrozen, so only the
-      first start pays the compile (docs/benchmarks.md).
+    - `--weights float16` on FBGEMM (x86): the compiled step is 1.5x faster than the
+      eager one at 1-4 sequences and 1.25x at 16 on a 2-core AVX2 CPU (native ops), and
+      packed weights compile unfrozen, so only the first start pays the compile
+      (docs/benchmarks.md).
     Dense fp32 on a 2-core AVX2 CPU gained 14% (SmolLM2 batch 1: 96 → 83 ms a step) for
     ~2 minutes of compiling at every start (a frozen graph is not cached); other packed
     mixes (auto's int4 + fp16) were not measured compiled; CUDA waits for CUDA graphs

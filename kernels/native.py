@@ -6,9 +6,10 @@ torch, so it needs a C++ compiler — the same one torch.compile's inductor uses
 CPU. Where none works (or `SLOTMESH_NATIVE=0`) `native_ops()` answers None and callers
 keep their plain-torch path; nothing here is required for correctness.
 
-The build goes to `$SLOTMESH_NATIVE_DIR`, default `~/.cache/slotmesh/native/<key>`, where
-the key hashes the sources, the torch version and the flags: a second process (or a
-second start) loads the cached library in milliseconds. Processes that start together
+The build goes to `<root>/<key>`, root `$SLOTMESH_NATIVE_DIR` or
+`~/.cache/slotmesh/native`, where the key hashes the sources, the torch version, the
+flags and the CPU's features: a second process (or a second start) loads the cached
+library in milliseconds. Processes that start together
 (the workers of `slotmesh up`, the test suite) build once: the build runs under an
 exclusive `flock`, which the kernel releases if its holder dies mid-build.
 

@@ -15,7 +15,7 @@ small integer times an fp16 scale) is kept to a relative 2⁻¹¹.
 
 torch runs that kernel on one thread. slotmesh's native op (kernels/csrc/fp16_gemm.cpp,
 built by kernels/native.py) runs the same kernel over torch's intra-op threads, splitting
-the output columns as FBGEMM's thread partition does (measured 1.7-1.9x on 2 cores at
+the output columns as FBGEMM's thread partition does (measured 1.7-2.0x on 2 cores at
 M = 1..512), and keeps the packed matrix in an ordinary fp16 tensor: `data` is that
 tensor, which compiles, clones and freezes like any weight. Its last block of K rows is
 stored compactly, so it holds 2·K·⌈N/16⌉·16 bytes (⌈N/32⌉·32 with AVX-512).

@@ -9,9 +9,9 @@ keep their plain-torch path; nothing here is required for correctness.
 The build goes to `<root>/<key>`, root `$SLOTMESH_NATIVE_DIR` or
 `~/.cache/slotmesh/native`, where the key hashes the sources, the torch version, the
 flags and the CPU's features: a second process (or a second start) loads the cached
-library in milliseconds. Processes that start together
-(the workers of `slotmesh up`, the test suite) build once: the build runs under an
-exclusive `flock`, which the kernel releases if its holder dies mid-build.
+library in milliseconds. Processes that start together (the workers of `slotmesh up`,
+the test suite) build once: the build runs under an exclusive `flock`, which the kernel
+releases if its holder dies mid-build.
 
     .venv/bin/python -m kernels.native      # build now (setup does this), print the path
 """
@@ -89,17 +89,10 @@ def build_and_load() -> Path:
     return library
 
 
-_FAKES_REGISTERED = False
-
-
+@cache
 def _register_fakes() -> None:
     """Output shapes for tracing (torch.compile), in Python so that a batch dimension
-    stays symbolic (a C++ Meta kernel reading sizes() would pin it)."""
-    global _FAKES_REGISTERED
-    if _FAKES_REGISTERED:
-        return
-    _FAKES_REGISTERED = True
-
+    stays symbolic (a C++ Meta kernel reading sizes() would pin it). Once a process."""
     @torch.library.register_fake(f"{NAME}::fp16_gemm")
     def _(x, packed, n, bias):
         return x.new_empty((x.shape[0], n))

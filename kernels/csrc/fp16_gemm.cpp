@@ -19,12 +19,11 @@
 // torch's wheel ships FBGEMM's headers but not asmjit's, which they include, so the few
 // declarations used here are restated: the exported packing constructor, the GEMM and the
 // packed matrix's data members (FbgemmPackMatrixB.h, in declaration order). Nothing
-// else of the class is used. `native_fp16_probe` in kernels/fp16_linear.py checks this
+// else of the class is used. `native_fp16_available` in kernels/fp16_linear.py checks this
 // against torch's own FBGEMM op before the op is trusted (a layout change disables it).
 namespace fbgemm {
 enum class matrix_op_t { NoTranspose, Transpose };
 template <typename T> struct TypeConverter;
-void* fbgemmAlignedAlloc(size_t align, size_t size, bool raiseException);
 void fbgemmAlignedFree(void* p);
 
 template <typename T, typename C = TypeConverter<T>>
@@ -148,7 +147,6 @@ at::Tensor fp16_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n,
   return out;
 }
 
-
 }  // namespace
 
 TORCH_LIBRARY(slotmesh_native, m) {
@@ -160,4 +158,3 @@ TORCH_LIBRARY_IMPL(slotmesh_native, CPU, m) {
   m.impl("fp16_pack", &fp16_pack);
   m.impl("fp16_gemm", &fp16_gemm);
 }
-

@@ -66,7 +66,8 @@ struct Args {
 };
 
 // One (sequence, KV head) work item: item = b * kv_heads + h. D: the head size when the
-// caller fixed it at compile time, else 0 (a.dim). scratch: group * (keys + dim) floats.
+// caller fixed it at compile time, else 0 (a.dim). scratch: group * (keys + dim + 2)
+// floats.
 template <int D>
 void attend(const Args& a, int64_t item, float* scratch) {
   const int64_t dim = D > 0 ? D : a.dim, keys = a.keys, group = a.group;
@@ -77,8 +78,10 @@ void attend(const Args& a, int64_t item, float* scratch) {
   const float* mrow = a.mask + b * keys;
   const int64_t* trow = a.tables + b * a.width;
   float* scores = scratch;  // [group, keys]
-  float* acc = scratch + group * keys;  // [group, dim]
-  std::vector<float> peak(group, neg_inf), total(group, 0.f);
+  float* acc = scores + group * keys;  // [group, dim]
+  float* peak = acc + group * dim;  // [group] largest score
+  float* total = peak + group;  // [group] softmax denominator
+  std::fill(peak, peak + group, neg_inf);
   for (int64_t i = 0; i < a.width; ++i) {  // block by block: no division per key
     const float* kblock = a.k + trow[i] * a.s_block + h * a.s_head;
     for (int64_t j = i * block_size; j < (i + 1) * block_size; ++j) {
@@ -177,7 +180,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const Args args{qp, kp, vp, tp, mp, op, heads, dim, block_size, kv_heads, width, keys,
                   group, s_block, s_slot, s_head, fscale};
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(group * (keys + dim));
+    std::vector<float> scratch(group * (keys + dim + 2));
     for (int64_t item = begin; item < end; ++item) {
       // a fixed head size lets the compiler unroll the dot products and updates
       switch (dim) {
@@ -191,7 +194,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(slotmesh_native, m) {
@@ -202,4 +204,3 @@ TORCH_LIBRARY_FRAGMENT(slotmesh_native, m) {
 TORCH_LIBRARY_IMPL(slotmesh_native, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
 }
-

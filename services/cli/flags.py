@@ -66,11 +66,11 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
     p.add_argument("--weights", default=default_of(ModelConfig, "weights"),
                    choices=WEIGHT_FORMATS,
                    help="linear weights at inference: auto keeps a GGUF's 4-bit blocks as "
-                        "int4 (Q4_0/Q4_1/Q4_K) and requantizes its other quantized types to "
-                        "int8; int8/int4 quantize every linear; float32/bfloat16/float16 "
-                        "dense (float16 on an x86 CPU: FBGEMM's fp16 GEMM, fp32 "
-                        "activations, the fast format without native bf16) (default: dense "
-                        "in --dtype)")
+                        "int4 (Q4_0/Q4_1/Q4_K) and keeps its other quantized types (Q5_0, "
+                        "Q6_K, Q8_0, ...) as float16; int8/int4 quantize every linear; "
+                        "float32/bfloat16/float16 dense (float16 on an x86 CPU: FBGEMM's fp16 "
+                        "GEMM over every thread, fp32 activations, the fast format without "
+                        "native bf16) (default: dense in --dtype)")
     p.add_argument("--compile", default=default_of(ModelConfig, "compile"),
                    choices=COMPILE_MODES,
                    help="compile pure-decode steps with torch.compile, one graph per batch "

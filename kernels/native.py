@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("fp16_gemm.cpp", "paged_attention.cpp"))
+                for name in ("fp16_gemm.cpp", "paged_attention.cpp", "block_gemm.cpp"))
 NAME = "slotmesh_native"
 # -fopenmp: at::parallel_for is a header template, serial unless compiled with OpenMP; the
 # library then uses the process's libgomp (torch's, already loaded), whose pool it shares.
@@ -96,6 +96,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAME}::fp16_gemm")
     def _(x, packed, n, bias):
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake(f"{NAME}::block_gemm")
+    def _(x, blocks, n, kind, bias):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake(f"{NAME}::write_kv")
+    def _(k_cache, v_cache, k, v, slot_mapping):
+        return None
 
     @torch.library.register_fake(f"{NAME}::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, mask, scale):

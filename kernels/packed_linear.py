@@ -4,8 +4,10 @@ Dense weights run in their own dtype (x is cast to it, the output cast back): fp
 through `kernels.linear` (MKL's transposed orientation is faster at small M), bf16/fp16
 through `F.linear` (faster than the transposed mm for bf16, MODELS.md); fp16 packed for
 FBGEMM (x86 CPUs) through `kernels.fp16_linear` with fp32 activations. The quantized
-formats go to their weight-only kernels. `packed_linear_reference` dequantizes and calls
-`F.linear` in fp32 for every format.
+formats go to their weight-only kernels: on the CPU, with slotmesh's native op, 4- and
+8-bit blocks of 32 with fp32 activations (`kernels.block_linear`, layout "blocks"),
+otherwise torch's int4/int8 kernels with bf16 activations. `packed_linear_reference`
+dequantizes and calls `F.linear` in fp32 for every format.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.block_linear import BLOCKS_LAYOUT, block_linear, dequantize_blocks
 from kernels.fp16_linear import FBGEMM_LAYOUT, fp16_linear, unpack_fp16_fbgemm
 from kernels.int4_linear import int4_linear
 from kernels.int8_linear import int8_linear
@@ -47,6 +50,8 @@ def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if x.shape[-1] != w.in_features:
         raise ValueError(f"packed_linear: x {tuple(x.shape)} vs {w.format} weight "
                          f"[{w.out_features}, {w.in_features}]")
+    if w.layout == BLOCKS_LAYOUT:
+        return block_linear(x, w)
     return _KERNELS[w.format](x, w)
 
 
@@ -59,6 +64,8 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     """
     if w.layout == FBGEMM_LAYOUT:
         return unpack_fp16_fbgemm(w)
+    if w.layout == BLOCKS_LAYOUT:
+        return dequantize_blocks(w.data, w.format, w.in_features)
     if w.format in ("float32", "bfloat16", "float16"):
         return w.data.float()
     if w.format == "int8":

@@ -13,10 +13,14 @@ dense formats, in `int8_linear` / `int4_linear` / `fp16_linear` for the others);
   int4: weight-only, asymmetric groups of `group_size` along K, torch's int4pack
         convention w = (q - 8) * scale + zero for q in 0..15; `data` is the kernel's
         device-specific packed layout, `scales` is scales_and_zeros [K / group, N, 2].
+  layout "blocks" (int4 and int8, CPU, kernels/block_linear.py): `data` is uint8
+        [N, K / 32 · B] of ggml-style blocks of 32 with their fp16 scales inside (int4:
+        Q4_1 w = q·d + m; int8: Q8_0 w = q·d), `scales` None, fp32 activations.
 
-`compute_dtype` is the activation dtype the kernel runs in (bf16 for int8/int4: with fp32
-activations the CPU int4/int8 kernels are 10-100x slower, and they need scales in the
-activation dtype; fp32 for fbgemm's fp16); the output is cast back to the caller's dtype.
+`compute_dtype` is the activation dtype the kernel runs in (bf16 for torch's int8/int4
+kernels: with fp32 activations they are 10-100x slower on the CPU, and they need scales in
+the activation dtype; fp32 for fbgemm's fp16 and for the blocks); the output is cast back
+to the caller's dtype.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class PackedWeight:
     scales: torch.Tensor | None = None  # int8: [N]; int4: [K / group, N, 2]
     group_size: int = 0  # int4 only
     bias: torch.Tensor | None = None  # [N] in compute_dtype
-    layout: str = ""  # "" the format's own layout (above); "fbgemm": FBGEMM's packing
+    layout: str = ""  # "" the format's own layout (above); "fbgemm", "blocks": see above
     packed_bytes: int = 0  # bytes behind a handle `data` (0: data holds the weight)
     handle_key: int = 0  # names the handle for compiled graphs (kernels/fp16_linear.py)
 

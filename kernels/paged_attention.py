@@ -25,8 +25,9 @@ _NATIVE_DECODE = False
 
 
 def use_native_decode(enable: bool = True) -> bool:
-    """Route pure fp32 CPU decode steps through the native kernel when `enable` and the
-    native library loads here; whether they now are."""
+    """Route pure fp32 CPU decode steps through the native kernel, and CPU cache writes
+    through the native `write_kv`, when `enable` and the native library loads here;
+    whether they now are."""
     global _NATIVE_DECODE
     if enable:
         from kernels.native import native_ops
@@ -89,7 +90,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     if k.shape[-2:] != k_cache.shape[-2:] or k.shape[0] != slot_mapping.shape[0]:
         raise ValueError(f"write_kv: k {tuple(k.shape)} vs cache {tuple(k_cache.shape)}, "
                          f"{slot_mapping.shape[0]} slots")
-    _write_kv_op(k_cache, v_cache, k, v, slot_mapping)
+    if _NATIVE_DECODE and k_cache.device.type == "cpu":
+        torch.ops.slotmesh_native.write_kv(k_cache, v_cache, k, v, slot_mapping)
+    else:
+        _write_kv_op(k_cache, v_cache, k, v, slot_mapping)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

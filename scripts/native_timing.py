@@ -4,7 +4,9 @@
 
 fp16: one SmolLM2-135M layer's four linears plus the lm_head, FBGEMM's kernel through
 torch's op (one thread) and through `slotmesh_native::fp16_gemm` (torch's intra-op
-threads), per M. Attention: one layer's pure-decode attention over the paged cache for
+threads), per M. Blocks: the same shapes as int4 (Q4_1) and int8 (Q8_0) blocks through
+`slotmesh_native::block_gemm`, against the native fp16 op and fp32 `F.linear`.
+Attention: one layer's pure-decode attention over the paged cache for
 B sequences of about L tokens, the gather-and-SDPA reference against
 `slotmesh_native::paged_decode_attention`. Medians of --reps calls, alternating.
 """
@@ -14,8 +16,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
+from kernels.block_linear import block_linear, pack_blocks, q4_blocks, q8_blocks, quantize_q8
 from kernels.fp16_linear import _pack, native_fp16_available
+from kernels.int4_linear import quantize_int4
 from kernels.native import native_ops
 from kernels.paged_attention import (
     PagedAttentionMetadata,
@@ -69,6 +74,22 @@ def main() -> None:
                                     args.reps)
         print(f"fp16 GEMM M={m:4d}: torch {torch_ms:7.3f} ms  native {native_ms:7.3f} ms  "
               f"{torch_ms / native_ms:.2f}x")
+    blocks = {fmt: [pack_blocks(q4_blocks(*quantize_int4(w, 32)) if fmt == "int4"
+                                else q8_blocks(*quantize_q8(w)), fmt, *w.shape)
+                    for w in weights] for fmt in ("int4", "int8")}
+    for m in (1, 4, 16, 32, 128):
+        xs = [torch.randn(m, k) for _, k in SHAPES]
+        ms = {name: 0.0 for name in ("int4", "int8", "fp16", "fp32")}
+        for i, ((n, _), x) in enumerate(zip(SHAPES, xs, strict=True)):
+            for fmt in ("int4", "int8"):
+                ms[fmt] += _median_ms(lambda x=x, w=blocks[fmt][i]: block_linear(x, w),
+                                      args.reps)
+            ms["fp16"] += _median_ms(lambda x=x, pk=packed[i], n=n: ops.fp16_gemm(x, pk, n, None),
+                                     args.reps)
+            ms["fp32"] += _median_ms(lambda x=x, w=weights[i]: F.linear(x, w), args.reps)
+        print(f"blocks M={m:4d}: int4 {ms['int4']:7.3f} ms  int8 {ms['int8']:7.3f} ms  "
+              f"fp16 {ms['fp16']:7.3f} ms  fp32 {ms['fp32']:7.3f} ms  "
+              f"(int4 {ms['fp16'] / ms['int4']:.2f}x fp16, {ms['fp32'] / ms['int4']:.2f}x fp32)")
     for batch, length in ((1, 300), (4, 300), (16, 300)):
         case = _decode_case(batch, length)
         ref = _median_ms(lambda c=case: paged_attention_reference(*c, 0.125), args.reps)

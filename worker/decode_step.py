@@ -40,7 +40,7 @@ _MIN_KEY_BLOCKS = 4
 
 
 def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype,
-                       weights: str | None = None) -> str:
+                       weights: str | None = None, blocks: bool = False) -> str:
     """The ModelRunner's static_decode for ModelConfig.compile ("auto" | "on" | "off"):
     "compiled" or "off".
 
@@ -50,11 +50,14 @@ def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype,
     - `--weights float16` on FBGEMM (x86): the compiled step is 1.5x faster than the
       eager one at 1-4 sequences and 1.25x at 16 on a 2-core AVX2 CPU (native ops), and
       packed weights compile unfrozen, so only the first start pays the compile
-      (docs/benchmarks.md).
+      (docs/benchmarks.md);
+    - `blocks`: the model multiplies 4/8-bit blocks with the CPU's native op (auto or
+      int4 on a GGUF, kernels/block_linear.py): SmolLM2 auto's step 20.6 → 13.5 ms at one
+      sequence, 67.7 → 58.5 ms at 16 (2-core AVX2), compiled in ~40 s once, ~8 s from
+      the cache after.
     Dense fp32 on a 2-core AVX2 CPU gained 14% (SmolLM2 batch 1: 96 → 83 ms a step) for
-    ~2 minutes of compiling at every start (a frozen graph is not cached); other packed
-    mixes (auto's int4 + fp16) were not measured compiled; CUDA waits for CUDA graphs
-    (the GPU issue): all stay eager under auto.
+    ~2 minutes of compiling at every start (a frozen graph is not cached); CUDA waits for
+    CUDA graphs (the GPU issue): both stay eager under auto.
     """
     if compile not in ("auto", "on", "off"):
         raise ValueError(f"compile: {compile!r} is not auto, on or off")
@@ -64,7 +67,7 @@ def static_decode_mode(compile: str, device: torch.device, dtype: torch.dtype,
         return "off"
     native_bf16 = cpu_has_native_bf16() and dtype in (torch.bfloat16, torch.float16)
     fbgemm = weights == "float16" and fbgemm_fp16_available()
-    return "compiled" if native_bf16 or fbgemm else "off"
+    return "compiled" if native_bf16 or fbgemm or blocks else "off"
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

@@ -24,7 +24,7 @@ from worker.kv_cache import KVView, plan_kv_layout
 from worker.loaders import load_model_files
 from worker.loaders.model_files import ModelFiles
 from worker.model_runner import ModelRunner
-from worker.models.packing import describe_weights
+from worker.models.packing import describe_weights, multiplies_blocks
 from worker.models.registry import build_model
 from worker.process_memory import trim_heap
 from worker.progress import Progress, stderr_progress
@@ -124,7 +124,7 @@ class LLMEngine:
                                   self.device, self.dtype,
                                   static_decode=static_decode_mode(
                                       config.model.compile, self.device, self.dtype,
-                                      config.model.weights))
+                                      config.model.weights, multiplies_blocks(self.model)))
         self.attention_backend = check_attention_backend(args, self.device, self.dtype)
         self.kv = KVView(block_manager=self.block_manager,
                          kv_caches=tuple(self.runner.kv_caches),

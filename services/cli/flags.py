@@ -66,18 +66,20 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
     p.add_argument("--weights", default=default_of(ModelConfig, "weights"),
                    choices=WEIGHT_FORMATS,
                    help="linear weights at inference: auto keeps a GGUF's 4-bit blocks as "
-                        "int4 (Q4_0/Q4_1/Q4_K) and keeps its other quantized types (Q5_0, "
-                        "Q6_K, Q8_0, ...) as float16; int8/int4 quantize every linear; "
+                        "int4 (Q4_0/Q4_1/Q4_K), its Q8_0/Q5_0 tensors as int8 blocks of 32 "
+                        "and its other quantized types (Q6_K, Q5_1, ...) as float16 (on the "
+                        "CPU the 4/8-bit blocks run in slotmesh's native op with fp32 "
+                        "activations and logits); int8/int4 quantize every linear; "
                         "float32/bfloat16/float16 dense (float16 on an x86 CPU: FBGEMM's fp16 "
-                        "GEMM over every thread, fp32 activations, the fast format without "
-                        "native bf16) (default: dense in --dtype)")
+                        "GEMM over every thread, fp32 activations) (default: dense in --dtype)")
     p.add_argument("--compile", default=default_of(ModelConfig, "compile"),
                    choices=COMPILE_MODES,
                    help="compile pure-decode steps with torch.compile, one graph per batch "
                         "size, at warmup: on, off (every step eager), or auto (on for bf16/"
-                        "fp16 on a CPU with native bf16, where it halves a step, and for "
-                        "--weights float16 on FBGEMM, cached on disk after the first start; "
-                        "off elsewhere) (default: %(default)s)")
+                        "fp16 on a CPU with native bf16, where it halves a step, for "
+                        "--weights float16 on FBGEMM and for the CPU's 4/8-bit blocks, "
+                        "cached on disk after the first start; off elsewhere) "
+                        "(default: %(default)s)")
     p.add_argument("--device", default=default_of(ModelConfig, "device"),
                    help="torch device: cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,

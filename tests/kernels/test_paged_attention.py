@@ -133,3 +133,55 @@ def test_paged_attention_routes_pure_fp32_decode_only(monkeypatch):
     monkeypatch.setattr(pa, "_NATIVE_DECODE", False)
     paged_attention(q, k, v, meta, 0.125)
     assert calls == [1]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_kv_matches_reference(dtype):
+    """The native KV write lands the same values in the same slots as the two index_copy_
+    calls, into a layer's view of the stacked cache, casting k/v to the cache's dtype."""
+    g = torch.Generator().manual_seed(3)
+    stacked = torch.randn(2, 3, 9, BLOCK, 2, 64, generator=g).to(dtype)
+    want = stacked.clone()
+    k = torch.randn(5, 2, 64, generator=g)
+    v = torch.randn(5, 2, 64, generator=g)
+    slots = torch.tensor([17, 3, 140, 16, 0])
+    pa.write_kv_reference(want[0, 1], want[1, 1], k, v, slots)
+    torch.ops.slotmesh_native.write_kv(stacked[0, 1], stacked[1, 1], k, v, slots)
+    assert torch.equal(stacked, want)
+
+
+@needs_native
+def test_native_write_kv_rejects_bad_input():
+    cache = torch.zeros(4, BLOCK, 2, 64)
+    k = torch.zeros(2, 2, 64)
+    op = torch.ops.slotmesh_native.write_kv
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(cache, cache.clone(), k, k, torch.tensor([0, 4 * BLOCK]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(cache, cache.clone(), k, k, torch.tensor([-1, 0]))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        op(cache, cache.clone(), torch.zeros(2, 3, 64), torch.zeros(2, 3, 64),
+           torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="int64"):
+        op(cache, cache.clone(), k, k, torch.tensor([0, 1], dtype=torch.int32))
+    assert not cache.any()  # nothing written by a refused call
+
+
+@needs_native
+def test_write_kv_routes_to_the_native_op_in_a_compiled_graph(monkeypatch):
+    """Under use_native_decode the write is the native op, which a compiled graph runs in
+    place on the cache it was given (no functional copy of the cache comes back)."""
+    monkeypatch.setattr(pa, "_NATIVE_DECODE", True)
+    cache = torch.zeros(2, 4, BLOCK, 2, 64)
+    k = torch.randn(3, 2, 64)
+    slots = torch.tensor([5, 20, 63])
+
+    def step(cache, k, slots):
+        pa.write_kv(cache[0], cache[1], k, k * 2, slots)
+        return k.sum()
+
+    torch.compile(step)(cache, k, slots)
+    flat = cache.view(2, -1, 2, 64)
+    assert torch.equal(flat[0, slots], k) and torch.equal(flat[1, slots], k * 2)
+    assert int((flat[0].abs().sum(dim=(1, 2)) > 0).sum()) == 3  # only those slots

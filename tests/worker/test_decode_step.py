@@ -42,6 +42,9 @@ def test_compile_modes() -> None:
     assert static_decode_mode("off", cpu, torch.bfloat16, "float16") == "off"
     assert static_decode_mode("auto", cpu, torch.float32) == "off"  # dense fp32: eager
     assert static_decode_mode("auto", cpu, torch.float32, "auto") == "off"
+    assert static_decode_mode("auto", cpu, torch.float32, "auto", blocks=True) == "compiled"
+    assert static_decode_mode("auto", torch.device("cuda"), torch.float32, "auto",
+                              blocks=True) == "off"
     want = "compiled" if fbgemm_fp16_available() else "off"
     assert static_decode_mode("auto", cpu, torch.float32, "float16") == want
     assert static_decode_mode("auto", torch.device("cuda"), torch.bfloat16, "float16") == "off"

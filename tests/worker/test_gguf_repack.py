@@ -17,8 +17,10 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from kernels.block_linear import BLOCKS_LAYOUT
 from kernels.packed_linear import dequantize_packed
 from worker.loaders.gguf_repack import auto_format, map_rows, repack
+from worker.quantize import Q8
 
 ROWS, COLS = 16, 512
 
@@ -49,17 +51,42 @@ def test_four_bit_blocks_map_to_int4_exactly(qtype):
     torch.testing.assert_close(t.dequantize(), ref, rtol=0, atol=1e-6 * ref.abs().max())
     packed = t.pack()
     err = (dequantize_packed(packed) - ref).abs().reshape(ROWS, COLS // 32, 32)
-    bound = (8 * t.scales.abs() + t.zeros.abs()) / 256 + 1e-7  # [ROWS, COLS/32]
+    if packed.layout == BLOCKS_LAYOUT:  # the CPU's Q4_1 blocks: d and m in fp16
+        if qtype != Q.Q4_K:  # the file's own fp16 d (and m): exact
+            assert err.max() == 0
+        m = t.zeros - 8 * t.scales
+        bound = (15 * t.scales.abs() + m.abs()) * 2**-11 + 1e-7  # Q4_K's d·sc, dmin·mn
+    else:  # torch's int4 kernels: bf16 scale and zero
+        bound = (8 * t.scales.abs() + t.zeros.abs()) / 256 + 1e-7  # [ROWS, COLS/32]
+        if qtype == Q.Q4_0:  # fp16 d with 3 more bits than bf16: rounding is visible
+            assert err.max() > 0
     assert (err <= bound[..., None]).all()
-    if qtype == Q.Q4_0:  # fp16 d with 3 more bits than bf16: rounding is visible
-        assert err.max() > 0
 
 
 def _fp16_bound(ref: torch.Tensor) -> torch.Tensor:
     return ref.abs() * 2**-11 + 2**-25
 
 
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+def test_q8_0_and_q5_0_become_q8_blocks_exactly_under_auto(qtype):
+    """d·q with the file's own fp16 d: the Q8 blocks hold the very same weights, packed
+    as blocks for the CPU's native op, or as fp16 (2⁻¹¹) without it."""
+    raw = _blocks(qtype, np.random.default_rng(1))
+    ref = gguf.quants.dequantize(raw, qtype)
+    assert auto_format(qtype) == Q8
+    t = repack(raw, qtype, (ROWS, COLS), Q8, dequantized=ref)
+    assert t.format == Q8 and t.q.dtype == torch.int8 and t.group_size == 32
+    assert t.q.abs().max() <= (16 if qtype == Q.Q5_0 else 127)
+    ref = torch.from_numpy(ref)
+    assert torch.equal(t.dequantize(), ref)
+    packed = t.pack()
+    if packed.layout == BLOCKS_LAYOUT:
+        assert torch.equal(dequantize_packed(packed), ref)
+    else:
+        assert ((dequantize_packed(packed) - ref).abs() <= _fp16_bound(ref)).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_1, Q.Q6_K], ids=lambda q: q.name)
 def test_other_types_become_fp16_under_auto(qtype):
     raw = _blocks(qtype, np.random.default_rng(1))
     ref = gguf.quants.dequantize(raw, qtype)

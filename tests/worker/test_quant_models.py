@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from kernels.fp16_linear import fbgemm_fp16_available
+from kernels.packed_linear import dequantize_packed
 from kernels.paged_attention import use_native_decode
 from tests.engine_driver import run_teacher_forced
 from tests.tiny_models import FAMILIES, VOCAB
@@ -31,7 +32,7 @@ from worker.loaders import load_model_files
 from worker.loaders.hf import load_hf_dir
 from worker.models.packing import weight_bytes
 from worker.models.registry import build_model, hf_state_dict
-from worker.quantize import QuantizedTensor, quantize_tensor
+from worker.quantize import Q8, pack_weight, use_blocks
 from worker.vocab.errors import PreconditionError
 from worker.vocab.sampling_params import SamplingParams
 
@@ -48,20 +49,20 @@ def _sequences() -> list[list[int]]:
 
 
 def _round_trip(t: torch.Tensor, fmt: str) -> torch.Tensor:
-    """What the packed model multiplies by: quantized, bf16 scales, dequantized."""
-    q = quantize_tensor(t, fmt)
-    zeros = None if q.zeros is None else q.zeros.bfloat16().float()
-    return QuantizedTensor(q.format, q.q, q.scales.bfloat16().float(), zeros,
-                           q.group_size).dequantize()
+    """What the packed model multiplies by: packed as the registry packs it on the CPU
+    (scales rounded to the kernel's dtype), read back."""
+    return dequantize_packed(pack_weight(t, fmt, gathered=fmt == Q8))
 
 
 def _dequantized_tensors(tensors: dict, fmt: str) -> dict:
     """Every 2-D weight but norms/biases/the MoE router through the same quantization;
-    the embedding table (and a tied head) is int8 under both int8 and int4."""
+    the embedding table (and a tied head) is int8 under both int8 and int4: in blocks of
+    32 where the CPU's native block op is built, per row otherwise."""
+    table = Q8 if use_blocks(CPU) else "int8"
     out = {}
     for name, t in tensors.items():
         if t.dim() == 2 and not name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
-            out[name] = _round_trip(t, "int8" if "embed_tokens" in name else fmt)
+            out[name] = _round_trip(t, table if "embed_tokens" in name else fmt)
         elif t.dim() == 3:  # stacked experts [E, rows, K]
             out[name] = torch.stack([_round_trip(x, fmt) for x in t])
         else:
@@ -181,10 +182,15 @@ def test_auto_weights_on_a_mixed_gguf(tmp_path):
         ("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
         ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj),
         ("head", auto.lm_head), ("table", auto.embed_tokens)]}
-    assert formats == {"qkv": "float16", "o": "int4", "gate_up": "float16", "down": "int4",
-                       "head": "float16", "table": "float16"}
+    if use_blocks(CPU):  # the native block op: 5/6/8-bit (and the table) as Q8 blocks
+        assert formats == {"qkv": "int8", "o": "int4", "gate_up": "int8", "down": "int4",
+                           "head": "int8", "table": "int8"}
+        assert describe_weights(auto) == "int4 x2, int8 x4 (activations float32)"
+    else:
+        assert formats == {"qkv": "float16", "o": "int4", "gate_up": "float16",
+                           "down": "int4", "head": "float16", "table": "float16"}
+        assert "float16 x3 (activations float32)" in describe_weights(auto)
     assert auto.lm_head.packed.compute_dtype == torch.float32  # fp32 logits
-    assert "float16 x3 (activations float32)" in describe_weights(auto)
     seqs = [torch.randint(0, 5, (24,), generator=torch.Generator().manual_seed(i)).tolist()
             for i in range(2)]
     _agree, diffs = _agreement(run_teacher_forced(models[None], seqs, [4, 9]),
@@ -270,8 +276,11 @@ def test_the_command_lines_weight_formats_are_the_engines() -> None:
 
 @pytest.mark.parametrize(("weights", "summary"), [
     (None, "float32 x18"),
-    ("int8", "int8 x18 (activations bfloat16)"),
-    ("int4", "int4 x17, int8 x1 (activations bfloat16)"),
+    # with the CPU's native block op the table is int8 blocks, multiplied in fp32
+    ("int8", "int8 x17 (activations bfloat16); int8 x1 (activations float32)"
+     if use_blocks(CPU) else "int8 x18 (activations bfloat16)"),
+    ("int4", "int4 x17, int8 x1 (activations float32)" if use_blocks(CPU)
+     else "int4 x17, int8 x1 (activations bfloat16)"),
     # the untied tiny llama's table is gathered in fp16; its 17 linears run on FBGEMM
     pytest.param("float16", "float16 x1 (activations float16); float16 x17 (activations "
                  "float32)", marks=pytest.mark.skipif(not fbgemm_fp16_available(),

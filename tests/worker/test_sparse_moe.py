@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.block_linear import BLOCKS_LAYOUT
 from tests.tiny_models import make_tiny_model
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine import LLMEngine
@@ -26,6 +27,11 @@ CPU = torch.device("cpu")
 # sums on fewer rows, but fp32 GEMM blocking may order a row's sum differently. Measured
 # over every layer at 1-200 tokens: dense 1.6e-7, int8 and int4 0 (equal bits).
 TOLERANCE = 1e-5
+# int4 experts as the CPU's native blocks (kernels/block_linear.py): a call with at most 32
+# rows rounds them to int16 per block of 32 (1/65534 of the block's largest value), one
+# with more multiplies in fp32, so the reference's 64-row calls and the routed experts'
+# smaller ones differ by that rounding: measured 9.7e-5 at 64 tokens, 0 at 1 and 3.
+TOLERANCE_BLOCKS = 1e-3
 NUM_TOKENS = [1, 3, 64]  # 1 token: 2 of the 4 experts get none
 
 
@@ -64,7 +70,9 @@ def test_sparse_equals_all_experts_reference(checkpoint, weights, num_tokens) ->
     if num_tokens == 1:
         assert (routing == 0).all(dim=0).sum() == 2  # two experts with no token
     diff = ((got - want).abs().max() / want.abs().max()).item()
-    assert diff <= TOLERANCE, f"{weights} T={num_tokens}: differs by {diff} (relative)"
+    blocks = any(w.layout == BLOCKS_LAYOUT for pair in moe.packed_experts or () for w in pair)
+    tolerance = TOLERANCE_BLOCKS if blocks else TOLERANCE
+    assert diff <= tolerance, f"{weights} T={num_tokens}: differs by {diff} (relative)"
 
 
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)

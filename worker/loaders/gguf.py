@@ -35,7 +35,7 @@ from worker.loaders.gguf_repack import FOUR_BIT, auto_format, map_rows, repack
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, eos_token_ids
 from worker.loaders.hub import file_sha256
 from worker.loaders.model_files import ModelFiles
-from worker.quantize import QuantizedTensor
+from worker.quantize import Q8, QuantizedTensor
 from worker.vocab.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -414,22 +414,26 @@ def load_tensors(path: Path, header: GGUFHeader, spec: ArchSpec, config: dict,
 
 
 def _quantized_format(info: TensorInfo, hf_name: str, weights: str | None) -> str | None:
-    """int8 / int4 / fp16 for a 2-D weight under a quantized policy, None for float32.
+    """int8 / int4 / q8 for a 2-D weight under a quantized policy, None for float32.
 
-    The embedding table (worker/quantize.py) is int8 under int8/int4 (a gather reads rows
-    of an int8 table, not of int4's opaque packed layout). Under auto the embedding table
-    stays float here (the registry decides its dtype) and a quantized lm_head becomes
-    fp16 whatever its type: the int8/int4 kernels return bf16, and bf16 logits (1/16
-    apart at |8..16|) turn near-ties into exact ties, fp16's kernel returns fp32.
+    The embedding table stays float here (the registry decides its format: it knows the
+    device, and int8 rows or blocks of 32 depend on it). Under auto a quantized lm_head
+    is Q8 (Q8_0, Q5_0: exact, worker/quantize.py) or fp16: multiplied with fp32
+    activations and output by the CPU's block op or fbgemm's fp16 GEMM — never by torch's
+    int8/int4 kernels, whose bf16 logits (1/16 apart at |8..16|) turn near-ties into
+    exact ties.
     """
     if weights not in ("auto", "int8", "int4") or len(info.shape) != 2:
         return None
-    is_embedding = hf_name.endswith("embed_tokens.weight")
+    if hf_name.endswith("embed_tokens.weight"):
+        return None
     if weights == "auto":
-        if is_embedding or auto_format(info.qtype) is None:
+        if auto_format(info.qtype) is None:
             return None
-        return "fp16" if hf_name.endswith("lm_head.weight") else auto_format(info.qtype)
-    if weights == "int4" and (is_embedding or info.shape[1] % 32):
+        if hf_name.endswith("lm_head.weight") and auto_format(info.qtype) != Q8:
+            return "fp16"  # any other quantized head: fp16, fp32 logits
+        return auto_format(info.qtype)
+    if weights == "int4" and info.shape[1] % 32:
         return "int8"
     return weights
 

@@ -11,8 +11,9 @@ sequence with no cache, so autograd sees one plain graph through the same layers
 Weights: every linear multiplies by its float `weight` parameter, unless the model
 registry packed it (`module.packed`, a kernels.packed_weight.PackedWeight: int8, int4 or
 a dense dtype other than the model's, float16 in FBGEMM's layout on x86 CPUs; `weight` is
-then None). A packed embedding table is int8 per row (a gather dequantizes the rows it
-reads) or dense in another dtype (fp16 for an untied GGUF table under auto); a tied
+then None). A packed embedding table is int8 per row or in blocks of 32 (a gather
+dequantizes the rows it reads) or dense in another dtype (fp16 for an untied GGUF table
+under auto without the CPU's block op); a tied
 lm_head multiplies by that same packed table, or by its own copy (`packed_head`) where
 the table's layout cannot be multiplied fast. Packed models serve only: `forward_dense`
 refuses them.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.block_linear import BLOCKS_LAYOUT, dequantize_blocks
 from kernels.causal_attention import causal_attention
 from kernels.linear import linear
 from kernels.packed_linear import packed_linear
@@ -345,6 +347,9 @@ class DecoderModel(nn.Module):
         if packed is None:
             return self.embed_tokens(input_ids)
         dtype = self.norm.weight.dtype
+        if packed.layout == BLOCKS_LAYOUT:  # int8 blocks of 32: widen the rows read
+            return dequantize_blocks(packed.data[input_ids], packed.format,
+                                     packed.in_features).to(dtype)
         if packed.format != "int8":  # a dense table in another dtype (bf16, fp16)
             return packed.data[input_ids].to(dtype)
         # int8 rows [T, hidden] × their scales [T, 1]: only the T rows read are dequantized

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.block_linear import BLOCKS_LAYOUT
 from worker.models.decoder import DecoderModel, SparseMoE
 from worker.quantize import QuantizedTensor, pack_weight
 
@@ -83,6 +84,12 @@ def _pack_experts(moe: SparseMoE, fmt: str, device: torch.device) -> None:
     ]
     moe.register_parameter("gate_up_proj", None)
     moe.register_parameter("down_proj", None)
+
+
+def multiplies_blocks(model: DecoderModel) -> bool:
+    """Whether any weight is 4/8-bit blocks for the CPU's native op (kernels/block_linear)."""
+    return any(getattr(m, "packed", None) is not None and m.packed.layout == BLOCKS_LAYOUT
+               for m in model.modules())
 
 
 def weight_bytes(model: DecoderModel) -> int:

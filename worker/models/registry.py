@@ -17,7 +17,7 @@ from kernels.packed_weight import DENSE_FORMATS
 from worker.models.args import FULL, SLIDING, ModelArgs, rope_from_config
 from worker.models.decoder import DecoderModel
 from worker.models.packing import detach_quantized, pack_model
-from worker.quantize import WEIGHTS, QuantizedTensor, check_weights, concat_rows
+from worker.quantize import Q8, WEIGHTS, QuantizedTensor, check_weights, concat_rows, use_blocks
 from worker.vocab.errors import ModelLoadError, PreconditionError
 
 ArgsBuilder = Callable[[dict], ModelArgs]
@@ -284,26 +284,32 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor | QuantizedTensor]
     load_weights(model, dense)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     fmt = _linear_format(weights, config, dtype, bool(quantized))
-    embed_fmt = _embedding_format(weights, fmt, args.tie_word_embeddings, bool(quantized))
+    embed_fmt = _embedding_format(weights, fmt, args.tie_word_embeddings, bool(quantized),
+                                  use_blocks(device))
     pack_model(model, fused, fmt, embed_fmt, device)
     return model
 
 
 def _embedding_format(weights: str | None, fmt: str | None, is_tied: bool,
-                      has_quantized: bool) -> str | None:
+                      has_quantized: bool, blocks: bool) -> str | None:
     """The embedding table's format (a tied lm_head multiplies by the same table).
 
-    int8 under int8/int4: a quarter of fp32, but the lm_head's logits come out of the
-    kernel in bf16. Under auto a tied table stays in the model dtype: on SmolLM2-135M
-    (tied, Q8_0 table) the int8 table lost 2-4 of 63 teacher-forced top-1 tokens against
-    the fp32 path, a bf16 table 1 (bf16 logits are 1/16 apart at |13|: near-ties become
-    exact ties), the fp32 one none. An untied GGUF table is only gathered from, so auto
-    keeps it in fp16 (half of fp32; rows are read and widened, 2⁻¹¹ relative). Otherwise
-    the dense linears' format (None: model dtype).
+    blocks (the CPU's native block op is here): int8 in blocks of 32 (Q8) under int8,
+    int4, and auto with a quantized file: a GGUF Q8_0 table exactly, ~a quarter of fp32,
+    and a tied head's logits come out in fp32.
+    Otherwise int8 per row under int8/int4: a quarter of fp32, but the lm_head's logits
+    come out of torch's kernel in bf16. Under auto a tied table stays in the model dtype:
+    on SmolLM2-135M (tied, Q8_0 table) the int8 table lost 2-4 of 63 teacher-forced top-1
+    tokens against the fp32 path, a bf16 table 1 (bf16 logits are 1/16 apart at |13|:
+    near-ties become exact ties), the fp32 one none. An untied GGUF table is only gathered
+    from, so auto keeps it in fp16 (half of fp32; rows are read and widened, 2⁻¹¹
+    relative). Otherwise the dense linears' format (None: model dtype).
     """
     if weights in ("int8", "int4"):
-        return "int8"
+        return Q8 if blocks else "int8"
     if weights == "auto":
+        if has_quantized and blocks:
+            return Q8
         return "float16" if has_quantized and not is_tied else None
     return fmt
 

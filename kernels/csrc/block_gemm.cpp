@@ -46,7 +46,7 @@ enum Kind : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
 constexpr int64_t block_bytes(int64_t kind) { return kind == kQ4_1 ? 20 : 34; }
 constexpr int64_t scale_bytes(int64_t kind) { return kind == kQ4_1 ? 4 : 2; }
 
-inline float half_at(const uint8_t* p) {  // rows are not 2-byte aligned
+inline float half_at(const uint8_t* p) {  // no alignment assumed
   uint16_t h;
   std::memcpy(&h, p, 2);
   return c10::detail::fp16_ieee_to_fp32_value(h);

@@ -9,7 +9,7 @@ fp16 scales first, then its G blocks of values:
 slotmesh's native op (kernels/csrc/block_gemm.cpp) multiplies them with fp32 activations
 in, fp32 out. At decode-sized M (≤ 32 rows) it rounds each row of x to int16 in blocks
 of 32 (scale max|x| / 32767: an activation moves by at most 1/65534 of its block's
-largest, ~256x finer than bf16) and takes exact integer dot products, one fp32 scale a
+largest, ~40x less than rounding it to bf16) and takes exact integer dot products, one fp32 scale a
 block; larger M widens the weights to fp32 and calls the BLAS GEMM. torch's int4/int8 CPU
 kernels (kernels/int4_linear.py, int8_linear.py) want bf16 activations and return bf16;
 without native bf16 they run emulated, and bf16 logits turn near-ties into ties. These
@@ -31,6 +31,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from kernels.int4_linear import quantize_int4
 from kernels.native import native_ops
 from kernels.packed_weight import PackedWeight, check_weight, flat_input
 
@@ -156,7 +157,7 @@ def native_blocks_available() -> bool:
     n, k = 37, 96
     weight = torch.randn(n, k, generator=gen)
     bias = torch.randn(n, generator=gen)
-    q4 = pack_blocks(q4_blocks(*_minmax_int4(weight)), "int4", n, k, bias)
+    q4 = pack_blocks(q4_blocks(*quantize_int4(weight, BLOCK)), "int4", n, k, bias)
     q8 = pack_blocks(q8_blocks(*quantize_q8(weight)), "int8", n, k, bias)
     for w in (q4, q8):
         for m in (1, 3, 5, 40):
@@ -168,9 +169,3 @@ def native_blocks_available() -> bool:
             if ((got - block_linear_reference(x, w)).abs() > error_bound(x, w)).any():
                 return False
     return True
-
-
-def _minmax_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from kernels.int4_linear import quantize_int4
-
-    return quantize_int4(weight, BLOCK)

@@ -82,8 +82,9 @@ _TO_INT4 = {Q.Q4_0: q4_0_to_int4, Q.Q4_1: q4_1_to_int4, Q.Q4_K: q4_k_to_int4}
 def auto_format(qtype: Q) -> str | None:
     """`weights=auto`: 4-bit stays int4; Q8_0 and Q5_0 become Q8 (int8 in blocks of 32,
     exactly: fp16 where the CPU's block op is not built); other quantized types fp16
-    (requantizing a Q6_K or Q5_1 block to Q8 moved Gemma 3's and Qwen2.5's logits by up
-    to 0.3 and cost a top-1 token of 63 on each); floats dense."""
+    (they have no exact Q8 form: requantizing Gemma 3's and Qwen2.5's 5/6-bit tensors to
+    Q8 by max|w| / 127 moved their logits by up to 0.34 and cost a top-1 token of 63 on
+    each); floats dense."""
     if qtype in FOUR_BIT:
         return "int4"
     if qtype in EXACT_Q8:

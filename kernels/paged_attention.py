@@ -7,7 +7,7 @@ of query lengths; the masks and indices are built once per step by the model run
 shared by every layer of a KV group.
 
 Native path (kernels/csrc/paged_attention.cpp): a pure-decode step (one query per
-sequence) in fp32 on the CPU reads K/V in place through the block table and skips the
+sequence) in fp32 or bf16 on the CPU reads K/V in place through the block table and skips the
 slots the mask hides, instead of gathering a padded copy of every layer's K/V. It is on
 once `use_native_decode()` found the native library (the model runner asks at start);
 the plain path stays the reference it is tested against.
@@ -22,12 +22,13 @@ import torch.nn.functional as F
 
 # Set by use_native_decode(), read inside compiled graphs (a plain global: dynamo guards it)
 _NATIVE_DECODE = False
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def use_native_decode(enable: bool = True) -> bool:
-    """Route pure fp32 CPU decode steps through the native kernel, and CPU cache writes
-    through the native `write_kv`, when `enable` and the native library loads here;
-    whether they now are."""
+    """Route pure fp32/bf16 CPU decode steps through the native kernel, and CPU cache writes
+    (any dtype) through the native `write_kv`, when `enable` and the native library loads
+    here; whether they now are."""
     global _NATIVE_DECODE
     if enable:
         from kernels.native import native_ops
@@ -142,15 +143,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError("paged_attention: heads must be a multiple of kv heads")
     if (_NATIVE_DECODE and meta.max_q == 1 and meta.pad_index is None
             and q.device.type == "cpu" and q.dtype == k_cache.dtype == meta.mask.dtype
-            == torch.float32 and q.shape[0] == meta.block_tables.shape[0]):
+            and q.dtype in _NATIVE_DTYPES and q.shape[0] == meta.block_tables.shape[0]):
         return paged_decode_attention(q, k_cache, v_cache, meta, scale)
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: PagedAttentionMetadata, scale: float) -> torch.Tensor:
-    """The native kernel on a pure-decode step: q [B, heads, head_dim] fp32, one query
-    per sequence, mask [B, 1, 1, S] → [B, heads, head_dim]."""
+    """The native kernel on a pure-decode step: q [B, heads, head_dim], one query per
+    sequence, mask [B, 1, 1, S] → [B, heads, head_dim]; q, cache and mask all fp32 or
+    all bf16 (arithmetic in fp32, the output rounded to q's dtype)."""
     batch = q.shape[0]
     return torch.ops.slotmesh_native.paged_decode_attention(
         q, k_cache, v_cache, meta.block_tables, meta.mask.reshape(batch, -1), scale)

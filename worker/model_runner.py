@@ -48,8 +48,9 @@ class ModelRunner:
             for t, r in self.args.rope.items()
         }
         self.sampler = Sampler(self.args.vocab_size, max_num_seqs, device)
-        # fp32 decode attention on the CPU reads the paged cache in place (native kernel)
-        if device.type == "cpu" and dtype == torch.float32:
+        # on the CPU: KV writes through the native op (any dtype), and fp32/bf16 decode
+        # attention reads the paged cache in place (native kernel)
+        if device.type == "cpu":
             use_native_decode()
         # pure-decode steps on persistent buffers: "off" (the general path below, the
         # reference), "eager" or "compiled" (worker/decode_step.py)

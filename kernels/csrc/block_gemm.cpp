@@ -17,8 +17,9 @@
 // the weights stream at 5 / 8.5 bits. Up to 4 rows of x share each decoded weight block.
 // Larger M (prefill): rows of W are widened to fp32 into a panel and multiplied with
 // at::mm (the BLAS GEMM, fp32 activations), a panel at a time.
-// AVX2 + FMA + F16C where the compiler targets them; the same integer maths in plain loops
-// otherwise.
+// With AVX-512 VNNI two blocks share a 512-bit vector (x's int16 rows laid out to match,
+// see xq_index) and up to 8 rows of x a decoded pair; else AVX2 + FMA + F16C; the same
+// integer maths in plain loops otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -33,6 +34,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SLOTMESH_BLOCK_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SLOTMESH_BLOCK_VNNI 1  // AVX-512 with VNNI: two blocks a 512-bit vector
+#endif
 #endif
 
 namespace {
@@ -41,6 +45,7 @@ constexpr int64_t kBlock = 32;             // weights per block
 constexpr int64_t kDirectRows = 32;        // M above this: widened panel + at::mm
 constexpr int64_t kPanelFloats = 1 << 20;  // fp32 panel size (4 MiB) for the at::mm path
 constexpr float kInt16Max = 32767.f;
+constexpr int kVnniRows = 8;               // rows of x that share a decoded weight pair (VNNI)
 enum Kind : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
 
 constexpr int64_t block_bytes(int64_t kind) { return kind == kQ4_1 ? 20 : 34; }
@@ -108,8 +113,21 @@ inline void widen_block(const float* scales, int64_t nb, const uint8_t* qs, int6
 #endif
 }
 
-// x [M, K] float → int16 [M, K], per block of 32: scale dx = max|x| / 32767 and the fp32
-// sum of the block (Q4_1's m·Σx term).
+// Where value j of block g of a row of x goes in the int16 row. With VNNI, blocks pair up
+// (g = 2p, 2p + 1) so that one 512-bit vector holds half of each, the halves a weight
+// pair unpacks to (pair_int16): [x_2p[0..15], x_2p+1[0..15], x_2p[16..31], x_2p+1[16..31]];
+// an odd last block stays in order. Plain order otherwise.
+inline int64_t xq_index(int64_t g, int64_t j, int64_t nblocks) {
+#ifdef SLOTMESH_BLOCK_VNNI
+  if (g < nblocks - (nblocks & 1))
+    return (g & ~int64_t{1}) * kBlock + (j >= 16 ? 32 : 0) + (g & 1) * 16 + (j & 15);
+#endif
+  (void)nblocks;
+  return g * kBlock + j;
+}
+
+// x [M, K] float → int16 [M, K] (in xq_index's order), per block of 32: scale
+// dx = max|x| / 32767 and the fp32 sum of the block (Q4_1's m·Σx term).
 void quantize_rows(const float* x, int64_t m, int64_t k, int16_t* xq, float* dx, float* sx) {
   const int64_t nblocks = k / kBlock;
   for (int64_t i = 0; i < m * nblocks; ++i) {
@@ -120,8 +138,10 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int16_t* xq, float* dx,
       sum += v[j];
     }
     const float d = amax / kInt16Max, inv = amax > 0.f ? kInt16Max / amax : 0.f;
+    int16_t* row = xq + (i / nblocks) * k;
+    const int64_t g = i % nblocks;
     for (int j = 0; j < kBlock; ++j)
-      xq[i * kBlock + j] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
+      row[xq_index(g, j, nblocks)] = static_cast<int16_t>(std::nearbyint(v[j] * inv));
     dx[i] = d;
     sx[i] = sum;
   }
@@ -132,6 +152,7 @@ struct Activations {
   const float* dx;    // [M, K/32]
   const float* sx;    // [M, K/32]
   int64_t k, nblocks;
+  const float* dxv;   // VNNI: [M, K/64, 16], pair p's [dx_2p ×8, dx_2p+1 ×8]
 };
 
 #ifdef SLOTMESH_BLOCK_AVX2
@@ -157,11 +178,84 @@ inline void block_int16(const uint8_t* qs, int64_t g, __m256i& lo, __m256i& hi) 
   }
 }
 
+// Q4_1's Σ_g m_g · Σx_g over a row's blocks, 8 blocks a vector.
+inline float m_term(const float* m, const float* sx, int64_t nb) {
+  __m256 v = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= nb; i += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(m + i), _mm256_loadu_ps(sx + i), v);
+  float sum = hsum(v);
+  for (; i < nb; ++i) sum += m[i] * sx[i];
+  return sum;
+}
+
 // 8 int32 partial sums of <weight block, x block> (exact: |q·x| < 2^20, 32 terms).
 inline __m256i block_dot(__m256i lo, __m256i hi, const int16_t* x) {
   const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
   return _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+}
+#endif
+
+#ifdef SLOTMESH_BLOCK_VNNI
+// Blocks g and g + 1 of a row as two vectors of 32 int16: lo = values 0-15 of each,
+// hi = values 16-31 of each (xq_index's order).
+template <int64_t KIND>
+inline void pair_int16(const uint8_t* qs, int64_t g, __m512i& lo, __m512i& hi) {
+  if constexpr (KIND == kQ4_1) {  // the two blocks' 32 bytes: low nibbles 0-15, high 16-31
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 16 * g));
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    lo = _mm512_cvtepu8_epi16(_mm256_and_si256(raw, nib));
+    hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib));
+  } else {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * g));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * g + 32));
+    lo = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(a, b, 0x20));
+    hi = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(a, b, 0x31));
+  }
+}
+
+// row_dot's VNNI form, R ≤ kVnniRows rows: a pair of blocks is two vpdpwssd a row (int32
+// lanes 0-7 the first block's sums, 8-15 the second's, exact), one convert and one FMA by
+// [d·dx of the first ×8, of the second ×8]. Even and odd pairs in two accumulators, an odd
+// last block through the AVX2 form, then Q4_1's m term: a fixed order for every R.
+template <int64_t KIND, int R>
+void row_dot_vnni(const float* scales, const uint8_t* qs, const Activations& a, int64_t r0,
+                  float* out) {
+  const int64_t nb = a.nblocks, pairs = nb / 2;
+  __m512 acc[2][R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+  const int16_t* x = a.xq + r0 * a.k;
+  const float* dx = a.dx + r0 * nb;
+  const float* dxv = a.dxv + r0 * pairs * 16;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t g = 2 * p;
+    __m512i lo, hi;
+    pair_int16<KIND>(qs, g, lo, hi);
+    const __m512 d = _mm512_insertf32x8(_mm512_set1_ps(scales[g]), _mm256_set1_ps(scales[g + 1]),
+                                        1);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int16_t* xr = x + r * a.k + g * kBlock;
+      __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo,
+                                      _mm512_loadu_si512(reinterpret_cast<const void*>(xr)));
+      s = _mm512_dpwssd_epi32(s, hi, _mm512_loadu_si512(reinterpret_cast<const void*>(xr + 32)));
+      const __m512 ddx = _mm512_mul_ps(d, _mm512_loadu_ps(dxv + (r * pairs + p) * 16));
+      acc[p & 1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ddx, acc[p & 1][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]));
+  if (nb & 1) {  // the last block, in plain order
+    const int64_t g = nb - 1;
+    __m256i lo, hi;
+    block_int16<KIND>(qs, g, lo, hi);
+    for (int r = 0; r < R; ++r)
+      out[r] += hsum(_mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(lo, hi, x + r * a.k + g * kBlock)),
+                                   _mm256_set1_ps(scales[g] * dx[r * nb + g])));
+  }
+  if constexpr (KIND == kQ4_1)
+    for (int r = 0; r < R; ++r) out[r] += m_term(scales + nb, a.sx + (r0 + r) * nb, nb);
 }
 #endif
 
@@ -206,17 +300,8 @@ void row_dot(const float* scales, const uint8_t* qs, const Activations& a, int64
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
-  if constexpr (KIND == kQ4_1)  // Σ_g m_g · Σx_g, 8 blocks a vector
-    for (int r = 0; r < R; ++r) {
-      const float* sx = a.sx + (r0 + r) * nb;
-      __m256 v = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= nb; i += 8)
-        v = _mm256_fmadd_ps(_mm256_loadu_ps(scales + nb + i), _mm256_loadu_ps(sx + i), v);
-      float mterm = hsum(v);
-      for (; i < nb; ++i) mterm += scales[nb + i] * sx[i];
-      out[r] += mterm;
-    }
+  if constexpr (KIND == kQ4_1)
+    for (int r = 0; r < R; ++r) out[r] += m_term(scales + nb, a.sx + (r0 + r) * nb, nb);
 #else
   float acc[R][2] = {};
   for (int64_t g = 0; g < nb; ++g) {
@@ -252,11 +337,28 @@ void direct_rows(const Activations& a, int64_t m, const uint8_t* w, int64_t n0, 
                  float* out, int64_t n) {
   const int64_t nb = a.nblocks, row_bytes = nb * block_bytes(KIND);
   std::vector<float> scales(2 * nb), ddx(4 * nb);
-  float tmp[4];
+  float tmp[kVnniRows];
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = w + j * row_bytes;
     row_scales<KIND>(row, nb, scales.data());
     const uint8_t* qs = row + nb * scale_bytes(KIND);
+#ifdef SLOTMESH_BLOCK_VNNI
+    for (int64_t r = 0; r < m; r += kVnniRows) {
+      const int64_t rows = std::min<int64_t>(kVnniRows, m - r);
+      switch (rows) {
+        case 1: row_dot_vnni<KIND, 1>(scales.data(), qs, a, r, tmp); break;
+        case 2: row_dot_vnni<KIND, 2>(scales.data(), qs, a, r, tmp); break;
+        case 3: row_dot_vnni<KIND, 3>(scales.data(), qs, a, r, tmp); break;
+        case 4: row_dot_vnni<KIND, 4>(scales.data(), qs, a, r, tmp); break;
+        case 5: row_dot_vnni<KIND, 5>(scales.data(), qs, a, r, tmp); break;
+        case 6: row_dot_vnni<KIND, 6>(scales.data(), qs, a, r, tmp); break;
+        case 7: row_dot_vnni<KIND, 7>(scales.data(), qs, a, r, tmp); break;
+        default: row_dot_vnni<KIND, 8>(scales.data(), qs, a, r, tmp); break;
+      }
+      for (int64_t i = 0; i < rows; ++i) out[(r + i) * n + j] = tmp[i];
+    }
+    continue;
+#endif
     for (int64_t r = 0; r < m; r += 4) {
       const int64_t rows = std::min<int64_t>(4, m - r);
       if (rows == 4) row_dot<KIND, 4>(scales.data(), qs, a, r, ddx.data(), tmp);
@@ -288,10 +390,18 @@ void gemm(const at::Tensor& x, const at::Tensor& blocks, at::Tensor& out) {
   if (m <= kDirectRows) {
     at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kShort));
     at::Tensor stats = at::empty({2, m, nb}, x.options());
-    Activations a{xq.data_ptr<int16_t>(), stats[0].data_ptr<float>(),
-                  stats[1].data_ptr<float>(), k, nb};
     quantize_rows(x.data_ptr<float>(), m, k, xq.data_ptr<int16_t>(), stats[0].data_ptr<float>(),
                   stats[1].data_ptr<float>());
+    Activations a{xq.data_ptr<int16_t>(), stats[0].data_ptr<float>(),
+                  stats[1].data_ptr<float>(), k, nb, nullptr};
+#ifdef SLOTMESH_BLOCK_VNNI
+    at::Tensor dxv = at::empty({m, nb / 2, 16}, x.options());
+    float* dv = dxv.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t p = 0; p < nb / 2; ++p)
+        for (int i = 0; i < 16; ++i) dv[(r * (nb / 2) + p) * 16 + i] = a.dx[r * nb + 2 * p + i / 8];
+    a.dxv = dv;
+#endif
     float* op = out.data_ptr<float>();
     // a work item is a few rows of W: each thread streams its own share of the weights
     at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {

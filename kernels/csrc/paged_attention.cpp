@@ -1,4 +1,5 @@
-// Decode attention straight from the paged KV cache: one query token per sequence, fp32.
+// Decode attention straight from the paged KV cache: one query token per sequence, an
+// fp32 or bf16 cache (arithmetic in fp32 either way).
 //
 // The plain-torch path (kernels/paged_attention.py) gathers every visible block of every
 // sequence into a padded copy per layer, then runs SDPA over it with an additive mask.
@@ -8,10 +9,10 @@
 // them. Work items go over torch's intra-op threads.
 //
 //   slotmesh_native::paged_decode_attention(
-//       Tensor q [B, H, D] f32, Tensor k_cache [blocks, block_size, kv_heads, D] f32,
+//       Tensor q [B, H, D], Tensor k_cache [blocks, block_size, kv_heads, D],
 //       Tensor v_cache (same), Tensor block_tables [B, n] int64,
-//       Tensor mask [B, n * block_size] f32 additive (0 or -inf), float scale)
-//       -> Tensor [B, H, D] f32
+//       Tensor mask [B, n * block_size] additive (0 or -inf), float scale)
+//       -> Tensor [B, H, D] in q's dtype; q, caches and mask all fp32 or all bf16
 //
 //   slotmesh_native::write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k [T, kvh, D],
 //       Tensor v, Tensor slot_mapping [T] int64) -> ()
@@ -20,6 +21,7 @@
 // a Python custom op, whose call from a compiled graph costs ~25 µs a layer in Python.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -30,10 +32,19 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) {  // bf16 is the top half of an fp32
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
@@ -57,13 +68,16 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+template <typename T>
+inline void axpy(float alpha, const T* x, float* y, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * widen(x[i]);
 }
 
+template <typename T>
 struct Args {
-  const float *q, *k, *v;
+  const float* q;
+  const T *k, *v;
   const int64_t* tables;
   const float* mask;
   float* out;
@@ -74,8 +88,8 @@ struct Args {
 // One (sequence, KV head) work item: item = b * kv_heads + h. D: the head size when the
 // caller fixed it at compile time, else 0 (a.dim). scratch: group * (keys + dim + 2)
 // floats.
-template <int D>
-void attend(const Args& a, int64_t item, float* scratch) {
+template <typename T, int D>
+void attend(const Args<T>& a, int64_t item, float* scratch) {
   const int64_t dim = D > 0 ? D : a.dim, keys = a.keys, group = a.group;
   const int64_t block_size = a.block_size;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -89,13 +103,13 @@ void attend(const Args& a, int64_t item, float* scratch) {
   float* total = peak + group;  // [group] softmax denominator
   std::fill(peak, peak + group, neg_inf);
   for (int64_t i = 0; i < a.width; ++i) {  // block by block: no division per key
-    const float* kblock = a.k + trow[i] * a.s_block + h * a.s_head;
+    const T* kblock = a.k + trow[i] * a.s_block + h * a.s_head;
     for (int64_t j = i * block_size; j < (i + 1) * block_size; ++j) {
       if (mrow[j] == neg_inf) {
         for (int64_t g = 0; g < group; ++g) scores[g * keys + j] = neg_inf;
         continue;
       }
-      const float* krow = kblock + (j - i * block_size) * a.s_slot;
+      const T* krow = kblock + (j - i * block_size) * a.s_slot;
       for (int64_t g = 0; g < group; ++g) {
         const float s = dot(qrow + g * dim, krow, dim) * a.scale + mrow[j];
         scores[g * keys + j] = s;
@@ -118,10 +132,10 @@ void attend(const Args& a, int64_t item, float* scratch) {
   }
   std::fill(acc, acc + group * dim, 0.f);
   for (int64_t i = 0; i < a.width; ++i) {
-    const float* vblock = a.v + trow[i] * a.s_block + h * a.s_head;
+    const T* vblock = a.v + trow[i] * a.s_block + h * a.s_head;
     for (int64_t j = i * block_size; j < (i + 1) * block_size; ++j) {
       if (mrow[j] == neg_inf) continue;
-      const float* vrow = vblock + (j - i * block_size) * a.s_slot;
+      const T* vrow = vblock + (j - i * block_size) * a.s_slot;
       for (int64_t g = 0; g < group; ++g) axpy(scores[g * keys + j], vrow, acc + g * dim, dim);
     }
   }
@@ -139,8 +153,10 @@ void check(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_c
               "paged_decode_attention: q must be [B, H, D], the caches [blocks, "
               "block_size, kv_heads, D]");
   for (const auto* t : {&q, &k_cache, &v_cache, &mask}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
-                "paged_decode_attention: q, caches and mask must be fp32 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == k_cache.scalar_type() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16),
+                "paged_decode_attention: q, caches and mask must be CPU tensors, all fp32 "
+                "or all bf16");
   }
   TORCH_CHECK(tables.scalar_type() == at::kLong && tables.dim() == 2 &&
                   tables.size(0) == q.size(0),
@@ -156,12 +172,12 @@ void check(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_c
               "paged_decode_attention: mask must be [B, n * block_size]");
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& tables_in,
-                                  const at::Tensor& mask_in, double scale) {
-  check(q_in, k_cache, v_cache, tables_in, mask_in);
-  const at::Tensor q = q_in.contiguous(), tables = tables_in.contiguous();
-  const at::Tensor mask = mask_in.contiguous();
+template <typename T>
+at::Tensor run(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+               const at::Tensor& tables_in, const at::Tensor& mask_in, double scale) {
+  // the query and mask are small: fp32 copies; the caches are read where they lie
+  const at::Tensor q = q_in.to(at::kFloat).contiguous(), tables = tables_in.contiguous();
+  const at::Tensor mask = mask_in.to(at::kFloat).contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t num_blocks = k_cache.size(0), width = tables.size(1);
@@ -170,8 +186,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const int64_t s_head = k_cache.stride(2);
   at::Tensor out = at::empty_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const float* mp = mask.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -183,21 +199,30 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
                 tp[i], " outside the cache's ", num_blocks, " blocks");
   }
 
-  const Args args{qp, kp, vp, tp, mp, op, heads, dim, block_size, kv_heads, width, keys,
+  const Args<T> args{qp, kp, vp, tp, mp, op, heads, dim, block_size, kv_heads, width, keys,
                   group, s_block, s_slot, s_head, fscale};
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(group * (keys + dim + 2));
     for (int64_t item = begin; item < end; ++item) {
       // a fixed head size lets the compiler unroll the dot products and updates
       switch (dim) {
-        case 64: attend<64>(args, item, scratch.data()); break;
-        case 128: attend<128>(args, item, scratch.data()); break;
-        case 256: attend<256>(args, item, scratch.data()); break;
-        default: attend<0>(args, item, scratch.data());
+        case 64: attend<T, 64>(args, item, scratch.data()); break;
+        case 128: attend<T, 128>(args, item, scratch.data()); break;
+        case 256: attend<T, 256>(args, item, scratch.data()); break;
+        default: attend<T, 0>(args, item, scratch.data());
       }
     }
   });
-  return out;
+  return out.to(q_in.scalar_type());
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& tables,
+                                  const at::Tensor& mask, double scale) {
+  check(q, k_cache, v_cache, tables, mask);
+  if (k_cache.scalar_type() == at::kBFloat16)
+    return run<c10::BFloat16>(q, k_cache, v_cache, tables, mask, scale);
+  return run<float>(q, k_cache, v_cache, tables, mask, scale);
 }
 
 void write_rows(at::Tensor& cache, const at::Tensor& rows, const int64_t* slots,

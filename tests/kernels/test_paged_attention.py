@@ -98,6 +98,24 @@ def test_native_decode_reads_a_layers_view_of_the_cache():
 
 
 @needs_native
+@pytest.mark.parametrize("window", [None, 40])
+def test_native_decode_reads_a_bf16_cache(window):
+    """A bf16 model's step: the kernel widens the bf16 keys and values and computes in
+    fp32, so it matches the fp32 reference over the same (bf16-valued) cache and query to
+    the fp32 tolerance before its output is rounded to bf16 (relative step 2⁻⁸)."""
+    q, k, v, meta = _case([1, 17, 200, 33], 9, 3, 64, window=window)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ref = paged_attention_reference(q.float(), k.float(), v.float(), meta, 0.125)
+    bf16 = PagedAttentionMetadata(
+        slot_mapping=meta.slot_mapping, block_tables=meta.block_tables,
+        mask=meta.mask.bfloat16(), max_q=1, pad_index=None, unpad_index=None)
+    out = paged_decode_attention(q, k, v, bf16, 0.125)
+    assert out.dtype == torch.bfloat16
+    tolerance = ref.abs() * 2**-8 + 1e-5 * ref.abs().max() + 1e-6
+    assert ((out.float() - ref).abs() <= tolerance).all()
+
+
+@needs_native
 def test_native_decode_rejects_bad_input():
     q, k, v, meta = _case([20, 9], 9, 3, 64)
     op = native_ops().paged_decode_attention
@@ -106,8 +124,10 @@ def test_native_decode_rejects_bad_input():
     bad[1, 0] = k.shape[0]
     with pytest.raises(RuntimeError, match=r"block id .* outside the cache"):
         op(q, k, v, bad, mask, 0.125)
-    with pytest.raises(RuntimeError, match="fp32 CPU"):
+    with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
         op(q.double(), k, v, meta.block_tables, mask, 0.125)
+    with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
+        op(q.bfloat16(), k, v, meta.block_tables, mask, 0.125)
     with pytest.raises(RuntimeError, match="mask must be"):
         op(q, k, v, meta.block_tables, mask[:, :-1], 0.125)
     with pytest.raises(RuntimeError, match="multiple of"):
@@ -115,9 +135,9 @@ def test_native_decode_rejects_bad_input():
 
 
 @needs_native
-def test_paged_attention_routes_pure_fp32_decode_only(monkeypatch):
-    """With the native path on, paged_attention sends fp32 one-query-per-sequence steps to
-    the kernel, and the rest (bf16, prefill chunks) to the reference."""
+def test_paged_attention_routes_pure_decode_only(monkeypatch):
+    """With the native path on, paged_attention sends fp32 and bf16 one-query-per-sequence
+    steps to the kernel, and the rest (fp16, prefill chunks) to the reference."""
     calls = []
     monkeypatch.setattr(pa, "paged_decode_attention",
                         lambda *a: calls.append(1) or paged_attention_reference(*a))
@@ -129,10 +149,15 @@ def test_paged_attention_routes_pure_fp32_decode_only(monkeypatch):
         slot_mapping=meta.slot_mapping, block_tables=meta.block_tables,
         mask=meta.mask.bfloat16(), max_q=1, pad_index=None, unpad_index=None)
     paged_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bf16, 0.125)
-    assert calls == [1]
+    assert calls == [1, 1]
+    fp16 = PagedAttentionMetadata(
+        slot_mapping=meta.slot_mapping, block_tables=meta.block_tables,
+        mask=meta.mask.half(), max_q=1, pad_index=None, unpad_index=None)
+    paged_attention(q.half(), k.half(), v.half(), fp16, 0.125)
+    assert calls == [1, 1]
     monkeypatch.setattr(pa, "_NATIVE_DECODE", False)
     paged_attention(q, k, v, meta, 0.125)
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 @needs_native

@@ -30,10 +30,10 @@ DECODE_STEPS = 24
 
 def test_batch_buckets() -> None:
     assert batch_buckets(1) == [1]
-    assert batch_buckets(2) == [2]
-    assert batch_buckets(4) == [2, 4]
-    assert batch_buckets(6) == [2, 4, 6]
-    assert batch_buckets(16) == [2, 4, 8, 16]
+    assert batch_buckets(2) == [1, 2]
+    assert batch_buckets(4) == [1, 2, 4]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
 
 
 def test_compile_modes() -> None:

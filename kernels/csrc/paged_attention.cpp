@@ -6,7 +6,9 @@
 // Here each (sequence, KV head) reads its keys and values where they lie, through the
 // block table, skips the slots its mask hides (the window's past, the padding up to the
 // graph's key width), and computes all the query heads of its group in one pass over
-// them. Work items go over torch's intra-op threads.
+// them. Work items go over torch's intra-op threads. With AVX-512 and a head size that is
+// a multiple of 16 (64, 128, 256), a key is widened once into registers for every head of
+// its group, and each head's weighted sum of values stays in registers over the keys.
 //
 //   slotmesh_native::paged_decode_attention(
 //       Tensor q [B, H, D], Tensor k_cache [blocks, block_size, kv_heads, D],
@@ -30,7 +32,13 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+constexpr int64_t kMaxGroup = 16;  // query heads a KV head serves, on the vector path
 
 inline float widen(float x) { return x; }
 inline float widen(c10::BFloat16 x) {  // bf16 is the top half of an fp32
@@ -74,6 +82,31 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * widen(x[i]);
 }
 
+#if defined(__AVX512F__)
+#define SLOTMESH_ATTN_AVX512 1
+// 16 cache values as fp32 (a bf16 is the top half of its fp32)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// <q, k> for a head size D (a multiple of 16): the key widened once into registers.
+template <typename T, int D>
+inline void key_scores(const float* qrows, const T* krow, int64_t group, float* out) {
+  __m512 k[D / 16];
+#pragma GCC unroll 16
+  for (int v = 0; v < D / 16; ++v) k[v] = load16(krow + 16 * v);
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = qrows + g * D;
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+#pragma GCC unroll 16
+    for (int v = 1; v < D / 16; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), k[v], acc);
+    out[g] = _mm512_reduce_add_ps(acc);
+  }
+}
+#endif
+
 template <typename T>
 struct Args {
   const float* q;
@@ -110,6 +143,20 @@ void attend(const Args<T>& a, int64_t item, float* scratch) {
         continue;
       }
       const T* krow = kblock + (j - i * block_size) * a.s_slot;
+#ifdef SLOTMESH_ATTN_AVX512
+      if constexpr (D > 0 && D % 16 == 0) {
+        float dots[kMaxGroup];
+        if (group <= kMaxGroup) {
+          key_scores<T, D>(qrow, krow, group, dots);
+          for (int64_t g = 0; g < group; ++g) {
+            const float s = dots[g] * a.scale + mrow[j];
+            scores[g * keys + j] = s;
+            peak[g] = std::max(peak[g], s);
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t g = 0; g < group; ++g) {
         const float s = dot(qrow + g * dim, krow, dim) * a.scale + mrow[j];
         scores[g * keys + j] = s;
@@ -130,6 +177,29 @@ void attend(const Args<T>& a, int64_t item, float* scratch) {
     }
     total[g] = sum;
   }
+#ifdef SLOTMESH_ATTN_AVX512
+  if constexpr (D > 0 && D % 16 == 0) {  // head by head, its D sums in registers
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 sum[D / 16];
+#pragma GCC unroll 16
+      for (int v = 0; v < D / 16; ++v) sum[v] = _mm512_setzero_ps();
+      const float* pg = scores + g * keys;
+      for (int64_t i = 0; i < a.width; ++i) {
+        const T* vblock = a.v + trow[i] * a.s_block + h * a.s_head;
+        for (int64_t j = i * block_size; j < (i + 1) * block_size; ++j) {
+          if (mrow[j] == neg_inf) continue;
+          const T* vrow = vblock + (j - i * block_size) * a.s_slot;
+          const __m512 p = _mm512_set1_ps(pg[j]);
+#pragma GCC unroll 16
+          for (int v = 0; v < D / 16; ++v) sum[v] = _mm512_fmadd_ps(p, load16(vrow + 16 * v), sum[v]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int v = 0; v < D / 16; ++v) _mm512_storeu_ps(acc + g * dim + 16 * v, sum[v]);
+    }
+  } else
+#endif
+  {
   std::fill(acc, acc + group * dim, 0.f);
   for (int64_t i = 0; i < a.width; ++i) {
     const T* vblock = a.v + trow[i] * a.s_block + h * a.s_head;
@@ -138,6 +208,7 @@ void attend(const Args<T>& a, int64_t item, float* scratch) {
       const T* vrow = vblock + (j - i * block_size) * a.s_slot;
       for (int64_t g = 0; g < group; ++g) axpy(scores[g * keys + j], vrow, acc + g * dim, dim);
     }
+  }
   }
   for (int64_t g = 0; g < group; ++g) {
     float* orow = a.out + (b * a.heads + h * group + g) * dim;

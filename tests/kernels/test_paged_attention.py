@@ -98,12 +98,13 @@ def test_native_decode_reads_a_layers_view_of_the_cache():
 
 
 @needs_native
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 8, 32)])
 @pytest.mark.parametrize("window", [None, 40])
-def test_native_decode_reads_a_bf16_cache(window):
+def test_native_decode_reads_a_bf16_cache(heads, kv_heads, dim, window):
     """A bf16 model's step: the kernel widens the bf16 keys and values and computes in
     fp32, so it matches the fp32 reference over the same (bf16-valued) cache and query to
     the fp32 tolerance before its output is rounded to bf16 (relative step 2⁻⁸)."""
-    q, k, v, meta = _case([1, 17, 200, 33], 9, 3, 64, window=window)
+    q, k, v, meta = _case([1, 17, 200, 33], heads, kv_heads, dim, window=window)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     ref = paged_attention_reference(q.float(), k.float(), v.float(), meta, 0.125)
     bf16 = PagedAttentionMetadata(

@@ -14,7 +14,8 @@
 // and a weight block meets it as integers: madd of the block's 16-bit values with x's gives
 // exact int32 sums, scaled once a block by d·dx (Q4_1's m term uses x's fp32 block sums).
 // That is ~13 vector instructions a block instead of ~22 to widen 32 weights to fp32, and
-// the weights stream at 5 / 8.5 bits. Up to 4 rows of x share each decoded weight block.
+// the weights stream at 5 / 8.5 bits. Up to 4 rows of x (8 with VNNI) share each decoded
+// weight block.
 // Larger M (prefill): rows of W are widened to fp32 into a panel and multiplied with
 // at::mm (the BLAS GEMM, fp32 activations), a panel at a time.
 // With AVX-512 VNNI two blocks share a 512-bit vector (x's int16 rows laid out to match,

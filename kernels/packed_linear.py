@@ -8,6 +8,13 @@ formats go to their weight-only kernels: on the CPU, with slotmesh's native op, 
 8-bit blocks of 32 with fp32 activations (`kernels.block_linear`, layout "blocks"),
 otherwise torch's int4/int8 kernels with bf16 activations. `packed_linear_reference`
 dequantizes and calls `F.linear` in fp32 for every format.
+
+A block weight with a `batched` twin (`--weights auto+bfloat16`) multiplies steps of up
+to BLOCK_ROWS rows by its blocks and larger ones by the twin: the block op's integer work
+grows with every row of x while oneDNN's bf16 GEMM reads the weights once for any M
+(SmolLM2-135M, compiled decode step, AVX-512 EPYC, 2 threads: blocks 9.6-12.8 ms at batch
+1, 16.5-18.8 at 2; bf16 weights ~22 at 1, 31 at 16; `bench peers` at 4 sequences: blocks
+134.5 tok/s, bf16 149.7), and prefill goes to the GEMM.
 """
 
 from __future__ import annotations
@@ -45,12 +52,20 @@ _KERNELS: dict[str, Callable[[torch.Tensor, PackedWeight], torch.Tensor]] = {
 }
 
 
+# a block weight's twin takes steps of more rows than this. At 2 rows the blocks were
+# still ~15% ahead, but a limit of 2 costs a third decode graph, and a frozen graph
+# compiles at every start (~50 s)
+BLOCK_ROWS = 1
+
+
 def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """x: [..., K] → [..., N] in x's dtype."""
     if x.shape[-1] != w.in_features:
         raise ValueError(f"packed_linear: x {tuple(x.shape)} vs {w.format} weight "
                          f"[{w.out_features}, {w.in_features}]")
     if w.layout == BLOCKS_LAYOUT:
+        if w.batched is not None and x.numel() > BLOCK_ROWS * w.in_features:
+            return _dense_linear(x, w.batched)
         return block_linear(x, w)
     return _KERNELS[w.format](x, w)
 

@@ -15,7 +15,8 @@ dense formats, in `int8_linear` / `int4_linear` / `fp16_linear` for the others);
         device-specific packed layout, `scales` is scales_and_zeros [K / group, N, 2].
   layout "blocks" (int4 and int8, CPU, kernels/block_linear.py): `data` is uint8
         [N, K / 32 · B] of ggml-style blocks of 32 with their fp16 scales inside (int4:
-        Q4_1 w = q·d + m; int8: Q8_0 w = q·d), `scales` None, fp32 activations.
+        Q4_1 w = q·d + m; int8: Q8_0 w = q·d), `scales` None, fp32 activations;
+        optionally `batched`, a dense copy for steps of many rows.
 
 `compute_dtype` is the activation dtype the kernel runs in (bf16 for torch's int8/int4
 kernels: with fp32 activations they are 10-100x slower on the CPU, and they need scales in
@@ -48,14 +49,18 @@ class PackedWeight:
     layout: str = ""  # "" the format's own layout (above); "fbgemm", "blocks": see above
     packed_bytes: int = 0  # bytes behind a handle `data` (0: data holds the weight)
     handle_key: int = 0  # names the handle for compiled graphs (kernels/fp16_linear.py)
+    # layout "blocks" only: a dense copy of the same weight that steps of more than
+    # kernels.packed_linear.BLOCK_ROWS rows multiply by instead (`--weights auto+bfloat16`)
+    batched: PackedWeight | None = None
 
     @property
     def num_bytes(self) -> int:
         """Resident bytes of the packed tensors (what quantization saves)."""
         tensors = (self.scales, self.bias) if self.packed_bytes else (
             self.data, self.scales, self.bias)
-        return self.packed_bytes + sum(t.numel() * t.element_size()
-                                       for t in tensors if t is not None)
+        twin = 0 if self.batched is None else self.batched.num_bytes
+        return self.packed_bytes + twin + sum(t.numel() * t.element_size()
+                                              for t in tensors if t is not None)
 
 
 def check_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 # ModelConfig.weights' values (worker/quantize.py implements them; kept here, torch-free,
 # so the router's command line can list them without importing torch)
-WEIGHT_FORMATS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+WEIGHT_FORMATS = ("auto", "auto+bfloat16", "float32", "bfloat16", "float16", "int8", "int4")
 COMPILE_MODES = ("auto", "on", "off")
 
 

@@ -22,6 +22,10 @@ weights on their way from a loader to the model.
         none), an untied table to an fp16 tensor and a tied one stays in the model dtype
         (torch's int8/int4 kernels return bf16 logits, 1/16 apart at |8..16|, which turns
         near-ties into ties); an HF checkpoint keeps its own dtype.
+  auto+bfloat16: auto, and every 4/8-bit block weight (CPU, native op) also holds a bf16
+        copy that steps of more than one row multiply by (prefill, batched decode):
+        kernels/packed_linear.py. One configuration for every batch size, at the blocks'
+        bytes plus bf16's; meant with `--dtype bfloat16`.
 Norms, biases and the MoE router stay dense in the model dtype. Under int8/int4 the
 embedding table is int8 per row (a gather dequantizes just the rows it reads) and a
 tied lm_head multiplies by that same int8 table: one copy serves both. On the CPU with
@@ -53,7 +57,8 @@ from kernels.int4_linear import pack_int4_quantized, quantize_int4
 from kernels.int8_linear import pack_int8_quantized, quantize_int8
 from kernels.packed_weight import DENSE_FORMATS, PackedWeight, pack_dense
 
-WEIGHTS = ("auto", *DENSE_FORMATS, "int8", "int4")  # == worker.config.WEIGHT_FORMATS
+HYBRID = "auto+bfloat16"
+WEIGHTS = ("auto", HYBRID, *DENSE_FORMATS, "int8", "int4")  # == worker.config.WEIGHT_FORMATS
 INT4_GROUP = 32
 Q8 = "q8"  # internal: int8 in blocks of 32 (Q8_0), the CPU embedding table's format
 
@@ -63,6 +68,12 @@ def use_blocks(device: torch.device | str) -> bool:
     (kernels/block_linear.py: CPU, the op built and checked) rather than for torch's
     int4/int8 kernels."""
     return torch.device(device).type == "cpu" and native_blocks_available()
+
+
+def base_policy(weights: str | None) -> str | None:
+    """The policy that decides each weight's format: auto+bfloat16 loads and packs as auto
+    (its bf16 twins come on top, `worker/models/packing.py`)."""
+    return "auto" if weights == HYBRID else weights
 
 
 def check_weights(weights: str | None) -> None:

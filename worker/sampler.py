@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kernels.argmax import argmax_rows
 from kernels.gumbel_noise import (
     gumbel_from_uniform_numpy,
     gumbel_noise,
@@ -242,7 +243,7 @@ class Sampler:
                          batch: _Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> token ids [B] int64 and the filtered logits [B, V] (None when nothing packs them)."""
         if batch.num_noise_rows == 0 and not any(batch.is_hybrid):
-            return penalised.argmax(-1), None  # all greedy: the filters cannot matter
+            return argmax_rows(penalised), None  # all greedy: the filters cannot matter
         scaled = penalised / batch.temperatures[:, None]  # [B, V]
         if not batch.is_top_k_bounded:
             filtered = _apply_filters(scaled, batch)  # [B, V]
@@ -259,19 +260,19 @@ class Sampler:
         (whose argmax here is a placeholder) get theirs on the host.
         """
         if batch.num_noise_rows == 0:
-            return penalised.argmax(-1)  # [B]
+            return argmax_rows(penalised)  # [B]
         rows = batch.noise_rows  # [D] or None for all
         noise = gumbel_noise(*_noise_lanes(batch), self.vocab_size)  # [D, V]
         if rows is None:
-            return (filtered + noise).argmax(-1)  # [B]
-        drawn = (filtered.index_select(0, rows) + noise).argmax(-1)  # [D]
-        return penalised.argmax(-1).index_copy(0, rows, drawn)  # [B]
+            return argmax_rows(filtered + noise)  # [B]
+        drawn = argmax_rows(filtered.index_select(0, rows) + noise)  # [D]
+        return argmax_rows(penalised).index_copy(0, rows, drawn)  # [B]
 
     def _draw_from_slice(self, penalised: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
                          batch: _Batch) -> torch.Tensor:
         """`_draw` on the top-k slice: values, ids [B, W]; noise only at the W ids of D rows."""
         if batch.num_noise_rows == 0:
-            return penalised.argmax(-1)  # [B]
+            return argmax_rows(penalised)  # [B]
         rows = batch.noise_rows
         if rows is not None:
             values, ids = values.index_select(0, rows), ids.index_select(0, rows)  # [D, W]
@@ -281,7 +282,7 @@ class Sampler:
         drawn = torch.where(is_best, ids, self.vocab_size).amin(-1)  # [D]
         if rows is None:
             return drawn
-        return penalised.argmax(-1).index_copy(0, rows, drawn)  # [B]
+        return argmax_rows(penalised).index_copy(0, rows, drawn)  # [B]
 
     def _unpack(self, host: np.ndarray, rows: list[SamplingRow],
                 batch: _Batch) -> list[SampleResult]:

@@ -69,7 +69,10 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                         "int4 (Q4_0/Q4_1/Q4_K), its Q8_0/Q5_0 tensors as int8 blocks of 32 "
                         "and its other quantized types (Q6_K, Q5_1, ...) as float16 (on the "
                         "CPU the 4/8-bit blocks run in slotmesh's native op with fp32 "
-                        "activations and logits); int8/int4 quantize every linear; "
+                        "activations and logits); auto+bfloat16: auto, plus a bf16 copy of "
+                        "each 4/8-bit block weight that steps of more than one row (prefill, "
+                        "batched decode) multiply by (use with --dtype bfloat16); int8/int4 "
+                        "quantize every linear; "
                         "float32/bfloat16/float16 dense (float16 on an x86 CPU: FBGEMM's fp16 "
                         "GEMM over every thread, fp32 activations) (default: dense in --dtype)")
     p.add_argument("--compile", default=default_of(ModelConfig, "compile"),

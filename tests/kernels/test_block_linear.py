@@ -224,3 +224,37 @@ def test_runs_inside_a_compiled_graph():
         for m in (1, 3, 40):
             x = _x(m, 576)
             assert torch.equal(compiled(x), f(x))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_batched_twin_takes_steps_of_more_rows(fmt):
+    """`--weights auto+bfloat16`: a block weight with a bf16 twin (worker/models/packing.py)
+    multiplies up to BLOCK_ROWS rows by its blocks, bit for bit the block op, and more
+    rows by the twin, bit for bit bf16 `F.linear` over the blocks' own values rounded to
+    bf16; a compiled graph with a symbolic batch takes the same branch per size."""
+    from kernels.packed_linear import BLOCK_ROWS
+    from worker.models.packing import with_batched_twin
+
+    bias = torch.randn(192, generator=torch.Generator().manual_seed(3))
+    w = with_batched_twin(_packed(fmt, _weight(192, 576), bias))
+    twin = w.batched
+    assert twin.format == "bfloat16" and twin.layout == ""
+    assert torch.equal(twin.data, dequantize_blocks(w.data, fmt, 576).bfloat16())
+    assert w.num_bytes == _packed(fmt, _weight(192, 576), bias).num_bytes + twin.num_bytes
+
+    def f(x):
+        return packed_linear(x, w) * 2
+
+    compiled = torch.compile(f, dynamic=True)
+    with torch.no_grad():
+        for m in (1, BLOCK_ROWS, BLOCK_ROWS + 1, 40):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = _x(m, 576).to(dtype)
+                if m <= BLOCK_ROWS:
+                    want = block_linear(x, w)
+                else:
+                    want = torch.nn.functional.linear(x.bfloat16(), twin.data,
+                                                      twin.bias).to(dtype)
+                assert torch.equal(packed_linear(x, w), want)
+                assert torch.equal(compiled(x), want * 2)

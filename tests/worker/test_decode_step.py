@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.block_linear import native_blocks_available
 from kernels.fp16_linear import fbgemm_fp16_available
 from tests.engine_driver import run_teacher_forced
 from tests.tiny_models import FAMILIES, VOCAB, make_tiny_model
@@ -105,6 +106,9 @@ def _generate(engine: LLMEngine, prompts: list[list[int]],
     # packed for FBGEMM: compiled unfrozen, the kernel behind an opaque op
     pytest.param("float16", marks=pytest.mark.skipif(
         not fbgemm_fp16_available(), reason="FBGEMM's fp16 GEMM is x86 only")),
+    # 4-bit blocks through slotmesh's native op: compiled unfrozen, with the C++ wrapper
+    pytest.param("int4", marks=pytest.mark.skipif(
+        not native_blocks_available(), reason="the native block op is not built here")),
 ])
 def test_compiled_step_equals_eager(tmp_path, weights) -> None:
     """gemma3 with 2 layers (one sliding, one full; compile time grows with the layers):
@@ -112,6 +116,8 @@ def test_compiled_step_equals_eager(tmp_path, weights) -> None:
     path = make_tiny_model("gemma3", tmp_path / "gemma3", layers=2)
     eager, compiled = _engine(path, "off", weights), _engine(path, "on", weights)
     assert compiled.runner.static is not None and compiled.runner.static.compiled
+    if weights == "int4":
+        assert compiled.runner.static.cpp_wrapper
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (30, 55, 9)]
     params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),

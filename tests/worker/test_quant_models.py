@@ -157,23 +157,10 @@ def test_auto_weights_on_a_mixed_gguf(tmp_path):
     """A tiny llama GGUF with Q4_0, Q5_0 and Q8_0 tensors and an untied Q8_0 head under
     auto: 4-bit → int4, 5/8-bit → fp16 (a qkv of Q5_0 q/k and Q8_0 v fuses as fp16), the
     head fp16 with fp32 output, the untied table an fp16 tensor; logits track fp32."""
-    from gguf import GGMLQuantizationType as Q
-
-    from tests.worker.test_gguf_quants import encoded, tiny_metadata, tiny_tensors, write_gguf
     from worker.loaders.gguf import load_gguf
     from worker.models.packing import describe_weights
 
-    types = {"attn_q": Q.Q5_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_0,
-             "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_0}
-    rng = np.random.default_rng(5)
-    tensors = tiny_tensors(rng, ["attn_norm", *types, "ffn_norm"])
-    tensors["output.weight"] = (rng.standard_normal((5, 64)).astype(np.float32), Q.Q8_0)
-    tensors["token_embd.weight"] = (tensors["token_embd.weight"][0], Q.Q8_0)
-    for name, qtype in types.items():
-        tensors[f"blk.0.{name}.weight"] = (tensors[f"blk.0.{name}.weight"][0], qtype)
-    tensors = {n: (encoded(a * 0.1, q), q) for n, (a, q) in tensors.items()}
-    write_gguf(tmp_path / "mixed.gguf", tensors, "llama", tiny_metadata("llama"))
-
+    _write_mixed_gguf(tmp_path / "mixed.gguf")
     models = {}
     for weights in (None, "auto"):
         ckpt = load_gguf(tmp_path / "mixed.gguf", weights=weights)
@@ -198,6 +185,58 @@ def test_auto_weights_on_a_mixed_gguf(tmp_path):
     _agree, diffs = _agreement(run_teacher_forced(models[None], seqs, [4, 9]),
                                run_teacher_forced(auto, seqs, [4, 9]))
     assert diffs[-1] <= 0.01  # int4 layers with bf16 activations; fp16 adds ~1e-4
+
+
+def _write_mixed_gguf(path) -> None:
+    """A tiny llama GGUF: Q4_0, Q5_0 and Q8_0 linears, an untied Q8_0 head and table."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.worker.test_gguf_quants import encoded, tiny_metadata, tiny_tensors, write_gguf
+
+    types = {"attn_q": Q.Q5_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_0,
+             "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_0}
+    rng = np.random.default_rng(5)
+    tensors = tiny_tensors(rng, ["attn_norm", *types, "ffn_norm"])
+    tensors["output.weight"] = (rng.standard_normal((5, 64)).astype(np.float32), Q.Q8_0)
+    tensors["token_embd.weight"] = (tensors["token_embd.weight"][0], Q.Q8_0)
+    for name, qtype in types.items():
+        tensors[f"blk.0.{name}.weight"] = (tensors[f"blk.0.{name}.weight"][0], qtype)
+    tensors = {n: (encoded(a * 0.1, q), q) for n, (a, q) in tensors.items()}
+    write_gguf(path, tensors, "llama", tiny_metadata("llama"))
+
+
+@pytest.mark.skipif(not use_blocks(CPU), reason="twins are for the native op's blocks")
+def test_auto_bfloat16_gives_every_block_weight_a_bf16_twin(tmp_path):
+    """`--weights auto+bfloat16` packs as auto does, and each block weight that multiplies
+    (the untied head, not the untied table, which is only read) also holds its own values
+    in bf16 for steps of more rows."""
+    from kernels.block_linear import BLOCKS_LAYOUT, dequantize_blocks
+    from worker.loaders.gguf import load_gguf
+    from worker.models.packing import describe_weights
+    from worker.quantize import HYBRID
+
+    _write_mixed_gguf(tmp_path / "mixed.gguf")
+    models = {}
+    for weights in ("auto", HYBRID):
+        ckpt = load_gguf(tmp_path / "mixed.gguf", weights=weights)
+        models[weights] = build_model(ckpt.config, ckpt.tensors, torch.bfloat16, CPU, weights)
+    twins = 0
+    for (name, m), (_, a) in zip(models[HYBRID].named_modules(), models["auto"].named_modules(),
+                                 strict=True):
+        packed = getattr(m, "packed", None)
+        if packed is None:
+            continue
+        assert packed.layout == BLOCKS_LAYOUT, name
+        assert torch.equal(packed.data, a.packed.data) and a.packed.batched is None, name
+        if name == "embed_tokens":
+            assert packed.batched is None
+            continue
+        assert torch.equal(packed.batched.data, dequantize_blocks(
+            packed.data, packed.format, packed.in_features).bfloat16()), name
+        twins += packed.batched.num_bytes
+    assert describe_weights(models[HYBRID]) == (
+        "int4 x2, int8 x4 (activations float32); a bfloat16 copy of 5 for steps of 2+ rows")
+    assert weight_bytes(models[HYBRID]) == weight_bytes(models["auto"]) + twins
 
 
 def _auto_vs_fp32(name: str, model_cache, monkeypatch) -> tuple[float, list[float], dict]:

@@ -35,7 +35,7 @@ from worker.loaders.gguf_repack import FOUR_BIT, auto_format, map_rows, repack
 from worker.loaders.gguf_tokenizer import build_gguf_tokenizer, eos_token_ids
 from worker.loaders.hub import file_sha256
 from worker.loaders.model_files import ModelFiles
-from worker.quantize import Q8, QuantizedTensor
+from worker.quantize import Q8, QuantizedTensor, base_policy
 from worker.vocab.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -423,6 +423,7 @@ def _quantized_format(info: TensorInfo, hf_name: str, weights: str | None) -> st
     int8/int4 kernels, whose bf16 logits (1/16 apart at |8..16|) turn near-ties into
     exact ties.
     """
+    weights = base_policy(weights)
     if weights not in ("auto", "int8", "int4") or len(info.shape) != 2:
         return None
     if hf_name.endswith("embed_tokens.weight"):

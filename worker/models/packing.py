@@ -8,10 +8,14 @@ copied into the PackedWeight) and loses `weight` (None); see worker/models/decod
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from kernels.block_linear import BLOCKS_LAYOUT
+from kernels.block_linear import BLOCKS_LAYOUT, dequantize_blocks
+from kernels.packed_linear import BLOCK_ROWS
+from kernels.packed_weight import PackedWeight, pack_dense
 from worker.models.decoder import DecoderModel, SparseMoE
 from worker.quantize import QuantizedTensor, pack_weight
 
@@ -41,10 +45,14 @@ def detach_quantized(model: DecoderModel, quantized: dict[str, QuantizedTensor])
 
 
 def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
-               fmt: str | None, embed_fmt: str | None, device: torch.device) -> None:
+               fmt: str | None, embed_fmt: str | None, device: torch.device,
+               batched_twins: bool = False) -> None:
     """Pack in place: the `quantized` weights as they are, every other linear weight in
     `fmt` and the embedding table in `embed_fmt` (None: leave it dense in the model
     dtype). A tied lm_head multiplies by the embedding table in whatever format it has.
+    batched_twins (`--weights auto+bfloat16`): every block weight that multiplies (all
+    but an untied table, which is only read) also gets a bf16 copy of itself
+    (`PackedWeight.batched`) for steps of many rows (kernels/packed_linear.py).
     """
     for name, module in _packable(model).items():
         source = quantized.get(f"{name}.weight")
@@ -56,6 +64,9 @@ def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
         bias = getattr(module, "bias", None)
         module.packed = pack_weight(source, target, None if bias is None else bias.data,
                                     device, gathered=name == "embed_tokens")
+        multiplies = name != "embed_tokens" or model.lm_head is None  # an untied table
+        if batched_twins and multiplies and module.packed.layout == BLOCKS_LAYOUT:  # is read
+            module.packed = with_batched_twin(module.packed)
         if name == "embed_tokens" and model.lm_head is None and target == "float16":
             _pack_tied_head(module, source, target, device)
         module.register_parameter("weight", None)
@@ -63,6 +74,13 @@ def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
         for m in model.modules():
             if isinstance(m, SparseMoE):
                 _pack_experts(m, fmt, device)
+
+
+def with_batched_twin(w: PackedWeight) -> PackedWeight:
+    """A block weight with a bf16 copy of the same values (widened from its blocks, so
+    both multiply by exactly one weight) for steps of many rows."""
+    dense = dequantize_blocks(w.data, w.format, w.in_features)
+    return dataclasses.replace(w, batched=pack_dense(dense, "bfloat16", w.bias))
 
 
 def _pack_tied_head(table: nn.Module, source, fmt: str, device: torch.device) -> None:
@@ -108,6 +126,7 @@ def describe_weights(model: DecoderModel) -> str:
     "int4 x150, int8 x31 (activations bfloat16); float32 x1": packed formats with the
     activation dtype their kernels run in, then the weights left dense in the model dtype."""
     packed: dict[tuple[str, torch.dtype], int] = {}
+    twins = 0
     for m in model.modules():
         weights = [w for pair in getattr(m, "packed_experts", None) or () for w in pair]
         multiplied = getattr(m, "packed_head", None) or getattr(m, "packed", None)
@@ -115,6 +134,8 @@ def describe_weights(model: DecoderModel) -> str:
             weights.append(multiplied)
         for w in weights:
             packed[(w.format, w.compute_dtype)] = packed.get((w.format, w.compute_dtype), 0) + 1
+            if w.batched is not None:
+                twins += 1
     dense = sum(1 for m in _packable(model).values() if getattr(m, "weight", None) is not None)
     dense += sum(1 for m in model.modules()
                  if isinstance(m, SparseMoE) and m.gate_up_proj is not None)
@@ -123,6 +144,8 @@ def describe_weights(model: DecoderModel) -> str:
         formats = ", ".join(f"{f} x{n}" for (f, a), n in sorted(packed.items(), key=str)
                             if a == act)
         parts.append(f"{formats} (activations {str(act).removeprefix('torch.')})")
+    if twins:
+        parts.append(f"a bfloat16 copy of {twins} for steps of {BLOCK_ROWS + 1}+ rows")
     if dense:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         parts.append(f"{dtype} x{dense}")

@@ -17,7 +17,16 @@ from kernels.packed_weight import DENSE_FORMATS
 from worker.models.args import FULL, SLIDING, ModelArgs, rope_from_config
 from worker.models.decoder import DecoderModel
 from worker.models.packing import detach_quantized, pack_model
-from worker.quantize import Q8, WEIGHTS, QuantizedTensor, check_weights, concat_rows, use_blocks
+from worker.quantize import (
+    HYBRID,
+    Q8,
+    WEIGHTS,
+    QuantizedTensor,
+    base_policy,
+    check_weights,
+    concat_rows,
+    use_blocks,
+)
 from worker.vocab.errors import ModelLoadError, PreconditionError
 
 ArgsBuilder = Callable[[dict], ModelArgs]
@@ -270,6 +279,8 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor | QuantizedTensor]
     """The model on `device` in `dtype`, its weights packed as `weights` asks
     (worker/quantize.py; None: every weight dense in `dtype`, nothing packed)."""
     check_weights(weights)
+    twins = weights == HYBRID  # bf16 copies of the block weights, added by pack_model
+    weights = base_policy(weights)
     args = model_args(config)
     with torch.device("meta"):
         model = DecoderModel(args)
@@ -286,7 +297,7 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor | QuantizedTensor]
     fmt = _linear_format(weights, config, dtype, bool(quantized))
     embed_fmt = _embedding_format(weights, fmt, args.tie_word_embeddings, bool(quantized),
                                   use_blocks(device))
-    pack_model(model, fused, fmt, embed_fmt, device)
+    pack_model(model, fused, fmt, embed_fmt, device, batched_twins=twins)
     return model
 
 

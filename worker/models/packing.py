@@ -64,8 +64,9 @@ def pack_model(model: DecoderModel, quantized: dict[str, QuantizedTensor],
         bias = getattr(module, "bias", None)
         module.packed = pack_weight(source, target, None if bias is None else bias.data,
                                     device, gathered=name == "embed_tokens")
-        multiplies = name != "embed_tokens" or model.lm_head is None  # an untied table
-        if batched_twins and multiplies and module.packed.layout == BLOCKS_LAYOUT:  # is read
+        # an untied table is only read (rows gathered): it gets no twin
+        multiplies = name != "embed_tokens" or model.lm_head is None
+        if batched_twins and multiplies and module.packed.layout == BLOCKS_LAYOUT:
             module.packed = with_batched_twin(module.packed)
         if name == "embed_tokens" and model.lm_head is None and target == "float16":
             _pack_tied_head(module, source, target, device)

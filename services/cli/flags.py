@@ -81,7 +81,8 @@ def add_model_flags(p: argparse.ArgumentParser, slots: bool = True,
                         "size, at warmup: on, off (every step eager), or auto (on for bf16/"
                         "fp16 on a CPU with native bf16, where it halves a step, for "
                         "--weights float16 on FBGEMM and for the CPU's 4/8-bit blocks, "
-                        "cached on disk after the first start; off elsewhere) "
+                        "cached on disk after the first start, except auto+bfloat16's, "
+                        "whose bf16 copies are frozen in; off elsewhere) "
                         "(default: %(default)s)")
     p.add_argument("--device", default=default_of(ModelConfig, "device"),
                    help="torch device: cpu, cuda, cuda:N (default: %(default)s)")

@@ -11,6 +11,10 @@ sequence) in fp32 or bf16 on the CPU reads K/V in place through the block table 
 slots the mask hides, instead of gathering a padded copy of every layer's K/V. It is on
 once `use_native_decode()` found the native library (the model runner asks at start);
 the plain path stays the reference it is tested against.
+
+A mixed step (decodes beside prefill chunks) arrives in parts (`meta.parts`, built by the
+model runner): each part's query rows are attended with its own metadata, so the decode
+rows take the decode path instead of being padded to the longest chunk.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ class PagedAttentionMetadata:
     pad_index: torch.Tensor | None
     unpad_index: torch.Tensor | None
     grouped_mask: torch.Tensor | None = None  # mask repeated per query head, made lazily
+    # a step attended in parts (the model runner splits decodes from longer chunks):
+    # (rows, metadata) pairs, each part's rows of q attended with its own metadata (its
+    # sequences only); the fields above then describe the last part
+    parts: tuple[tuple[torch.Tensor, PagedAttentionMetadata], ...] | None = None
 
 
 def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
@@ -141,6 +149,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"paged_attention: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError("paged_attention: heads must be a multiple of kv heads")
+    if meta.parts is not None:
+        out = torch.empty_like(q)
+        for rows, part in meta.parts:
+            out.index_copy_(0, rows, paged_attention(q.index_select(0, rows), k_cache,
+                                                     v_cache, part, scale))
+        return out
     if (_NATIVE_DECODE and meta.max_q == 1 and meta.pad_index is None
             and q.device.type == "cpu" and q.dtype == k_cache.dtype == meta.mask.dtype
             and q.dtype in _NATIVE_DTYPES and q.shape[0] == meta.block_tables.shape[0]):

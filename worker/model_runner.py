@@ -119,35 +119,71 @@ class ModelRunner:
 
     def _group_metadata(self, g: int, scheduled: list[ScheduledSeq],
                         batch: _Batch) -> PagedAttentionMetadata:
-        pool, bs = self.pools[g], self.layout.block_size
-        slots, tables, first_blocks = [], [], []
+        """The step's attention metadata for KV group g. A step that mixes decodes (one
+        new token) with longer chunks attends in two parts: padded to the longest chunk,
+        every decode row would cost a chunk's worth of attention (SmolLM2, 512 prefill
+        tokens beside 12 decodes: 0.59 s a step against 0.42 with none), so the decodes
+        go through the decode path (the native kernel where it runs) and only the chunks
+        are padded."""
+        bs = self.layout.block_size
+        slots = []
         for item, s, n in zip(scheduled, batch.starts, batch.lengths, strict=True):
             table = item.seq.block_tables[g]
             slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        decodes = [i for i, n in enumerate(batch.lengths) if n == 1]
+        if not decodes or len(decodes) == len(scheduled):
+            return self._part_metadata(g, scheduled, batch, range(len(scheduled)),
+                                       slot_mapping)
+        chunks = [i for i, n in enumerate(batch.lengths) if n > 1]
+        first_row = [0]
+        for n in batch.lengths:
+            first_row.append(first_row[-1] + n)
+        parts = []
+        for members in (decodes, chunks):
+            rows = [r for i in members for r in range(first_row[i], first_row[i + 1])]
+            part = self._part_metadata(g, scheduled, batch, members, slot_mapping)
+            parts.append((torch.tensor(rows, dtype=torch.long, device=self.device), part))
+        whole = parts[1][1]  # what the fields of the step as a whole hold: unused
+        return PagedAttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=whole.block_tables, mask=whole.mask,
+            max_q=whole.max_q, pad_index=whole.pad_index, unpad_index=whole.unpad_index,
+            parts=tuple(parts))
+
+    def _part_metadata(self, g: int, scheduled: list[ScheduledSeq], batch: _Batch,
+                       members, slot_mapping: torch.Tensor) -> PagedAttentionMetadata:
+        """Metadata attending the query rows of the sequences scheduled[i], i in members."""
+        pool, bs = self.pools[g], self.layout.block_size
+        tables, first_blocks, starts, lengths = [], [], [], []
+        for i in members:
+            s, n = batch.starts[i], batch.lengths[i]
+            table = scheduled[i].seq.block_tables[g]
             first = pool.first_needed_block(s)
             visible = table[first : cdiv(s + n, bs)]
             tables.append([NULL_BLOCK if b == EMPTY else b for b in visible])
             first_blocks.append(first)
+            starts.append(s)
+            lengths.append(n)
         width = max(len(t) for t in tables)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         dev = self.device
         block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
-        mask = self._mask(batch, first_blocks, width * bs, pool.window)
-        pad_index, unpad_index = self._pad_indices(batch.lengths)
+        mask = self._mask(starts, lengths, first_blocks, width * bs, pool.window)
+        pad_index, unpad_index = self._pad_indices(lengths)
         return PagedAttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=block_tables, mask=mask, max_q=max(batch.lengths),
-            pad_index=pad_index, unpad_index=unpad_index,
+            slot_mapping=slot_mapping, block_tables=block_tables, mask=mask,
+            max_q=max(lengths), pad_index=pad_index, unpad_index=unpad_index,
         )
 
-    def _mask(self, batch: _Batch, first_blocks: list[int], num_keys: int,
-              window: int | None) -> torch.Tensor:
+    def _mask(self, starts: list[int], lengths: list[int], first_blocks: list[int],
+              num_keys: int, window: int | None) -> torch.Tensor:
         """[B, 1, max_q, S] additive mask: causal, within the window, real queries only."""
         dev, bs = self.device, self.layout.block_size
-        starts = torch.tensor(batch.starts, device=dev)[:, None, None]  # [B, 1, 1]
-        lengths = torch.tensor(batch.lengths, device=dev)[:, None, None]
+        max_q = max(lengths)
+        starts = torch.tensor(starts, device=dev)[:, None, None]  # [B, 1, 1]
+        lengths = torch.tensor(lengths, device=dev)[:, None, None]
         key0 = torch.tensor(first_blocks, device=dev)[:, None, None] * bs
-        q_idx = torch.arange(max(batch.lengths), device=dev)[None, :, None]  # [1, max_q, 1]
+        q_idx = torch.arange(max_q, device=dev)[None, :, None]  # [1, max_q, 1]
         k_pos = key0 + torch.arange(num_keys, device=dev)[None, None, :]  # [B, 1, S]
         q_pos = starts + q_idx  # [B, max_q, 1]
         mask = (k_pos <= q_pos) & (q_idx < lengths)

@@ -107,7 +107,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(f"{NAME}::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, mask, scale):
-        return torch.empty_like(q)
+        return q.new_empty(q.shape)  # the kernel returns a contiguous tensor
 
 
 @cache

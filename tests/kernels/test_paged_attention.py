@@ -62,8 +62,13 @@ def _check(out, ref):
     assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
 
 
+# groups of 3, 4, 1, 7 (two rounds of four heads, the last one short) and 8 query heads a
+# KV head; head sizes 64, 256, 32 (no vector path), 128
+SHAPES = [(9, 3, 64), (4, 1, 256), (8, 8, 32), (14, 2, 64), (16, 2, 128)]
+
+
 @needs_native
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 8, 32)])
+@pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
 @pytest.mark.parametrize("window", [None, 40])
 def test_native_decode_matches_reference(heads, kv_heads, dim, window):
     lengths = [1, 17, 200, 33, 64, 5]
@@ -98,7 +103,7 @@ def test_native_decode_reads_a_layers_view_of_the_cache():
 
 
 @needs_native
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 1, 256), (8, 8, 32)])
+@pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
 @pytest.mark.parametrize("window", [None, 40])
 def test_native_decode_reads_a_bf16_cache(heads, kv_heads, dim, window):
     """A bf16 model's step: the kernel widens the bf16 keys and values and computes in
@@ -114,6 +119,27 @@ def test_native_decode_reads_a_bf16_cache(heads, kv_heads, dim, window):
     assert out.dtype == torch.bfloat16
     tolerance = ref.abs() * 2**-8 + 1e-5 * ref.abs().max() + 1e-6
     assert ((out.float() - ref).abs() <= tolerance).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_reads_q_and_mask_where_they_lie(dtype):
+    """q as the model hands it over (a view of the fused qkv projection: rows of D
+    contiguous values, a wider stride between sequences) and a mask whose rows lie apart
+    give what contiguous copies give, bit for bit."""
+    q, k, v, meta = _case([1, 17, 200, 33], 9, 3, 64)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    fused = torch.cat([q, torch.randn(4, 6, 64).to(dtype)], dim=1)  # [B, 9 + 2·3, D]
+    view = fused[:, :9]
+    assert not view.is_contiguous() and view.stride(2) == 1
+    mask = meta.mask.reshape(4, -1).to(dtype)
+    wide = torch.cat([mask, torch.zeros_like(mask)], dim=1)[:, : mask.shape[1]]
+    assert not wide.is_contiguous()
+    op = native_ops().paged_decode_attention
+    want = op(q.contiguous(), k, v, meta.block_tables, mask.contiguous(), 0.125)
+    got = op(view, k, v, meta.block_tables, wide, 0.125)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, want)
 
 
 @needs_native
@@ -175,6 +201,25 @@ def test_native_write_kv_matches_reference(dtype):
     pa.write_kv_reference(want[0, 1], want[1, 1], k, v, slots)
     torch.ops.slotmesh_native.write_kv(stacked[0, 1], stacked[1, 1], k, v, slots)
     assert torch.equal(stacked, want)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_kv_copies_rows_where_they_lie(dtype):
+    """k/v as views of the fused qkv projection ([T, kv_heads, D] rows apart), in the
+    cache's dtype (copied in place) and in another (converted first): the reference's
+    slots and values."""
+    g = torch.Generator().manual_seed(4)
+    for src_dtype in (dtype, torch.float64):
+        cache = torch.randn(2, 9, BLOCK, 2, 64, generator=g).to(dtype)
+        want = cache.clone()
+        fused = torch.randn(5, 8, 64, generator=g).to(src_dtype)  # [T, 4 + 2 + 2, D]
+        k, v = fused[:, 4:6], fused[:, 6:8]
+        assert not k.is_contiguous()
+        slots = torch.tensor([17, 3, 140, 16, 0])
+        pa.write_kv_reference(want[0], want[1], k, v, slots)
+        torch.ops.slotmesh_native.write_kv(cache[0], cache[1], k, v, slots)
+        assert torch.equal(cache, want)
 
 
 @needs_native

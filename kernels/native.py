@@ -31,7 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("fp16_gemm.cpp", "paged_attention.cpp", "block_gemm.cpp"))
+                for name in ("fp16_gemm.cpp", "paged_attention.cpp", "block_gemm.cpp",
+                             "layer_elementwise.cpp"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("exp_poly.h",))
 NAME = "slotmesh_native"
 # -fopenmp: at::parallel_for is a header template, serial unless compiled with OpenMP; the
 # library then uses the process's libgomp (torch's, already loaded), whose pool it shares.
@@ -43,7 +45,7 @@ LDFLAGS = ("-fopenmp",)
 
 def _build_dir() -> Path:
     key = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         key.update(src.read_bytes())
     key.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS}".encode())
     key.update(_cpu_flags().encode())
@@ -108,6 +110,37 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAME}::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, mask, scale):
         return q.new_empty(q.shape)  # the kernel returns a contiguous tensor
+
+    @torch.library.register_fake(f"{NAME}::rms_norm")
+    def _(x, weight, eps, weight_offset):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{NAME}::add_rms_norm")
+    def _(x, residual, weight, eps, weight_offset):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{NAME}::rotary")
+    def _(x, cos_sin):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{NAME}::gated_act")
+    def _(gate_up, kind):
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+_EAGER_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def eager_ops(x: torch.Tensor):
+    """`torch.ops.slotmesh_native` where a fused elementwise kernel may take x (eager
+    only): x on the CPU, fp32 or bf16, no autograd recording (serving runs under
+    inference_mode; training keeps the differentiable reference) and no torch.compile
+    trace (inductor fuses those ops itself). None otherwise, or where the library is not
+    here."""
+    if (x.device.type != "cpu" or x.dtype not in _EAGER_DTYPES or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
+        return None
+    return native_ops()
 
 
 @cache

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from kernels.native import eager_ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies, with linear or llama3 scaling applied."""
@@ -56,4 +58,9 @@ def apply_rotary_reference(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tens
 def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != cos_sin.shape[-1] or x.shape[0] != cos_sin.shape[0]:
         raise ValueError(f"apply_rotary: x {tuple(x.shape)} vs cos_sin {tuple(cos_sin.shape)}")
+    ops = eager_ops(x)
+    if (ops is not None and x.dim() == 3 and x.stride(-1) == 1
+            and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1):
+        # one native pass, the reference's roundings (kernels/csrc/layer_elementwise.cpp)
+        return ops.rotary(x, cos_sin)
     return apply_rotary_reference(x, cos_sin)

@@ -197,7 +197,7 @@ class ModelRunner:
     def _pad_indices(self, lengths: list[int]
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         max_q = max(lengths)
-        if max_q == 1:
+        if min(lengths) == max_q:  # no padding: the rows are already [B, max_q] in order
             return None, None
         pad, unpad, offset = [], [], 0
         for b, n in enumerate(lengths):

@@ -33,6 +33,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "exp_poly.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,24 +75,9 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// e^x for x <= 0 (a softmax numerator), in plain arithmetic that `omp simd` vectorises:
-// x = n·ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error
-// under 2e-7), 2^n put into the exponent bits. Below -87 (and -inf) it gives 0.
+// e^x for x <= 0 (a softmax numerator); below -87 (and -inf) it gives 0
 inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.f ? -87.f : x;
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
-  const float r = clamped - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
+  return x < -87.f ? 0.f : slotmesh::exp_in_range(x);
 }
 
 template <typename T>

@@ -29,24 +29,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_linear import BLOCKS_LAYOUT, dequantize_blocks
 from kernels.causal_attention import causal_attention
+from kernels.gated_act import gated_act
 from kernels.linear import linear
 from kernels.packed_linear import packed_linear
 from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary, rope_cache
 from worker.models.args import SLIDING, ModelArgs
 from worker.vocab.errors import PreconditionError
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-}
 
 
 @dataclass(slots=True)
@@ -127,6 +121,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.weight_offset)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): a residual add fused with this norm."""
+        return add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
@@ -169,11 +168,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.act = _ACTIVATIONS[args.hidden_act]
+        self.act = args.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = _project(self.gate_up_proj, x).chunk(2, dim=-1)
-        return _project(self.down_proj, self.act(gate) * up)
+        return _project(self.down_proj, gated_act(_project(self.gate_up_proj, x), self.act))
 
 
 def sparse_moe_reference(x: torch.Tensor, weights: torch.Tensor,
@@ -254,7 +252,7 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(d, e, bias=False)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))  # [E, 2I, D]
         self.down_proj = nn.Parameter(torch.empty(e, d, i))  # [E, D, I]
-        self.act = _ACTIVATIONS[args.hidden_act]
+        self.act = args.hidden_act
         # per expert (gate_up, down) PackedWeights when the registry packed them
         self.packed_experts: list[tuple] | None = None
         self.is_warmup = False
@@ -288,8 +286,7 @@ class SparseMoE(nn.Module):
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU MLP: x [n, D] → [n, D]."""
-        gate, up = self._expert_linear(e, 0, x).chunk(2, dim=-1)  # [n, I] each
-        return self._expert_linear(e, 1, self.act(gate) * up)
+        return self._expert_linear(e, 1, gated_act(self._expert_linear(e, 0, x), self.act))
 
     def _expert_linear(self, e: int, which: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's gate_up (which=0) or down (1) projection of x."""
@@ -311,13 +308,23 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, off)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext | DenseContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext | DenseContext,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden state coming in is residual + x (x alone at the first layer, residual
+        None); the one going out is the returned (block output, residual) pair summed. So
+        every residual add is fused with the norm after it (`add_and_norm`), this layer's
+        last add with the next layer's first norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        out = self.self_attn(h, ctx)
         if self.sandwich:  # Gemma: norm before and after each block
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
-            h = self.mlp(self.pre_feedforward_layernorm(x))
-            return x + self.post_feedforward_layernorm(h)
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, residual = self.pre_feedforward_layernorm.add_and_norm(
+                self.post_attention_layernorm(out), residual)
+            return self.post_feedforward_layernorm(self.mlp(h)), residual
+        h, residual = self.post_attention_layernorm.add_and_norm(out, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -337,9 +344,10 @@ class DecoderModel(nn.Module):
         x = self.embed(input_ids)
         if self.args.embed_scale is not None:
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x)
+            x, residual = layer(x, ctx, residual)
+        return self.norm.add_and_norm(x, residual)[0]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] → [T, hidden] in the model dtype."""

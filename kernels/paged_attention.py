@@ -12,9 +12,10 @@ slots the mask hides, instead of gathering a padded copy of every layer's K/V. I
 once `use_native_decode()` found the native library (the model runner asks at start);
 the plain path stays the reference it is tested against.
 
-A mixed step (decodes beside prefill chunks) arrives in parts (`meta.parts`, built by the
-model runner): each part's query rows are attended with its own metadata, so the decode
-rows take the decode path instead of being padded to the longest chunk.
+A mixed step (decodes beside prefill chunks, or chunks of different lengths) arrives in
+parts (`meta.parts`, built by the model runner): each part's query rows are attended with
+its own metadata, so the decode rows take the decode path and chunks are padded only to
+the longest of their part.
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ class PagedAttentionMetadata:
     pad_index: torch.Tensor | None
     unpad_index: torch.Tensor | None
     grouped_mask: torch.Tensor | None = None  # mask repeated per query head, made lazily
-    # a step attended in parts (the model runner splits decodes from longer chunks):
-    # (rows, metadata) pairs, each part's rows of q attended with its own metadata (its
-    # sequences only); the fields above then describe the last part
-    parts: tuple[tuple[torch.Tensor, PagedAttentionMetadata], ...] | None = None
+    # a step attended in parts (the model runner splits decodes from chunks, and chunks
+    # of different lengths): (rows, metadata) pairs, each part's rows of q (a slice
+    # where adjacent, else an int64 index) attended with its own metadata (its sequences
+    # only); the fields above then describe the last part
+    parts: tuple[tuple[slice | torch.Tensor, PagedAttentionMetadata], ...] | None = None
 
 
 def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
@@ -152,8 +154,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if meta.parts is not None:
         out = torch.empty_like(q)
         for rows, part in meta.parts:
-            out.index_copy_(0, rows, paged_attention(q.index_select(0, rows), k_cache,
-                                                     v_cache, part, scale))
+            if isinstance(rows, slice):  # adjacent rows: a view in, a copy out
+                out[rows] = paged_attention(q[rows], k_cache, v_cache, part, scale)
+            else:
+                out.index_copy_(0, rows, paged_attention(q.index_select(0, rows), k_cache,
+                                                         v_cache, part, scale))
         return out
     if (_NATIVE_DECODE and meta.max_q == 1 and meta.pad_index is None
             and q.device.type == "cpu" and q.dtype == k_cache.dtype == meta.mask.dtype

@@ -119,36 +119,42 @@ class ModelRunner:
 
     def _group_metadata(self, g: int, scheduled: list[ScheduledSeq],
                         batch: _Batch) -> PagedAttentionMetadata:
-        """The step's attention metadata for KV group g. A step that mixes decodes (one
-        new token) with longer chunks attends in two parts: padded to the longest chunk,
-        every decode row would cost a chunk's worth of attention (SmolLM2, 512 prefill
-        tokens beside 12 decodes: 0.59 s a step against 0.42 with none), so the decodes
-        go through the decode path (the native kernel where it runs) and only the chunks
-        are padded."""
+        """The step's attention metadata for KV group g. A step whose sequences bring
+        different numbers of new tokens attends in parts (`_attention_parts`): padded to
+        the longest chunk, every decode row cost a chunk's worth of attention (SmolLM2,
+        512 prefill tokens beside 12 decodes: 0.59 s a step against 0.42 with none), and
+        a padded batch gathers its query rows into place and back (~5 ms a 512-token
+        step); so decodes go through the decode path (the native kernel where it runs)
+        and chunks of one length attend together, each part's rows a slice of the step's
+        where they are adjacent."""
         bs = self.layout.block_size
         slots = []
         for item, s, n in zip(scheduled, batch.starts, batch.lengths, strict=True):
             table = item.seq.block_tables[g]
             slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
-        decodes = [i for i, n in enumerate(batch.lengths) if n == 1]
-        if not decodes or len(decodes) == len(scheduled):
-            return self._part_metadata(g, scheduled, batch, range(len(scheduled)),
-                                       slot_mapping)
-        chunks = [i for i, n in enumerate(batch.lengths) if n > 1]
+        groups = _attention_parts(batch.lengths)
+        if len(groups) == 1:
+            return self._part_metadata(g, scheduled, batch, groups[0], slot_mapping)
         first_row = [0]
         for n in batch.lengths:
             first_row.append(first_row[-1] + n)
         parts = []
-        for members in (decodes, chunks):
+        for members in groups:
             rows = [r for i in members for r in range(first_row[i], first_row[i + 1])]
             part = self._part_metadata(g, scheduled, batch, members, slot_mapping)
-            parts.append((torch.tensor(rows, dtype=torch.long, device=self.device), part))
-        whole = parts[1][1]  # what the fields of the step as a whole hold: unused
+            parts.append((self._rows(rows), part))
+        last = parts[-1][1]  # what the fields of the step as a whole hold: unused
         return PagedAttentionMetadata(
-            slot_mapping=slot_mapping, block_tables=whole.block_tables, mask=whole.mask,
-            max_q=whole.max_q, pad_index=whole.pad_index, unpad_index=whole.unpad_index,
+            slot_mapping=slot_mapping, block_tables=last.block_tables, mask=last.mask,
+            max_q=last.max_q, pad_index=last.pad_index, unpad_index=last.unpad_index,
             parts=tuple(parts))
+
+    def _rows(self, rows: list[int]) -> slice | torch.Tensor:
+        """A part's query rows: a slice where they are adjacent (a view, no gather)."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _part_metadata(self, g: int, scheduled: list[ScheduledSeq], batch: _Batch,
                        members, slot_mapping: torch.Tensor) -> PagedAttentionMetadata:
@@ -207,3 +213,26 @@ class ModelRunner:
         dev = self.device
         return (torch.tensor(pad, dtype=torch.long, device=dev),
                 torch.tensor(unpad, dtype=torch.long, device=dev))
+
+
+MAX_CHUNK_PARTS = 3  # chunk lengths attended apart, beyond which the closest are padded
+
+
+def _attention_parts(lengths: list[int]) -> list[list[int]]:
+    """Which scheduled sequences attend together: the decodes (one new token) as one part,
+    the chunks grouped by length, in row order within a part. Beyond MAX_CHUNK_PARTS
+    lengths (each part is one attention call a layer), the two groups whose merge pads
+    the fewest query rows merge, the shorter padded to the longer."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    decodes = by_length.pop(1, None)
+    chunks = [[n, members] for n, members in sorted(by_length.items())]
+    while len(chunks) > MAX_CHUNK_PARTS:
+        # merging neighbour j into j + 1 pads each of j's members by the length gap
+        j = min(range(len(chunks) - 1),
+                key=lambda j: len(chunks[j][1]) * (chunks[j + 1][0] - chunks[j][0]))
+        chunks[j + 1][1] = sorted(chunks[j][1] + chunks[j + 1][1])
+        del chunks[j]
+    return ([decodes] if decodes else []) + [members for _, members in chunks]
+

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("fp16_gemm.cpp", "paged_attention.cpp", "block_gemm.cpp",
-                             "layer_elementwise.cpp"))
+                             "layer_elementwise.cpp", "prepacked_linear.cpp"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("exp_poly.h",))
 NAME = "slotmesh_native"
 # -fopenmp: at::parallel_for is a header template, serial unless compiled with OpenMP; the
@@ -110,6 +110,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAME}::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, mask, scale):
         return q.new_empty(q.shape)  # the kernel returns a contiguous tensor
+
+    @torch.library.register_fake(f"{NAME}::prepacked_linear")
+    def _(x, packed, bias, n):
+        return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake(f"{NAME}::rms_norm")
     def _(x, weight, eps, weight_offset):

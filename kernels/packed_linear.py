@@ -2,7 +2,8 @@
 
 Dense weights run in their own dtype (x is cast to it, the output cast back): fp32 goes
 through `kernels.linear` (MKL's transposed orientation is faster at small M), bf16/fp16
-through `F.linear` (faster than the transposed mm for bf16, MODELS.md); fp16 packed for
+through `F.linear` (faster than the transposed mm for bf16, MODELS.md), or, prepacked for
+oneDNN (`PackedWeight.prepacked`), through slotmesh's `prepacked_linear`; fp16 packed for
 FBGEMM (x86 CPUs) through `kernels.fp16_linear` with fp32 activations. The quantized
 formats go to their weight-only kernels: on the CPU, with slotmesh's native op, 4- and
 8-bit blocks of 32 with fp32 activations (`kernels.block_linear`, layout "blocks"),
@@ -36,6 +37,11 @@ def _dense_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if w.layout == FBGEMM_LAYOUT:
         return fp16_linear(x, w)
     xc = x.to(w.compute_dtype)
+    if w.prepacked is not None:  # oneDNN's layout (kernels/csrc/prepacked_linear.cpp)
+        x2 = xc.reshape(-1, w.in_features)
+        out = torch.ops.slotmesh_native.prepacked_linear(x2, w.prepacked, w.bias,
+                                                         w.out_features)
+        return out.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
     if w.format == "float32" and x.dim() == 2:
         out = linear(xc, w.data, w.bias)
     else:
@@ -53,8 +59,8 @@ _KERNELS: dict[str, Callable[[torch.Tensor, PackedWeight], torch.Tensor]] = {
 
 
 # a block weight's twin takes steps of more rows than this. At 2 rows the blocks were
-# still ~15% ahead, but a limit of 2 costs a third decode graph, and a frozen graph
-# compiles at every start (~50 s)
+# still ~15% ahead, but a limit of 2 costs a third decode graph (~50 s more compiling
+# when measured, frozen)
 BLOCK_ROWS = 1
 
 

@@ -209,10 +209,12 @@ class StaticDecode:
         self.synced: list[list[_SyncedRow | None]] = [[None] * max_num_seqs for _ in pools]
         self.module = DecodeModule(model, layout, self.windows, rope, dtype).eval()
         self.compiled = compile
-        # frozen: dense weights, and block weights' bf16 twins (see _compile); the C++
-        # wrapper for an unfrozen graph whose every packed weight's op is native C++
+        # frozen: dense weights, and block weights' bf16 twins where they could not be
+        # prepacked (see _compile); the C++ wrapper for an unfrozen graph whose every
+        # packed weight's op is native C++
         packed = _packed_weights(model)
-        freeze = not packed or any(w.batched is not None for w in packed)
+        freeze = not packed or any(w.batched is not None and w.batched.prepacked is None
+                                   for w in packed)
         self.cpp_wrapper = (compile and device.type == "cpu" and not freeze
                             and _native_ops_only(packed))
         self.forward = self._compile(self.module, freeze=freeze,
@@ -227,9 +229,12 @@ class StaticDecode:
         visible). A frozen graph is never served from inductor's on-disk cache, so every
         start pays the compile; packed weights (FBGEMM fp16, int8, int4) gain nothing from
         it, so they compile unfrozen and a second start reads the graph from the cache.
-        Block weights with bf16 twins (`auto+bfloat16`) freeze, for the twins: SmolLM2's
-        step at batch 16 took 32.2 ms frozen against 44.4 unfrozen (median of 100,
-        alternating in one process).
+        Block weights' bf16 twins (`auto+bfloat16`) are prepacked for oneDNN at load
+        (`kernels.packed_weight.prepack_dense`) and enter the graph as inputs of
+        slotmesh's `prepacked_linear` op, so that graph stays unfrozen and cached: SmolLM2
+        at batch 16, 26.2-27.9 ms a step against 27.5-30.3 frozen, a second start 22 s
+        against 105 s (the twins unprepacked and unfrozen had taken 44.4 ms). Without the
+        native library the twins are plain and the graph freezes again.
 
         cpp_wrapper: inductor writes the code that calls the graph's kernels and ops in C++
         instead of Python. A step calls ~180 ops (SmolLM2-135M: 121 block GEMMs, 30 KV

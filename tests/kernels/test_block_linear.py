@@ -30,6 +30,7 @@ from kernels.block_linear import (
     quantize_q8,
 )
 from kernels.int4_linear import quantize_int4
+from kernels.native import native_ops
 from kernels.packed_linear import dequantize_packed, packed_linear
 from worker.loaders.gguf_repack import repack
 from worker.quantize import pack_weight, use_blocks
@@ -231,8 +232,10 @@ def test_runs_inside_a_compiled_graph():
 def test_a_batched_twin_takes_steps_of_more_rows(fmt):
     """`--weights auto+bfloat16`: a block weight with a bf16 twin (worker/models/packing.py)
     multiplies up to BLOCK_ROWS rows by its blocks, bit for bit the block op, and more
-    rows by the twin, bit for bit bf16 `F.linear` over the blocks' own values rounded to
-    bf16; a compiled graph with a symbolic batch takes the same branch per size."""
+    rows by the twin: bf16 `F.linear` over the blocks' own values rounded to bf16, or,
+    where the twin is prepacked for oneDNN (native ops built), the prepacked op, within
+    one bf16 ulp of that `F.linear` (same products, another summation order). A compiled
+    graph with a symbolic batch takes the same branch per size, bit for bit."""
     from kernels.packed_linear import BLOCK_ROWS
     from worker.models.packing import with_batched_twin
 
@@ -240,6 +243,7 @@ def test_a_batched_twin_takes_steps_of_more_rows(fmt):
     w = with_batched_twin(_packed(fmt, _weight(192, 576), bias))
     twin = w.batched
     assert twin.format == "bfloat16" and twin.layout == ""
+    assert (twin.prepacked is not None) == (native_ops() is not None)
     assert torch.equal(twin.data, dequantize_blocks(w.data, fmt, 576).bfloat16())
     assert w.num_bytes == _packed(fmt, _weight(192, 576), bias).num_bytes + twin.num_bytes
 
@@ -254,7 +258,12 @@ def test_a_batched_twin_takes_steps_of_more_rows(fmt):
                 if m <= BLOCK_ROWS:
                     want = block_linear(x, w)
                 else:
-                    want = torch.nn.functional.linear(x.bfloat16(), twin.data,
-                                                      twin.bias).to(dtype)
+                    plain = torch.nn.functional.linear(x.bfloat16(), twin.data, twin.bias)
+                    want = plain.to(dtype)
+                    if twin.prepacked is not None:
+                        want = torch.ops.slotmesh_native.prepacked_linear(
+                            x.bfloat16(), twin.prepacked, twin.bias, 192).to(dtype)
+                        ulp = 2.0**-7 * plain.double().abs()
+                        assert ((want.double() - plain.double()).abs() <= ulp).all()
                 assert torch.equal(packed_linear(x, w), want)
                 assert torch.equal(compiled(x), want * 2)

@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels.block_linear import BLOCKS_LAYOUT, dequantize_blocks
 from kernels.packed_linear import BLOCK_ROWS
-from kernels.packed_weight import PackedWeight, pack_dense
+from kernels.packed_weight import PackedWeight, pack_dense, prepack_dense
 from worker.models.decoder import DecoderModel, SparseMoE
 from worker.quantize import QuantizedTensor, pack_weight
 
@@ -81,7 +81,7 @@ def with_batched_twin(w: PackedWeight) -> PackedWeight:
     """A block weight with a bf16 copy of the same values (widened from its blocks, so
     both multiply by exactly one weight) for steps of many rows."""
     dense = dequantize_blocks(w.data, w.format, w.in_features)
-    return dataclasses.replace(w, batched=pack_dense(dense, "bfloat16", w.bias))
+    return dataclasses.replace(w, batched=prepack_dense(pack_dense(dense, "bfloat16", w.bias)))
 
 
 def _pack_tied_head(table: nn.Module, source, fmt: str, device: torch.device) -> None:

@@ -103,9 +103,19 @@ def pack_dense(weight: torch.Tensor, format: str = "float32",
     )
 
 
+def can_prepack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies prepacked `dtype` weights on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def prepack_dense(w: PackedWeight) -> PackedWeight:
     """w (dense bf16 or fp32, on the CPU) with its oneDNN-prepacked copy, when slotmesh's
-    native `prepacked_linear` is built here; w unchanged otherwise.
+    native `prepacked_linear` is built here and oneDNN multiplies w's dtype on this CPU
+    (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: torch refuses it on plain AVX2); w
+    unchanged otherwise.
 
     A frozen compiled graph prepacks its constant weights the same way, but its constants
     keep inductor's disk cache from serving it (mkldnn tensors do not pickle), so such a
@@ -116,7 +126,7 @@ def prepack_dense(w: PackedWeight) -> PackedWeight:
     from kernels.native import native_ops
 
     if (w.format not in ("bfloat16", "float32") or w.layout or w.prepacked is not None
-            or w.data.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+            or w.data.device.type != "cpu" or not can_prepack(w.compute_dtype)
             or native_ops() is None):
         return w
     packed = torch.ops.mkldnn._reorder_linear_weight(w.data, None)

@@ -32,6 +32,7 @@ from kernels.block_linear import (
 from kernels.int4_linear import quantize_int4
 from kernels.native import native_ops
 from kernels.packed_linear import dequantize_packed, packed_linear
+from kernels.packed_weight import can_prepack
 from worker.loaders.gguf_repack import repack
 from worker.quantize import pack_weight, use_blocks
 
@@ -243,7 +244,8 @@ def test_a_batched_twin_takes_steps_of_more_rows(fmt):
     w = with_batched_twin(_packed(fmt, _weight(192, 576), bias))
     twin = w.batched
     assert twin.format == "bfloat16" and twin.layout == ""
-    assert (twin.prepacked is not None) == (native_ops() is not None)
+    assert (twin.prepacked is not None) == (native_ops() is not None
+                                            and can_prepack(torch.bfloat16))
     assert torch.equal(twin.data, dequantize_blocks(w.data, fmt, 576).bfloat16())
     assert w.num_bytes == _packed(fmt, _weight(192, 576), bias).num_bytes + twin.num_bytes
 
